@@ -1,0 +1,1 @@
+"""BitMar network components (no IO, no logging)."""

@@ -1,0 +1,68 @@
+"""Typed configuration of the BitMar network.
+
+Kept free of any dependency but the standard library: the Hugging Face export copies this file
+verbatim next to the modeling code, so the exported model can be rebuilt without the `bitmar` package.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Architecture presets for `text_encoder` / `text_decoder`. BabyLM rules: models are trained from
+# scratch, so a preset names a shape (layers, heads), never a pretrained checkpoint to download.
+ARCHITECTURE_PRESETS: dict[str, dict[str, int]] = {
+    "bitnet-tiny": {"num_layers": 2, "num_heads": 4},
+    "bitnet-small": {"num_layers": 4, "num_heads": 8},
+    "bitnet-base": {"num_layers": 6, "num_heads": 12},
+    "bitnet-large": {"num_layers": 12, "num_heads": 12},
+}
+
+
+@dataclass
+class ModelConfig:
+    """Shape and behaviour of the BitMar network (see README "Configuration")."""
+
+    text_encoder: str = "bitnet-small"  # preset for the bidirectional text encoder
+    text_decoder: str = "bitnet-base"  # preset for the causal decoder
+    vocab_size: int = 16384  # overwritten with the trained tokenizer's size at run time
+    hidden_size: int = 768  # C: width of every transformer stream
+    max_seq_len: int = 128  # text tokens (prefix tokens come on top)
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+    text_latent_size: int = 768  # pooled text latent z_t
+    vision_encoder_dim: int = 768  # width of the DINOv2 input features
+    vision_latent_size: int = 768  # pooled vision latent z_v
+    vision_num_tokens: int = 8  # a global DINOv2 vector is expanded into this many vision tokens
+    vision_layers: int = 2  # BitNet transformer layers over the vision tokens
+    vision_quantization: bool = True  # False: full-precision twin of the vision encoder (ablation)
+    fusion_layers: int = 1  # cross-attention layers (text tokens attend to vision tokens)
+    memory_size: int = 512  # K: episodic memory slots
+    episode_dim: int = 768  # latent width written into memory
+    memory_alpha: float = 1.0  # weight of a new episode in sequential memory writes (1.0 = Larimar)
+    memory_readout_tokens: int = 1  # decoder prefix tokens made from the memory readout
+    addressing_noise_std: float = 0.1  # Larimar addressing noise, training only
+    use_memory: bool = True  # False: ablation without episodic memory
+    use_vision: bool = True  # False: ablation without vision input
+    quantize: bool = True  # False: every BitLinear becomes nn.Linear (full-precision ablation / baseline)
+    tie_embeddings: bool = True  # LM head shares the (full-precision) token embedding
+
+    def preset(self, name: str) -> dict[str, int]:
+        if name not in ARCHITECTURE_PRESETS:
+            raise ValueError(f"unknown architecture preset {name!r}; choose one of {sorted(ARCHITECTURE_PRESETS)}")
+        return ARCHITECTURE_PRESETS[name]
+
+    @property
+    def encoder_layers(self) -> int:
+        return self.preset(self.text_encoder)["num_layers"]
+
+    @property
+    def decoder_layers(self) -> int:
+        return self.preset(self.text_decoder)["num_layers"]
+
+    @property
+    def encoder_heads(self) -> int:
+        return self.preset(self.text_encoder)["num_heads"]
+
+    @property
+    def decoder_heads(self) -> int:
+        return self.preset(self.text_decoder)["num_heads"]
