@@ -1,0 +1,1 @@
+"""BabyLM multimodal data: download, sample world, verification, tokenizer and loaders."""
