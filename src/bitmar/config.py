@@ -360,6 +360,11 @@ def validate_config(cfg: BitMarConfig) -> None:
             f"model.hidden_size={m.hidden_size} must be divisible by the heads of model.text_encoder "
             f"({m.encoder_heads}) and model.text_decoder ({m.decoder_heads})"
         )
+    if m.text_latent_size != m.vision_latent_size:
+        raise ConfigError(
+            f"model.text_latent_size={m.text_latent_size} and model.vision_latent_size={m.vision_latent_size} must be "
+            "equal: the alignment loss compares text and vision latents directly"
+        )
     if not 0.0 < m.memory_alpha <= 1.0:
         raise ConfigError(f"model.memory_alpha must be in (0, 1], got {m.memory_alpha}")
     if not 0.0 <= m.dropout < 1.0:

@@ -1,0 +1,1 @@
+"""Training: losses, schedule, checkpoints, logging, plots, distributed helpers and the trainer."""
