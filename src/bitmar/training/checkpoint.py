@@ -84,7 +84,9 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     if not isinstance(payload, dict) or any(key not in payload for key in REQUIRED_KEYS):
         raise CheckpointError(f"{path} is not a BitMar checkpoint (expected keys {REQUIRED_KEYS})")
     if payload["format"] != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} has checkpoint format {payload['format']}, this BitMar reads {CHECKPOINT_FORMAT}")
+        raise CheckpointError(
+            f"{path} has checkpoint format {payload['format']}, this BitMar reads format {CHECKPOINT_FORMAT}"
+        )
     return payload
 
 

@@ -117,7 +117,8 @@ class RunLogger:
             self.wandb_run_id = self._wandb.id
             self.log.info("wandb %s run %s in %s", self.wandb_mode, self._wandb.id, self.output_dir / "wandb")
         except Exception as err:  # graceful degradation: a dashboard problem must not stop training
-            self.log.warning("wandb could not start (%s: %s); continuing with metrics.jsonl only", type(err).__name__, err)
+            reason = f"{type(err).__name__}: {err}"
+            self.log.warning("wandb could not start (%s); continuing with metrics.jsonl only", reason)
             self._wandb = None
 
     def log_metrics(self, metrics: dict[str, Any], step: int) -> None:
