@@ -1,0 +1,709 @@
+"""The BitMar training loop: three phases, exact resume, logging, plots, DDP.
+
+The trainer owns everything stateful about a run (optimizer, schedule, counters, RNG, persistent memory,
+files); the model only computes. One Trainer runs on one process or on each rank under torchrun.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import signal
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
+
+from bitmar.bitnet import BitLinear, quantization_stats
+from bitmar.config import BitMarConfig, config_from_dict, config_to_dict, save_config
+from bitmar.memory import EpisodicStore
+from bitmar.model import BitMar
+from bitmar.training import plots
+from bitmar.training.checkpoint import (
+    capture_rng_state,
+    find_resume_checkpoint,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
+from bitmar.training.distributed import DistInfo, all_reduce_mean, barrier, broadcast_tensors
+from bitmar.training.losses import contrastive_loss, token_nll
+from bitmar.training.objective import TrainingObjective
+from bitmar.training.run_logger import RunLogger
+from bitmar.training.schedule import TwoStageSchedule
+
+log = logging.getLogger("bitmar")
+
+PHASE_NAMES = {1: "text pretraining", 2: "vision-text alignment", 3: "episodic memory"}
+PERSISTENT_EPISODES_PER_STEP = 4  # training episodes copied into the persistent store per phase-3 step
+
+
+class TrainingError(RuntimeError):
+    """Training cannot continue (e.g. repeated non-finite losses); a checkpoint was written first."""
+
+
+class TrainingInterrupted(Exception):
+    """SIGTERM/SIGINT arrived; the trainer saved last.pt and stopped at a step boundary."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"interrupted by signal {signum}")
+        self.signum = signum
+
+
+@dataclass
+class Progress:
+    """Where the run stands; saved in every checkpoint, so a resume continues at the same batch."""
+
+    phase: int = 1
+    epoch: int = 0  # epoch within the phase
+    batch: int = 0  # next micro-batch index within the epoch
+    global_step: int = 0  # optimizer steps taken
+    epochs_done: int = 0  # finished epochs over all phases
+    tokens_seen: int = 0
+    best_val_loss: float = math.inf
+    consecutive_nonfinite: int = 0
+    skipped_nonfinite: int = 0
+    initial_val_loss: float | None = None
+    history: dict[str, list[float]] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def effective_phase_epochs(cfg: BitMarConfig, start_phase: int = 1) -> dict[int, int]:
+    """Epochs per phase, fitted into training.max_epochs (proportionally, each enabled phase keeps >= 1)."""
+    requested = {p: e for p, e in enumerate(cfg.phase_epochs(), start=1) if p >= start_phase and e > 0}
+    budget = cfg.training.max_epochs
+    if sum(requested.values()) <= budget:
+        return requested
+    if budget < len(requested):
+        phases = sorted(requested)[:budget]
+        return {p: 1 for p in phases}
+    total = sum(requested.values())
+    shares = {p: max(1, int(budget * e / total)) for p, e in requested.items()}
+    while sum(shares.values()) > budget:
+        largest = max(shares, key=lambda p: shares[p])
+        shares[largest] -= 1
+    leftovers = sorted(requested, key=lambda p: budget * requested[p] / total - shares[p], reverse=True)
+    for p in leftovers:
+        if sum(shares.values()) >= budget:
+            break
+        shares[p] += 1
+    return shares
+
+
+def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay only matrices of linear layers; norms, biases, embeddings and the memory prior never decay."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (decay if param.ndim >= 2 and "embed" not in name and "memory" not in name else no_decay).append(param)
+    return [
+        {"params": decay, "weight_decay": weight_decay, "decay": True},
+        {"params": no_decay, "weight_decay": 0.0, "decay": False},
+    ]
+
+
+def _component_of(name: str) -> str:
+    for component in ("text_encoder", "vision_encoder", "fusion", "decoder", "memory"):
+        if component in name:
+            return component
+    return "other"
+
+
+class Trainer:
+    def __init__(
+        self,
+        cfg: BitMarConfig,
+        output_dir: Path,
+        dist_info: DistInfo,
+        data: Any,
+        *,
+        start_phase: int = 1,
+        resume_from: str | None = None,
+        wandb_mode: str | None = None,
+        stop_after_steps: int | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.output_dir = output_dir
+        self.dist = dist_info
+        self.device = dist_info.device
+        self.data = data
+        self.stop_after_steps = stop_after_steps
+        self.progress = Progress(phase=start_phase)
+        self._signal_received: int | None = None
+
+        tokenizer = data.tokenizer
+        cfg.model.vocab_size = len(tokenizer)
+        torch.manual_seed(cfg.training.seed)
+        self.model = BitMar(cfg.model).to(self.device)
+        self.store = EpisodicStore(self.model.memory, device=self.device)
+        mask_id = tokenizer.mask_token_id if tokenizer.mask_token_id is not None else tokenizer.unk_token_id
+        special = [i for i in (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) if i is not None]
+        self.objective = TrainingObjective(self.model, cfg, mask_id, special)
+        t = cfg.training
+        self.optimizer = torch.optim.AdamW(
+            _param_groups(self.model, t.weight_decay), lr=t.learning_rate, betas=tuple(t.betas), eps=1e-8
+        )
+        self.phase_epochs = effective_phase_epochs(cfg, start_phase)
+        self.schedule = TwoStageSchedule(
+            self.optimizer,
+            total_steps=self._planned_steps(),
+            peak_lr=t.learning_rate,
+            warmup_steps=t.warmup_steps,
+            weight_decay=t.weight_decay,
+            min_lr_ratio=t.min_learning_rate_ratio,
+        )
+        resume_payload = self._load_resume(resume_from)  # after building, before wrapping: weights are kept
+        self.train_module: nn.Module = self.objective
+        if dist_info.distributed:
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.train_module = DistributedDataParallel(self.objective, device_ids=device_ids, find_unused_parameters=True)
+        if t.compile:
+            self.train_module = torch.compile(self.train_module)
+        self.autocast_dtype = self._autocast_dtype()
+
+        config_dict = config_to_dict(cfg)
+        self.logger = RunLogger(
+            output_dir,
+            enabled=dist_info.is_main,
+            wandb_mode=wandb_mode or cfg.wandb.mode,
+            project=cfg.wandb.project,
+            entity=cfg.wandb.entity,
+            config=config_dict,
+            resume_id=resume_payload.get("wandb_run_id") if resume_payload else None,
+        )
+        if dist_info.is_main:
+            save_config(cfg, output_dir / "config.yaml")
+        self.analyzer = self._make_attention_analyzer()
+
+    # ----------------------------------------------------------------------------------------------- set-up
+    def _autocast_dtype(self) -> torch.dtype | None:
+        precision = self.cfg.training.precision
+        if precision == "bf16" or (precision == "auto" and self.device.type == "cuda"):
+            return torch.bfloat16
+        return None
+
+    def _planned_steps(self) -> int:
+        accum = self.cfg.training.gradient_accumulation_steps
+        return max(1, sum(self._steps_in_epoch(phase) * epochs for phase, epochs in self.phase_epochs.items()))
+
+    def _batches_in_epoch(self, phase: int) -> int:
+        batches = len(self.data.loader(phase, 0))
+        cap = self.cfg.training.max_steps_per_epoch
+        if cap is not None:
+            batches = min(batches, cap * self.cfg.training.gradient_accumulation_steps)
+        return batches
+
+    def _steps_in_epoch(self, phase: int) -> int:
+        return max(1, self._batches_in_epoch(phase) // self.cfg.training.gradient_accumulation_steps)
+
+    def _make_attention_analyzer(self) -> Any:
+        if not self.cfg.attention_analysis.enabled:
+            return None
+        try:
+            from bitmar.analysis.heads import HeadImportanceTracker
+        except ImportError:
+            return None
+        return HeadImportanceTracker(self.model, self.cfg.attention_analysis, self.output_dir / "attention_analysis")
+
+    def _load_resume(self, resume_from: str | None) -> dict[str, Any] | None:
+        if resume_from is None:
+            return None
+        path = find_resume_checkpoint(self.output_dir) if resume_from == "auto" else Path(resume_from)
+        if path is None:
+            log.info("--resume auto: no checkpoint in %s/checkpoints yet, starting a new run", self.output_dir)
+            return None
+        payload = load_checkpoint(path, map_location=self.device)
+        saved_vocab = payload["model"]["decoder.token_embedding.weight"].shape[0] if False else None  # noqa: F841
+        self.model.load_state_dict(payload["model"])
+        self.optimizer.load_state_dict(payload["optimizer"])
+        self.schedule.load_state_dict(payload["schedule"])
+        self.progress = Progress(**payload["progress"])
+        self.phase_epochs = {int(k): int(v) for k, v in payload["phase_epochs"].items()}
+        if payload.get("memory_store"):
+            self.store.load_state_dict(payload["memory_store"])
+        restore_rng_state(payload["rng"])
+        log.info(
+            "resumed from %s: phase %d, epoch %d, batch %d, step %d",
+            path,
+            self.progress.phase,
+            self.progress.epoch,
+            self.progress.batch,
+            self.progress.global_step,
+        )
+        return payload
+
+    # ----------------------------------------------------------------------------------------- checkpoints
+    def checkpoint_payload(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "progress": self.progress.as_dict(),
+            "phase_epochs": {str(k): v for k, v in self.phase_epochs.items()},
+            "rng": capture_rng_state(),
+            "memory_store": self.store.state_dict(),
+            "config": config_to_dict(self.cfg),
+            "tokenizer": self.data.tokenizer.backend_tokenizer.to_str(),
+            "wandb_run_id": self.logger.wandb_run_id,
+        }
+
+    def save(self, *names: str) -> None:
+        """Rank 0 writes; every rank waits so nobody races ahead of a checkpoint."""
+        if self.dist.is_main:
+            payload = self.checkpoint_payload()
+            for name in names:
+                save_checkpoint(payload, self.output_dir / "checkpoints" / name)
+        barrier(self.dist)
+
+    # -------------------------------------------------------------------------------------------- signals
+    def _install_signal_handlers(self) -> dict[int, Any]:
+        previous = {}
+
+        def handler(signum: int, _frame: Any) -> None:
+            self._signal_received = signum
+
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            try:
+                previous[signum] = signal.signal(signum, handler)
+            except ValueError:  # not the main thread (e.g. some notebook runners): keep default behaviour
+                pass
+        return previous
+
+    # ---------------------------------------------------------------------------------------------- steps
+    def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    def _forward(self, batch: dict[str, Any], phase: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None):
+            return self.train_module(batch, phase)
+
+    def _gradient_norms(self) -> dict[str, float]:
+        sums: dict[str, float] = defaultdict(float)
+        for name, param in self.model.named_parameters():
+            if param.grad is not None:
+                value = float(param.grad.detach().float().pow(2).sum())
+                sums[_component_of(name)] += value
+                sums["total"] += value
+        return {f"Gradients/{k.title().replace('_', '')}_Norm": math.sqrt(v) for k, v in sums.items()}
+
+    def _feed_persistent_store(self, metrics: dict[str, torch.Tensor]) -> None:
+        """Copy a few training episodes into the persistent store, identically on every rank."""
+        if "_memory_keys" not in metrics:
+            return
+        count = min(PERSISTENT_EPISODES_PER_STEP, metrics["_memory_keys"].size(0))
+        keys = metrics["_memory_keys"][:count].float().contiguous()
+        values = metrics["_memory_values"][:count].float().contiguous()
+        broadcast_tensors([keys, values], self.dist)
+        for key, value in zip(keys, values, strict=True):
+            self.store.write(key, value)
+
+    def train(self) -> dict[str, Any]:
+        previous_handlers = self._install_signal_handlers()
+        try:
+            if self.progress.initial_val_loss is None:
+                initial = self.validate(phase=self.progress.phase)
+                self.progress.initial_val_loss = initial["Validation/loss"]
+                self.logger.log_metrics(initial, step=0)
+            for phase in sorted(self.phase_epochs):
+                if phase < self.progress.phase:
+                    continue
+                if phase > self.progress.phase:
+                    self.progress.phase, self.progress.epoch, self.progress.batch = phase, 0, 0
+                self._run_phase(phase)
+            summary = self.final_summary()
+            return summary
+        finally:
+            for signum, handler in previous_handlers.items():
+                signal.signal(signum, handler)
+            self.logger.close()
+
+    def _run_phase(self, phase: int) -> None:
+        epochs = self.phase_epochs[phase]
+        log.info("phase %d (%s): %d epoch(s)", phase, PHASE_NAMES[phase], epochs)
+        while self.progress.epoch < epochs:
+            self._run_epoch(phase, self.progress.epoch)
+            self.progress.epoch += 1
+            self.progress.epochs_done += 1
+            self.progress.batch = 0
+            self._end_of_epoch(phase)
+
+    def _run_epoch(self, phase: int, epoch: int) -> None:
+        t = self.cfg.training
+        accum = t.gradient_accumulation_steps
+        total_batches = self._batches_in_epoch(phase)
+        loader = self.data.loader(phase, epoch, start_batch=self.progress.batch)
+        self.train_module.train()
+        bar = tqdm(
+            total=total_batches,
+            initial=self.progress.batch,
+            desc=f"phase {phase} epoch {epoch + 1}/{self.phase_epochs[phase]}",
+            disable=not self.dist.is_main,
+            dynamic_ncols=True,
+        )
+        step_metrics: dict[str, float] = defaultdict(float)
+        window_tokens, window_start = 0, time.perf_counter()
+        micro = 0
+        for batch in loader:
+            if self.progress.batch >= total_batches:
+                break
+            batch = self._to_device(batch)
+            loss, metrics = self._forward(batch, phase)
+            tokens = int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+            window_tokens += tokens * self.dist.world_size
+            self.progress.tokens_seen += tokens * self.dist.world_size
+            finite = bool(torch.isfinite(loss.detach()))
+            if finite:
+                (loss / accum).backward()
+            step_metrics["Loss"] += float(loss.detach()) / accum if finite else math.nan
+            for key, value in metrics.items():
+                if not key.startswith("_"):
+                    step_metrics[key] += float(value) / accum
+            micro += 1
+            self.progress.batch += 1
+            bar.update(1)
+            if micro % accum != 0:
+                continue
+            self._optimizer_step(step_metrics, phase, epoch, bar, window_tokens, window_start, metrics)
+            step_metrics = defaultdict(float)
+            if self.progress.global_step % self.cfg.wandb.log_every_n_steps == 0:
+                window_tokens, window_start = 0, time.perf_counter()
+            self._maybe_stop_mid_epoch()
+        bar.close()
+
+    def _optimizer_step(
+        self,
+        step_metrics: dict[str, float],
+        phase: int,
+        epoch: int,
+        bar: Any,
+        window_tokens: int,
+        window_start: float,
+        last_metrics: dict[str, torch.Tensor],
+    ) -> None:
+        t = self.cfg.training
+        loss_value = step_metrics["Loss"]
+        finite = math.isfinite(loss_value)
+        grad_norms: dict[str, float] = {}
+        if finite:
+            if self.cfg.wandb.log_gradients and self._is_log_step(self.progress.global_step + 1):
+                grad_norms = self._gradient_norms()
+            total_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.gradient_clip or float("inf"))
+            finite = bool(torch.isfinite(total_norm))
+        if not finite:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.progress.skipped_nonfinite += 1
+            self.progress.consecutive_nonfinite += 1
+            log.warning(
+                "non-finite loss or gradient at step %d (%d in a row); step skipped",
+                self.progress.global_step,
+                self.progress.consecutive_nonfinite,
+            )
+            if self.progress.consecutive_nonfinite >= t.max_consecutive_nonfinite:
+                self.save("last.pt")
+                raise TrainingError(
+                    f"{self.progress.consecutive_nonfinite} non-finite losses in a row at step "
+                    f"{self.progress.global_step} (phase {phase}); saved checkpoints/last.pt. Lower "
+                    "training.learning_rate, check the data with test_dataset_compatibility.py, or raise "
+                    "training.max_consecutive_nonfinite"
+                )
+            return
+        self.progress.consecutive_nonfinite = 0
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.schedule.step()
+        self.progress.global_step += 1
+        if phase >= 3:
+            self._feed_persistent_store(last_metrics)
+        step = self.progress.global_step
+        bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{self.schedule.current_lr:.2e}")
+        if self.analyzer is not None and step % self.cfg.attention_analysis.log_every_n_steps == 0:
+            self.analyzer.measure(self.objective, self._analysis_batch(phase), phase, step, self.logger)
+        if self._is_log_step(step):
+            elapsed = max(time.perf_counter() - window_start, 1e-9)
+            metrics = {f"Training/{k}": v for k, v in step_metrics.items()}
+            metrics.update(
+                {
+                    "Training/Learning_Rate": self.schedule.current_lr,
+                    "Training/Weight_Decay": self.schedule.weight_decay_at(self.schedule.step_count),
+                    "Training/Epoch": self.progress.epochs_done + self.progress.batch / self._batches_in_epoch(phase),
+                    "Training/Step": step,
+                    "Training/Phase": phase,
+                    "Training/Tokens_per_s": window_tokens / elapsed,
+                    "Training/Skipped_Nonfinite": self.progress.skipped_nonfinite,
+                }
+            )
+            metrics.update(grad_norms)
+            metrics.update(self._diagnostic_metrics(phase, last_metrics))
+            self.logger.log_metrics(metrics, step=step)
+        if t.checkpoint_every_n_steps and step % t.checkpoint_every_n_steps == 0:
+            self.save("last.pt")
+
+    def _is_log_step(self, step: int) -> bool:
+        return step % self.cfg.wandb.log_every_n_steps == 0
+
+    def _maybe_stop_mid_epoch(self) -> None:
+        if self._signal_received is not None:
+            self.save("last.pt")
+            raise TrainingInterrupted(self._signal_received)
+        if self.stop_after_steps is not None and self.progress.global_step >= self.stop_after_steps:
+            self.save("last.pt")
+            raise TrainingInterrupted(0)
+
+    # ------------------------------------------------------------------------------------- diagnostics
+    def _analysis_batch(self, phase: int) -> dict[str, Any]:
+        return self._to_device(self.data.analysis_batch(phase, size=8))
+
+    @torch.no_grad()
+    def _diagnostic_metrics(self, phase: int, last_metrics: dict[str, torch.Tensor]) -> dict[str, Any]:
+        if not self.dist.is_main:
+            return {}
+        wb = self.cfg.wandb
+        metrics: dict[str, Any] = {}
+        if wb.log_quantization:
+            stats = quantization_stats(self.model)
+            layers = stats["layers"]
+            if layers:
+                metrics["Quantization/Weight_Scale_Mean"] = sum(s["scale"] for s in layers.values()) / len(layers)
+                metrics["Quantization/Sparsity"] = sum(s["zero_fraction"] for s in layers.values()) / len(layers)
+            metrics["Quantization/Compression_Ratio"] = stats["compression_ratio"]
+            metrics["Quantization/Ternary_Fraction"] = stats["ternary_fraction"]
+        if wb.log_memory and self.cfg.model.use_memory and len(self.store) > 0:
+            diag = self.model.memory.diagnostics(self.store.state)
+            metrics["Memory/Usage_Mean"] = float(diag["usage"].float().mean())
+            metrics["Memory/Active_Slots_Percentage"] = float(diag["active_slots_percentage"])
+            metrics["Memory/Analysis_Avg_Similarity"] = float(diag["mean_slot_similarity"])
+            metrics["Memory/Episodes_Stored"] = len(self.store)
+            for rank, slot in enumerate(list(diag["top5_slots"])[:5], start=1):
+                metrics[f"Memory/Top_5_Slot_Access_{rank}"] = int(slot)
+        if (wb.log_features or wb.log_attention) and self.cfg.model.use_vision:
+            batch = self._to_device(self.data.analysis_batch(max(phase, 2), size=16))
+            self.model.eval()
+            out = self.model(
+                batch["input_ids"],
+                batch["attention_mask"],
+                vision_features=batch["vision_features"],
+                output_attentions=wb.log_attention,
+            )
+            self.model.train()
+            if wb.log_features:
+                for name, latent in (("Text", out.text_latent), ("Vision", out.vision_latent)):
+                    latent = latent.float()
+                    metrics[f"Features/{name}_Mean"] = float(latent.mean())
+                    metrics[f"Features/{name}_Std"] = float(latent.std())
+                    metrics[f"Features/{name}_Norm"] = float(latent.norm(dim=-1).mean())
+                similarity = nn.functional.cosine_similarity(out.text_latent.float(), out.vision_latent.float(), dim=-1)
+                metrics["Features/Cross_Modal_Similarity"] = float(similarity.mean())
+            if wb.log_attention and out.attentions:
+                metrics.update(attention_entropy_metrics(out.attentions))
+        return metrics
+
+    # --------------------------------------------------------------------------------------- validation
+    @torch.no_grad()
+    def validate(self, phase: int) -> dict[str, float]:
+        """Validation never touches training state: eval mode, fresh memory states, no optimizer."""
+        self.model.eval()
+        limit = self.cfg.training.validation_batches
+        text_nll = text_count = 0.0
+        for i, batch in enumerate(self.data.validation_loader("text")):
+            if limit is not None and i >= limit:
+                break
+            batch = self._to_device(batch)
+            mask = batch.get("attention_mask")
+            out = self.model(batch["input_ids"], mask, return_latents=False)
+            total, count = token_nll(out.logits, batch["input_ids"], mask)
+            text_nll += float(total)
+            text_count += float(count)
+        sums: dict[str, float] = defaultdict(float)
+        caption_count = 0.0
+        retrieval_hits = retrieval_total = 0.0
+        for i, batch in enumerate(self.data.validation_loader("caption")):
+            if limit is not None and i >= limit:
+                break
+            batch = self._to_device(batch)
+            ids, mask, features = batch["input_ids"], batch["attention_mask"], batch["vision_features"]
+            variants = {"none": None}
+            if self.cfg.model.use_vision:
+                variants["true"] = features
+                variants["shuffled"] = features.roll(1, dims=0)
+            count = None
+            for name, vf in variants.items():
+                out = self.model(ids, mask, vision_features=vf, return_latents=name == "true")
+                total, count = token_nll(out.logits, ids, mask)
+                sums[name] += float(total)
+                if name == "true" and ids.size(0) > 1:
+                    _, accuracy = contrastive_loss(out.text_latent, out.vision_latent, 1.0)
+                    retrieval_hits += float(accuracy) * ids.size(0)
+                    retrieval_total += ids.size(0)
+            if self.cfg.model.use_memory and self.cfg.model.use_vision and phase >= 3 and ids.size(0) > 1:
+                n = min(ids.size(0), self.cfg.training.memory_episodes_per_write)
+                values = self.model.episode_latent(ids[:n], mask[:n], features[:n])
+                state = self.model.write_memory(self.model.memory_key(features[:n]), values)  # a fresh state
+                readout, _ = self.model.read_memory(state, vision_features=features[:n])
+                out = self.model(ids[:n], mask[:n], memory_readout=readout, return_latents=False)
+                total, mem_count = token_nll(out.logits, ids[:n], mask[:n])
+                sums["memory"] += float(total)
+                sums["memory_count"] += float(mem_count)
+            caption_count += float(count)
+        self.model.train()
+        metrics: dict[str, float] = {}
+        text_loss = text_nll / max(text_count, 1.0)
+        metrics["Validation/Text_Loss"] = text_loss
+        metrics["Validation/Perplexity"] = math.exp(min(text_loss, 50.0))
+        caption_key = "true" if self.cfg.model.use_vision else "none"
+        caption_loss = sums[caption_key] / max(caption_count, 1.0)
+        metrics["Validation/Caption_Loss"] = caption_loss
+        metrics["Validation/Caption_Loss_No_Image"] = sums["none"] / max(caption_count, 1.0)
+        if self.cfg.model.use_vision:
+            metrics["Validation/Caption_Loss_Shuffled_Image"] = sums["shuffled"] / max(caption_count, 1.0)
+            metrics["Validation/Retrieval_Accuracy_In_Batch"] = retrieval_hits / max(retrieval_total, 1.0)
+        if sums["memory_count"] > 0:
+            metrics["Validation/Memory_Recall_Loss"] = sums["memory"] / sums["memory_count"]
+        metrics["Validation/loss"] = 0.5 * (text_loss + caption_loss)
+        metrics["Validation/Epoch"] = float(self.progress.epochs_done)
+        return {k: float(all_reduce_mean(torch.tensor(v, device=self.device), self.dist)) for k, v in metrics.items()}
+
+    def _end_of_epoch(self, phase: int) -> None:
+        metrics = self.validate(phase)
+        step = self.progress.global_step
+        self.logger.log_metrics(metrics, step=step)
+        for key in ("Validation/loss", "Validation/Caption_Loss", "Validation/Text_Loss"):
+            self.progress.history.setdefault(key, []).append(metrics[key])
+        log.info(
+            "phase %d epoch %d: validation loss %.4f (text %.4f, caption %.4f)",
+            phase,
+            self.progress.epoch,
+            metrics["Validation/loss"],
+            metrics["Validation/Text_Loss"],
+            metrics["Validation/Caption_Loss"],
+        )
+        names = [f"bitmar_epoch_{self.progress.epochs_done}.pt", "last.pt"]
+        if metrics["Validation/loss"] < self.progress.best_val_loss:
+            self.progress.best_val_loss = metrics["Validation/loss"]
+            names.append("best.pt")
+        self.save(*names)
+        viz_every = self.cfg.attention_analysis.viz_every_n_epochs
+        if self.dist.is_main and self.cfg.wandb.create_plots and self.progress.epochs_done % viz_every == 0:
+            self.make_plots(phase)
+        if self._signal_received is not None:
+            raise TrainingInterrupted(self._signal_received)
+
+    def make_plots(self, phase: int) -> list[Path]:
+        wb, step = self.cfg.wandb, self.progress.global_step
+        plot_dir = self.output_dir / "plots"
+        written: list[Path | None] = []
+        if wb.plot_memory_usage and self.cfg.model.use_memory:
+            state = self.store.state if len(self.store) > 0 else self.model.memory.empty_state()
+            diag = self.model.memory.diagnostics(state)
+            written.append(
+                plots.safe_plot(
+                    plots.plot_memory_slots,
+                    diag["usage"].float().cpu().numpy(),
+                    diag["age"].float().cpu().numpy(),
+                    plot_dir / f"memory_slots_step_{step}.png",
+                    step,
+                )
+            )
+        if wb.plot_quantization_dist:
+            latent = {}
+            for name, module in self.model.named_modules():
+                if isinstance(module, BitLinear) and module.quantize and len(latent) < 6:
+                    weight = module.weight.detach().float()
+                    latent[name] = (weight / weight.abs().mean().clamp(min=1e-5)).cpu().numpy()
+            written.append(
+                plots.safe_plot(plots.plot_quantization, latent, plot_dir / f"quantization_step_{step}.png", step)
+            )
+        if wb.plot_attention_heatmaps and self.cfg.model.use_vision:
+            batch = self._to_device(self.data.analysis_batch(max(phase, 2), size=2))
+            with torch.no_grad():
+                self.model.eval()
+                out = self.model(
+                    batch["input_ids"], batch["attention_mask"], vision_features=batch["vision_features"],
+                    output_attentions=True,
+                )
+                self.model.train()
+            for kind in ("decoder", "cross_modal"):
+                maps = out.attentions.get(kind) if out.attentions else None
+                if maps:
+                    written.append(
+                        plots.safe_plot(
+                            plots.plot_attention_heatmap,
+                            maps[-1][0].float().cpu().numpy(),
+                            plot_dir / f"attention_{kind}_step_{step}.png",
+                            f"{kind} attention, last layer, step {step}",
+                        )
+                    )
+        records = plots.read_metrics(self.logger.metrics_path)
+        loss_keys = sorted({k for r in records for k in r if k.startswith("Training/Loss")})
+        written.append(
+            plots.safe_plot(plots.plot_curves, records, loss_keys, plot_dir / "loss_curves.png", "Training losses", "loss")
+        )
+        grad_keys = sorted({k for r in records for k in r if k.startswith("Gradients/")})
+        if grad_keys:
+            written.append(
+                plots.safe_plot(
+                    plots.plot_curves, records, grad_keys, plot_dir / "gradient_norms.png", "Gradient norms", "L2 norm"
+                )
+            )
+        paths = [p for p in written if p is not None]
+        for path in paths:
+            self.logger.log_figure(f"Plots/{path.stem.split('_step_')[0]}", path, step)
+        return paths
+
+    # ------------------------------------------------------------------------------------------- summary
+    def final_summary(self) -> dict[str, Any]:
+        final = self.validate(phase=max(self.phase_epochs))
+        summary: dict[str, Any] = {
+            "initial_validation_loss": self.progress.initial_val_loss,
+            "final_validation_loss": final["Validation/loss"],
+            "best_validation_loss": self.progress.best_val_loss,
+            "final_text_loss": final["Validation/Text_Loss"],
+            "final_perplexity": final["Validation/Perplexity"],
+            "caption_loss_true_image": final["Validation/Caption_Loss"],
+            "caption_loss_no_image": final["Validation/Caption_Loss_No_Image"],
+            "optimizer_steps": self.progress.global_step,
+            "tokens_seen": self.progress.tokens_seen,
+            "skipped_nonfinite_steps": self.progress.skipped_nonfinite,
+            "parameters": sum(p.numel() for p in self.model.parameters()),
+        }
+        if self.cfg.model.use_vision:
+            summary["caption_loss_shuffled_image"] = final["Validation/Caption_Loss_Shuffled_Image"]
+            summary["grounding_gain"] = summary["caption_loss_shuffled_image"] - summary["caption_loss_true_image"]
+        if "Validation/Memory_Recall_Loss" in final:
+            summary["memory_recall_loss"] = final["Validation/Memory_Recall_Loss"]
+        stats = quantization_stats(self.model)
+        summary["ternary_fraction"] = stats["ternary_fraction"]
+        summary["compression_ratio"] = stats["compression_ratio"]
+        self.save("last.pt")
+        if self.dist.is_main:
+            self.logger.log_metrics({f"Summary/{k}": v for k, v in summary.items() if isinstance(v, (int, float))},
+                                    step=self.progress.global_step)
+            self.logger.log_summary(summary)
+            path = self.output_dir / "summary.json"
+            path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        return summary
+
+
+def attention_entropy_metrics(attentions: dict[str, list[torch.Tensor]]) -> dict[str, float]:
+    """Mean attention entropy (nats) per layer and attention type; lower = more concentrated heads."""
+    names = {"encoder": "Encoder", "decoder": "Decoder", "cross_modal": "CrossModal", "vision": "Vision"}
+    metrics = {}
+    for kind, maps in attentions.items():
+        for layer, weights in enumerate(maps):  # (B, H, Tq, Tk)
+            p = weights.float().clamp(min=1e-12)
+            entropy = -(p * p.log()).sum(-1).mean()
+            metrics[f"Attention/{names.get(kind, kind)}_layer_{layer}_Entropy"] = float(entropy)
+    return metrics
+
+
+def rebuild_config_from_checkpoint(payload: dict[str, Any], overrides: list[str]) -> BitMarConfig:
+    return config_from_dict(payload["config"], overrides)
