@@ -1,0 +1,544 @@
+"""Download the BabyLM multimodal release from OSF (project ad7qg, folder multimodal_data/).
+
+The listing comes from the OSF API v2 (JSON:API): the osfstorage root of the project lists the folder,
+the folder's `relationships.files.links.related.href` lists its files page by page (`links.next`),
+and every file carries `attributes.name`, `attributes.size` and `links.download`.
+
+Each file streams into `<name>.part`; an interrupted run resumes it with an HTTP Range request (a server
+that ignores Range and answers 200 restarts the file), and the `.part` file is renamed to its final name only
+when it is complete and its size matches the listing. Files already complete are skipped. Transient failures
+(timeouts, dropped connections, HTTP 408/425/429/5xx) are retried a bounded number of times with exponential
+backoff; everything else fails at once with a message naming the URL, the status and what to do.
+
+`--test` writes the built-in sample world in the same layout instead (no network).
+Standard library only (urllib), so downloading needs nothing beyond the base requirements.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import re
+import shutil
+import socket
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from bitmar.data import layout
+from bitmar.data.errors import DataError
+
+USER_AGENT = "bitmar-babylm-downloader/0.1 (+https://osf.io/ad7qg/)"
+CHUNK_BYTES = 1 << 20
+MAX_LISTING_PAGES = 1000  # guards against a `links.next` that never ends
+TRANSIENT_HTTP = frozenset({408, 425, 429, 500, 502, 503, 504})
+DEFAULT_DATA_DIR = "../babylm_dataset/"
+OSF_PROJECT_URL = f"https://osf.io/{layout.OSF_PROJECT}/"
+
+
+class DownloadError(DataError):
+    """A download that failed (network, server or size mismatch); the message says what happened and what to do."""
+
+
+class _Transient(Exception):
+    """A failure worth retrying (timeout, dropped connection, 5xx); never escapes this module."""
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """One file of the OSF listing."""
+
+    name: str
+    size: int | None  # bytes as listed by OSF (None when the listing does not say)
+    url: str  # links.download
+
+
+def _log(message: str) -> None:
+    # tqdm.write keeps messages from tearing an active progress bar.
+    tqdm.write(message, file=sys.stderr)
+
+
+def human_size(num_bytes: int | None) -> str:
+    if num_bytes is None:
+        return "size unknown"
+    size = float(num_bytes)
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if size < 1000 or unit == "TB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    raise AssertionError("unreachable")
+
+
+def _http_error_message(url: str, code: int, reason: str, what: str) -> str:
+    if code == 404:
+        hint = (
+            f"The file or folder is not (or no longer) at this address: open {OSF_PROJECT_URL} to check the release, "
+            "and run `python download_babylm_data.py --list` to see the current listing."
+        )
+    elif code in (401, 403):
+        hint = f"OSF refused access; check that {OSF_PROJECT_URL} is public and reachable from this network (proxy?)."
+    elif code == 429:
+        hint = "OSF is rate-limiting this address; wait a few minutes and rerun the same command (it resumes)."
+    elif code >= 500:
+        hint = "The server failed; wait a few minutes and rerun the same command (downloads resume from .part files)."
+    else:
+        hint = "Check the address, then rerun the same command."
+    return f"HTTP {code} {reason} while {what}: {url}\n{hint}"
+
+
+def _backoff_sleep(attempt: int, backoff: float) -> None:
+    if backoff > 0:
+        time.sleep(min(backoff * 2 ** (attempt - 1), 60.0))
+
+
+# Exceptions that mean "the connection went wrong", as opposed to a definite answer from the server.
+_NETWORK_ERRORS = (TimeoutError, socket.timeout, ConnectionError, http.client.HTTPException, urllib.error.URLError)
+
+
+def _open(url: str, headers: dict[str, str], timeout: float, what: str) -> http.client.HTTPResponse:
+    """urlopen that raises DownloadError for definite HTTP failures and _Transient for retryable ones."""
+    request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT, **headers})
+    try:
+        return urllib.request.urlopen(request, timeout=timeout)
+    except urllib.error.HTTPError as err:
+        err.close()
+        message = _http_error_message(url, err.code, str(err.reason), what)
+        if err.code in TRANSIENT_HTTP:
+            raise _Transient(message) from err
+        if err.code == 416:
+            raise  # the caller knows what an unsatisfiable range means for its file
+        raise DownloadError(message) from err
+    except _NETWORK_ERRORS as err:
+        reason = err.reason if isinstance(err, urllib.error.URLError) else err
+        raise _Transient(
+            f"could not reach {url} while {what}: {reason}. Check the internet connection (and HTTPS_PROXY)."
+        ) from err
+
+
+def _get_json(url: str, *, timeout: float, retries: int, backoff: float) -> dict[str, Any]:
+    for attempt in range(retries + 1):
+        try:
+            with _open(url, {"Accept": "application/vnd.api+json, application/json"}, timeout, "listing OSF") as resp:
+                body = resp.read()
+            break
+        except (_Transient, *_NETWORK_ERRORS) as err:
+            if attempt == retries:
+                raise DownloadError(f"{err}\nGave up after {retries + 1} attempts.") from err
+            _log(f"retrying ({attempt + 1}/{retries}): {err}")
+            _backoff_sleep(attempt + 1, backoff)
+    try:
+        payload = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DownloadError(f"the OSF API answered {url} with non-JSON ({err}); try again later.") from err
+    if not isinstance(payload, dict) or not isinstance(payload.get("data"), list):
+        raise DownloadError(f"unexpected OSF API answer from {url}: no `data` list (is the base URL an OSF API?).")
+    return payload
+
+
+def _next_link(payload: dict[str, Any]) -> str | None:
+    nxt = (payload.get("links") or {}).get("next")
+    if isinstance(nxt, dict):  # JSON:API allows a link object instead of a string
+        nxt = nxt.get("href")
+    return nxt or None
+
+
+def _iter_entries(url: str, *, timeout: float, retries: int, backoff: float) -> list[dict[str, Any]]:
+    """All entries of a paginated OSF listing."""
+    entries: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    next_url: str | None = url
+    while next_url is not None:
+        if next_url in seen or len(seen) >= MAX_LISTING_PAGES:
+            raise DownloadError(f"the OSF listing at {url} paginates without end (page {next_url} repeats).")
+        seen.add(next_url)
+        payload = _get_json(next_url, timeout=timeout, retries=retries, backoff=backoff)
+        entries.extend(e for e in payload["data"] if isinstance(e, dict))
+        next_url = _next_link(payload)
+    return entries
+
+
+def _dig(entry: dict[str, Any], *keys: str) -> Any:
+    value: Any = entry
+    for key in keys:
+        if not isinstance(value, dict):
+            return None
+        value = value.get(key)
+    return value
+
+
+def list_remote_files(
+    base_url: str = layout.OSF_API_BASE,
+    project: str = layout.OSF_PROJECT,
+    folder: str = layout.OSF_FOLDER,
+    *,
+    timeout: float = 60.0,
+    retries: int = 4,
+    backoff: float = 2.0,
+) -> list[RemoteFile]:
+    """Files directly inside `folder` of the project's osfstorage, in listing order."""
+    root_url = f"{base_url.rstrip('/')}/v2/nodes/{project}/files/osfstorage/"
+    kw = {"timeout": timeout, "retries": retries, "backoff": backoff}
+    root = _iter_entries(root_url, **kw)
+    folders = [e for e in root if _dig(e, "attributes", "kind") == "folder"]
+    match = [e for e in folders if _dig(e, "attributes", "name") == folder]
+    if not match:
+        names = ", ".join(sorted(str(_dig(e, "attributes", "name")) for e in folders)) or "none"
+        raise DownloadError(
+            f"OSF project {project} has no folder `{folder}` in osfstorage ({root_url}); folders there: {names}. "
+            f"Check {OSF_PROJECT_URL}: the release may have moved."
+        )
+    files_url = _dig(match[0], "relationships", "files", "links", "related", "href")
+    if not isinstance(files_url, str):
+        raise DownloadError(f"the OSF entry of folder `{folder}` has no relationships.files.links.related.href.")
+
+    files: list[RemoteFile] = []
+    for entry in _iter_entries(files_url, **kw):
+        if _dig(entry, "attributes", "kind") != "file":
+            continue  # sub-folders are not part of the release layout
+        name, size = _dig(entry, "attributes", "name"), _dig(entry, "attributes", "size")
+        url = _dig(entry, "links", "download")
+        if not isinstance(name, str) or not isinstance(url, str):
+            raise DownloadError(f"malformed file entry in the OSF listing {files_url}: {json.dumps(entry)[:300]}")
+        # The name becomes a local path: refuse anything that could leave data_dir.
+        if name != Path(name).name or name in ("", ".", ".."):
+            raise DownloadError(f"refusing a file name with a path in it from the OSF listing: {name!r}")
+        files.append(RemoteFile(name=name, size=int(size) if isinstance(size, int) and size >= 0 else None, url=url))
+    if not files:
+        raise DownloadError(f"the OSF folder `{folder}` lists no files ({files_url}).")
+    return files
+
+
+def _parse_content_range(value: str | None) -> tuple[int, int | None] | None:
+    """'bytes START-END/TOTAL' -> (START, TOTAL or None)."""
+    m = re.fullmatch(r"\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*", value or "")
+    if m is None:
+        return None
+    return int(m.group(1)), None if m.group(3) == "*" else int(m.group(3))
+
+
+def _fetch_once(remote: RemoteFile, part: Path, *, timeout: float, progress: bool) -> None:
+    """One HTTP request appending to (or restarting) `part`. Raises _Transient when the stream ends early."""
+    offset = part.stat().st_size if part.exists() else 0
+    headers = {"Range": f"bytes={offset}-"} if offset else {}
+    what = f"downloading {remote.name}"
+    try:
+        resp = _open(remote.url, headers, timeout, what)
+    except urllib.error.HTTPError as err:  # 416: nothing at or past our offset
+        m = re.fullmatch(r"\s*bytes\s+\*/(\d+)\s*", err.headers.get("Content-Range") or "")  # RFC 9110 form
+        total = int(m.group(1)) if m else None
+        raise DownloadError(
+            f"{remote.name}: the server has no bytes past {offset} ({part.name} so far; server size "
+            f"{human_size(total)}) but the OSF listing says {human_size(remote.size)} ({remote.size} bytes).\n"
+            f"The file on the server is shorter than listed. Delete {part} and rerun to start over; "
+            f"if it persists, report it ({OSF_PROJECT_URL})."
+        ) from err
+
+    with resp:
+        length_header = resp.headers.get("Content-Length")
+        length = int(length_header) if length_header and length_header.isdigit() else None
+        if resp.status == 206:
+            content_range = _parse_content_range(resp.headers.get("Content-Range"))
+            if content_range is None or content_range[0] != offset:
+                part.unlink(missing_ok=True)  # bytes for another offset cannot be appended
+                raise _Transient(
+                    f"{remote.name}: server answered the resume at byte {offset} with "
+                    f"Content-Range {resp.headers.get('Content-Range')!r}; restarting the file"
+                )
+            mode = "ab"
+        else:
+            if offset:
+                _log(f"{remote.name}: server ignored the resume request (HTTP {resp.status}); restarting from byte 0")
+                offset = 0
+            mode = "wb"
+        total = remote.size if remote.size is not None else (offset + length if length is not None else None)
+        received = 0
+        with (
+            open(part, mode) as f,
+            tqdm(
+                total=total,
+                initial=offset,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                desc=remote.name,
+                disable=not progress,
+                leave=False,
+            ) as bar,
+        ):
+            try:
+                while chunk := resp.read(CHUNK_BYTES):
+                    f.write(chunk)
+                    received += len(chunk)
+                    bar.update(len(chunk))
+            except _NETWORK_ERRORS as err:
+                raise _Transient(f"{remote.name}: connection lost after {offset + received} bytes ({err})") from err
+    if length is not None and received < length:
+        raise _Transient(f"{remote.name}: connection closed after {received} of {length} bytes of the response")
+
+
+def download_file(
+    remote: RemoteFile,
+    data_dir: str | os.PathLike[str],
+    *,
+    timeout: float = 60.0,
+    retries: int = 4,
+    backoff: float = 2.0,
+    progress: bool = True,
+) -> Path:
+    """Fetch one file into data_dir (resuming `<name>.part`); returns the final path."""
+    final = Path(data_dir) / remote.name
+    part = final.with_name(final.name + ".part")
+    if final.is_file() and remote.size is not None and final.stat().st_size == remote.size:
+        _log(f"{remote.name}: already complete ({human_size(remote.size)}), skipped")
+        return final
+    if final.exists() and not final.is_file():
+        raise DataError(f"{final} exists and is not a file; move it away and rerun.")
+    if final.is_file():  # kept until the new copy is complete: os.replace swaps it at the end
+        _log(
+            f"{remote.name}: the existing file has {final.stat().st_size} bytes, the listing says "
+            f"{human_size(remote.size)}; downloading it again"
+        )
+
+    failures = 0
+    while True:
+        have = part.stat().st_size if part.exists() else 0
+        if remote.size is not None and have > remote.size:
+            _log(f"{remote.name}: {part.name} holds {have} bytes, more than the listed {remote.size}; starting over")
+            part.unlink()
+            have = 0
+        if remote.size is not None and have == remote.size and part.exists():
+            break
+        try:
+            _fetch_once(remote, part, timeout=timeout, progress=progress)
+            have = part.stat().st_size
+            if remote.size is None or have == remote.size:
+                break
+            if have > remote.size:
+                part.unlink()
+                raise DownloadError(
+                    f"{remote.name}: the server sent {have} bytes but the OSF listing says {remote.size}. "
+                    f"The listing may have changed while downloading; rerun the same command."
+                )
+            raise _Transient(f"{remote.name}: the response ended at {have} of {remote.size} bytes")
+        except _Transient as err:
+            failures += 1
+            if failures > retries:
+                kept = f"{part.name} ({part.stat().st_size} bytes) is kept, " if part.exists() else ""
+                raise DownloadError(
+                    f"{err}\nGave up on {remote.name} after {failures} attempts; {kept}rerun the same command to resume"
+                ) from err
+            _log(f"retrying ({failures}/{retries}): {err}")
+            _backoff_sleep(failures, backoff)
+
+    size = part.stat().st_size
+    if remote.size is not None and size != remote.size:  # loop exits only on a match; keep the promise explicit
+        raise DownloadError(f"{remote.name}: size {size} does not match the listed {remote.size}")
+    os.replace(part, final)
+    _log(f"{remote.name}: done ({human_size(size)})")
+    return final
+
+
+def select_files(files: Sequence[RemoteFile], only: Sequence[str] | None) -> list[RemoteFile]:
+    """The files named by --only (all when None); unknown names fail listing the available ones."""
+    if not only:
+        return list(files)
+    by_name = {f.name: f for f in files}
+    unknown = [n for n in only if n not in by_name]
+    if unknown:
+        raise DataError(
+            f"--only: {', '.join(unknown)} not in the OSF folder `{layout.OSF_FOLDER}`. Available: {', '.join(by_name)}"
+        )
+    return [by_name[n] for n in dict.fromkeys(only)]
+
+
+def _prepare_dir(data_dir: Path) -> None:
+    if data_dir.exists() and not data_dir.is_dir():
+        raise DataError(f"--data_dir {data_dir} exists and is not a directory; pass a directory path.")
+    data_dir.mkdir(parents=True, exist_ok=True)
+
+
+def download_dataset(
+    data_dir: str | os.PathLike[str] = DEFAULT_DATA_DIR,
+    only: Sequence[str] | None = None,
+    *,
+    base_url: str = layout.OSF_API_BASE,
+    timeout: float = 60.0,
+    retries: int = 4,
+    backoff: float = 2.0,
+    progress: bool = True,
+) -> list[Path]:
+    """Download the release (or the files in `only`) into data_dir; returns the final paths."""
+    data_dir = Path(data_dir)
+    files = select_files(list_remote_files(base_url, timeout=timeout, retries=retries, backoff=backoff), only)
+    _prepare_dir(data_dir)
+
+    # Fail before hours of downloading when the disk cannot hold the rest.
+    def missing_bytes(f: RemoteFile) -> int:
+        final, part = data_dir / f.name, data_dir / (f.name + ".part")
+        if f.size is None or (final.is_file() and final.stat().st_size == f.size):
+            return 0
+        return max(f.size - (part.stat().st_size if part.is_file() else 0), 0)
+
+    need = sum(missing_bytes(f) for f in files)
+    free = shutil.disk_usage(data_dir).free
+    if need > free:
+        raise DownloadError(
+            f"{data_dir} has {human_size(free)} free but the download needs {human_size(need)} more; "
+            "free space or pass another --data_dir (or --only a subset)."
+        )
+    return [
+        download_file(f, data_dir, timeout=timeout, retries=retries, backoff=backoff, progress=progress) for f in files
+    ]
+
+
+def format_listing(files: Sequence[RemoteFile]) -> str:
+    width = max(len(f.name) for f in files)
+    lines = [
+        f"{f.name:<{width}}  {human_size(f.size):>10}  {f.size if f.size is not None else '?':>13} bytes" for f in files
+    ]
+    total = sum(f.size or 0 for f in files)
+    lines.append(f"{'total':<{width}}  {human_size(total):>10}  {total:>13} bytes")
+    return "\n".join(lines)
+
+
+def write_sample(
+    data_dir: str | os.PathLike[str],
+    *,
+    seed: int = 0,
+    num_cc3m: int | None = None,
+    num_local_narratives: int | None = None,
+    num_text_lines: int | None = None,
+    num_novel_episodes: int | None = None,
+    feature_dim: int = layout.FEATURE_DIM,
+    dtype: str = "float16",
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """The built-in sample world in the official layout (no network); returns the generator's summary."""
+    import numpy as np
+
+    from bitmar.config import SampleDataConfig
+    from bitmar.data.sample import generate_sample_dataset
+
+    data_dir = Path(data_dir)
+    _prepare_dir(data_dir)
+    cfg = SampleDataConfig(seed=seed)
+    for key, value in (
+        ("num_cc3m", num_cc3m),
+        ("num_local_narratives", num_local_narratives),
+        ("num_text_lines", num_text_lines),
+        ("num_novel_episodes", num_novel_episodes),
+    ):
+        if value is not None:
+            setattr(cfg, key, value)
+    # The generator refuses a directory holding real BabyLM files unless overwrite is set.
+    return generate_sample_dataset(data_dir, cfg, feature_dim=feature_dim, dtype=np.dtype(dtype), overwrite=overwrite)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected zero or more, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="download_babylm_data.py",
+        description=f"Download the BabyLM multimodal data ({OSF_PROJECT_URL}, folder {layout.OSF_FOLDER}/), "
+        "or write the built-in sample data set with --test.",
+    )
+    p.add_argument("--data_dir", default=DEFAULT_DATA_DIR, help="where the files go (default: %(default)s)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--list", action="store_true", help="print the OSF listing with sizes and exit")
+    mode.add_argument("--test", action="store_true", help="write the small sample data set (seconds, no network)")
+    p.add_argument("--only", nargs="+", metavar="NAME", help="download only these files (names as in --list)")
+    p.add_argument("--base_url", default=layout.OSF_API_BASE, help="OSF API base URL (default: %(default)s)")
+    p.add_argument("--retries", type=_non_negative_int, default=4, help="retries per file on transient errors")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds without data before a request fails")
+    p.add_argument("--backoff", type=float, default=2.0, help="first retry delay in seconds (doubles each retry)")
+    p.add_argument("--no_progress", action="store_true", help="no progress bars")
+    s = p.add_argument_group("sample data set (--test)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--num_cc3m", type=_positive_int, help="CC3M-style image-caption pairs (default: config default)")
+    s.add_argument("--num_local_narratives", type=_positive_int, help="Localized-Narratives-style pairs")
+    s.add_argument("--num_text_lines", type=_positive_int, help="lines over the six text-only .train files")
+    s.add_argument("--num_novel_episodes", type=_positive_int, help="held-out one-shot episodes")
+    s.add_argument("--feature_dim", type=_positive_int, default=layout.FEATURE_DIM, help="image feature width")
+    s.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="feature dtype")
+    s.add_argument("--overwrite", action="store_true", help="replace BabyLM files already in --data_dir")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry: 0 done, 1 download failed (network/server), 2 bad request (arguments, names, paths)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.test and args.only:
+        parser.error("--only selects files to download; it has no effect with --test")
+    if args.overwrite and not args.test:
+        parser.error("--overwrite only applies to --test (downloads resume and skip complete files)")
+    if args.timeout <= 0 or args.backoff < 0:
+        parser.error("--timeout must be > 0 and --backoff >= 0")
+    net = {"timeout": args.timeout, "retries": args.retries, "backoff": args.backoff}
+    try:
+        if args.test:
+            start = time.perf_counter()
+            summary = write_sample(
+                args.data_dir,
+                seed=args.seed,
+                num_cc3m=args.num_cc3m,
+                num_local_narratives=args.num_local_narratives,
+                num_text_lines=args.num_text_lines,
+                num_novel_episodes=args.num_novel_episodes,
+                feature_dim=args.feature_dim,
+                dtype=args.dtype,
+                overwrite=args.overwrite,
+            )
+            print(
+                f"sample data set written to {args.data_dir} in {time.perf_counter() - start:.1f} s "
+                f"({summary['text_words']:,} text words, {summary['caption_words']:,} caption words):"
+            )
+            for name in layout.ALL_FILES:
+                print(f"  {name:<34} {human_size((Path(args.data_dir) / name).stat().st_size):>10}")
+            print(f"  {layout.EVAL_DIR + '/':<34} evaluation sets of the sample world")
+        elif args.list:
+            print(format_listing(list_remote_files(args.base_url, **net)))
+            return 0
+        else:
+            paths = download_dataset(
+                args.data_dir, args.only, base_url=args.base_url, progress=not args.no_progress, **net
+            )
+            print(f"{len(paths)} file(s) complete in {args.data_dir}")
+    except DownloadError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted; .part files are kept, rerun the same command to resume", file=sys.stderr)
+        return 130
+    print(f"next: python test_dataset_compatibility.py --data_dir {args.data_dir}")
+    return 0
