@@ -1,0 +1,620 @@
+"""Larimar episodic memory (Das et al., ICML 2024): K slots x C dims, one-shot least-squares writes.
+
+Notation: K = memory_size slots, C = episode_dim, Z (N, C) episodes, M0 (K, C) learned prior, M (K, C) memory.
+
+    write        W0 = Z M0^+ ;  M = W0^+ Z
+    read         W  = Zq M^+ ;  Z_read = W M          (addressing noise on W in training mode only)
+    write_kv     W  = keys M0^+ ;  M = W^+ values      (Larimar editing: addressing from the key, fixed reference)
+    read_kv      W  = keys M0^+ ;  values_read = W M
+    update       C_i = C_{i-1} + a W^T W ;  M_i = M_{i-1} + a C_i^+ W^T (Z - W M_{i-1})   (a = +1 write, -1 forget)
+
+What is exact (up to rounding: worst measured relative error 7e-6 in float32, K in {32, 64, 512}, N <= min(K, C)):
+    * N <= min(K, C) and Z of full row rank:  read(Z, write(Z)) == Z, and read(q) is the orthogonal projection of q
+      onto span(rows of Z) for every query q (independent of M0).  The bound is min(K, C) because W0 = Z M0^+ has rank
+      <= min(K, C); beyond it the write is the least-squares solution and recall is approximate.
+    * key-value: read_kv(keys, write_kv(keys, values)) == values for N <= min(K, C) keys of full row rank.
+    * update: the memory after any sequence of update(+-a) equals the batch least-squares solution over the episodes
+      currently held (with each episode weighted by its a), i.e. write then update(Z2, +1) == write([Z1; Z2]) and a
+      following update(Z2, -1) == write(Z1).
+
+Numerics.  Every data-dependent pseudo-inverse (W0^+, M^+, C^+) is a *truncated* Moore-Penrose inverse with a
+relative cutoff (singular values below `ridge * sigma_max` count as zero), computed with torch.linalg in float64 on the
+smaller of the two Gram matrices (float32 SVD on MPS, which has no float64), with autocast disabled.  A relative cutoff
+is scale invariant (norms 1e-3..1e3 behave the same), never iterates, and unlike a Tikhonov shift it neither leaves
+rounding garbage in the addressing weights of a rank-deficient memory (N < K) nor biases recall when N = K.  The
+prior's M0^+ is a float64 Cholesky solve with a relative ridge (ridge^2 * trace): the prior has full rank, and
+exactness does not depend on it.  Sequential updates keep the sufficient statistics C = sum a W^T W and
+B = sum a W^T Z (float64) and re-solve M = C^+ B: algebraically identical to Larimar's recursion
+(C_i M_i = C_{i-1} M_{i-1} + a W^T Z), but without the 0 * inf cancellation that makes the recursion forget inexactly.
+
+Gradients flow through write / write_kv / read / read_kv to the episodes, the queries and the prior.  Note that with
+N <= min(K, C) the deterministic read is a projection onto span(Z), which does not depend on M0: the prior learns
+through the addressing noise and the KL term (as in Larimar).  update() is an editing operation, not differentiable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["EpisodicMemory", "EpisodicStore", "MemoryState"]
+
+_TENSOR_FIELDS = ("memory", "precision", "moment", "usage", "age")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# numerics
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _work_dtype(device: torch.device) -> torch.dtype:
+    """Dtype of every least-squares solve: float64 keeps the cutoff far above rounding noise; MPS has no float64."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """Autocast would run the solves in bf16/fp16 (useless precision): switch it off inside the memory."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device_type=device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _gram_pinv(G: Tensor, rcond: float) -> Tensor:
+    """Truncated pseudo-inverse of a symmetric PSD Gram matrix G = A A^T (d, d); rcond is relative to sigma_max(A)."""
+    G = 0.5 * (G + G.mT)  # exact symmetry for the Hermitian eigensolver
+    rtol = rcond * rcond  # eigenvalues are sigma^2
+    if G.dtype != torch.float64:  # float32 fallback (MPS): never cut below the rounding noise of the Gram matrix
+        rtol = max(rtol, torch.finfo(G.dtype).eps * G.shape[-1])
+    return torch.linalg.pinv(G, rtol=rtol, hermitian=True)
+
+
+def _svd_rcond(A: Tensor, rcond: float) -> float:
+    # float32 SVD cannot resolve singular values below ~eps * dim * sigma_max: never cut below that noise floor
+    return max(rcond, torch.finfo(A.dtype).eps * max(A.shape))
+
+
+def _pinv_right(X: Tensor, A: Tensor, rcond: float) -> Tensor:
+    """X A^+ for X (n, q), A (p, q) -> (n, p), using the smaller Gram matrix of A (well conditioned in float64)."""
+    if X.dtype != torch.float64:
+        return X @ torch.linalg.pinv(A, rtol=_svd_rcond(A, rcond))  # (n, p)
+    p, q = A.shape
+    if p <= q:  # A^+ = A^T (A A^T)^+
+        return (X @ A.mT) @ _gram_pinv(A @ A.mT, rcond)  # (n, p)
+    return (X @ _gram_pinv(A.mT @ A, rcond)) @ A.mT  # A^+ = (A^T A)^+ A^T ; (n, p)
+
+
+def _ridge_right(X: Tensor, A: Tensor, rcond: float) -> Tensor:
+    """X A^+ for a matrix A (p, q) of full rank min(p, q) (the learned prior), via Cholesky of its smaller Gram matrix
+    with a relative ridge (rcond^2 * trace): several times cheaper than an eigendecomposition, and exactness of the
+    memory does not depend on it (write_kv and read_kv share this very addressing; read's projection holds for any
+    full-rank addressing).  A rank-deficient A only gets its null directions damped, never NaN."""
+    if X.dtype != torch.float64:
+        return _pinv_right(X, A, rcond)  # float32 Cholesky cannot take a 1e-12 ridge: truncated SVD instead
+    p, q = A.shape
+    G = A @ A.mT if p <= q else A.mT @ A  # (d, d), d = min(p, q)
+    lam = rcond * rcond * G.diagonal().sum() + torch.finfo(G.dtype).tiny  # relative to trace: far above f64 noise
+    # cholesky_ex: no host sync on CUDA; with this ridge G + lam I is positive definite by a 1e-12 relative margin
+    L, _ = torch.linalg.cholesky_ex(G + lam * torch.eye(G.shape[0], dtype=G.dtype, device=G.device))  # (d, d)
+    if p <= q:  # X A^T (A A^T)^-1
+        return torch.cholesky_solve((X @ A.mT).mT, L).mT  # (n, p)
+    return torch.cholesky_solve(X.mT, L).mT @ A.mT  # X (A^T A)^-1 A^T ; (n, p)
+
+
+def _pinv_left(A: Tensor, Y: Tensor, rcond: float) -> Tensor:
+    """A^+ Y for A (p, q), Y (p, r) -> (q, r): the minimum-norm least-squares solution of A X = Y."""
+    if Y.dtype != torch.float64:
+        return torch.linalg.pinv(A, rtol=_svd_rcond(A, rcond)) @ Y  # (q, r)
+    p, q = A.shape
+    if p <= q:
+        return A.mT @ (_gram_pinv(A @ A.mT, rcond) @ Y)  # (q, r)
+    return _gram_pinv(A.mT @ A, rcond) @ (A.mT @ Y)  # (q, r)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# state
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MemoryState:
+    """Explicit memory state: reading never changes it and every write returns a new one, so evaluation cannot touch
+    the training memory.  All fields are tensors or ints, so `state_dict()` loads with torch.load(weights_only=True)."""
+
+    memory: Tensor  # (K, C) the memory matrix M; float32 (float64 if written from float64 episodes)
+    precision: Tensor  # (K, K) C = sum_i a_i W_i^T W_i (no ridge: the cutoff is applied when solving); float64
+    moment: Tensor  # (K, C) B = sum_i a_i W_i^T Z_i, so that M = C^+ B exactly; float64
+    usage: Tensor  # (K,) float32 cumulative addressing mass sum |W| of the episodes held
+    age: Tensor  # (K,) int64 number of writes since the slot last received a noticeable share of a write
+    num_episodes: int = 0  # episodes currently held (written minus forgotten)
+
+    def _map(self, fn: Callable[[Tensor], Tensor]) -> MemoryState:
+        return MemoryState(**{name: fn(getattr(self, name)) for name in _TENSOR_FIELDS}, num_episodes=self.num_episodes)
+
+    def detach(self) -> MemoryState:
+        return self._map(lambda t: t.detach())
+
+    def clone(self) -> MemoryState:
+        return self._map(lambda t: t.clone())
+
+    def to(self, device: torch.device | str) -> MemoryState:
+        return self._map(lambda t: t.to(device))
+
+    @property
+    def memory_size(self) -> int:
+        return int(self.memory.shape[0])
+
+    def state_dict(self) -> dict[str, Tensor]:
+        d = {name: getattr(self, name).detach().clone() for name in _TENSOR_FIELDS}
+        d["num_episodes"] = torch.tensor(self.num_episodes, dtype=torch.int64)
+        return d
+
+    @classmethod
+    def from_state_dict(cls, d: dict[str, Tensor]) -> MemoryState:
+        missing = [f.name for f in fields(cls) if f.name not in d]
+        if missing:
+            raise KeyError(f"MemoryState.from_state_dict: missing keys {missing}; got {sorted(d)}")
+        return cls(**{name: d[name] for name in _TENSOR_FIELDS}, num_episodes=int(d["num_episodes"]))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# memory module
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class EpisodicMemory(nn.Module):
+    """Larimar episodic memory with a learned prior M0 (`self.prior`, (K, C)); see the module docstring for the maths.
+
+    Args:
+        memory_size: K, number of slots.
+        episode_dim: C, latent size of an episode.
+        ridge: relative regularisation, scale invariant.  The data-dependent pseudo-inverses treat singular values
+            below ridge * sigma_max as zero (truncation); the prior's inverse adds ridge^2 * trace to its Gram matrix.
+            Keep it tiny: it bounds the condition number of episode sets that are still recalled exactly (1e-6 -> up
+            to ~1e6).
+        addressing_noise_std: std of the Gaussian noise added to the addressing weights W in training mode; also the
+            std of q(W) in kl_divergence.
+    """
+
+    def __init__(
+        self, memory_size: int, episode_dim: int, ridge: float = 1e-6, addressing_noise_std: float = 0.1
+    ) -> None:
+        super().__init__()
+        if memory_size < 1 or episode_dim < 1:
+            raise ValueError(f"memory_size and episode_dim must be >= 1, got {memory_size}, {episode_dim}")
+        if not 0.0 < ridge < 1.0:
+            raise ValueError(f"ridge is a relative cutoff and must lie in (0, 1), got {ridge}")
+        if addressing_noise_std < 0.0:
+            raise ValueError(f"addressing_noise_std must be >= 0, got {addressing_noise_std}")
+        self.memory_size = memory_size
+        self.episode_dim = episode_dim
+        self.ridge = ridge
+        self.addressing_noise_std = addressing_noise_std
+        self.prior = nn.Parameter(torch.empty(memory_size, episode_dim))  # (K, C) M0
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # Orthogonal rows/columns: condition number 1, so W0 = Z M0^+ is as well conditioned as Z.  The gain makes
+        # unit-variance latents give unit-variance addressing weights, matching the N(0, I) prior of the KL term.
+        gain = math.sqrt(min(1.0, self.episode_dim / self.memory_size))
+        with torch.no_grad():
+            nn.init.orthogonal_(self.prior, gain=gain)
+
+    def extra_repr(self) -> str:
+        return (
+            f"memory_size={self.memory_size}, episode_dim={self.episode_dim}, ridge={self.ridge}, "
+            f"addressing_noise_std={self.addressing_noise_std}"
+        )
+
+    # ----------------------------------------------------------------------------------------------------- helpers
+
+    def _flatten(self, x: Tensor, name: str) -> Tensor:
+        if x.dim() < 1 or x.shape[-1] != self.episode_dim:
+            raise ValueError(f"{name} must have shape (..., {self.episode_dim}), got {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
+        return x.reshape(-1, self.episode_dim)  # (N, C)
+
+    def _check_state(self, state: MemoryState) -> None:
+        if tuple(state.memory.shape) != (self.memory_size, self.episode_dim):
+            raise ValueError(
+                f"state.memory has shape {tuple(state.memory.shape)}, expected ({self.memory_size}, {self.episode_dim})"
+            )
+
+    def _prior_work(self, device: torch.device) -> Tensor:
+        return self.prior.to(device=device, dtype=_work_dtype(device))  # (K, C)
+
+    def _address_work(self, keys: Tensor) -> Tensor:
+        """W = keys M0^+ in the work dtype; keys (N, C) already in the work dtype."""
+        return _ridge_right(keys, self._prior_work(keys.device), self.ridge)  # (N, K)
+
+    def _noisy(self, W: Tensor, noise: bool) -> Tensor:
+        if noise and self.addressing_noise_std > 0.0:
+            return W + self.addressing_noise_std * torch.randn_like(W)  # sample of q(W) = N(W, std^2 I)
+        return W
+
+    @staticmethod
+    def _memory_dtype(dtype: torch.dtype) -> torch.dtype:
+        return torch.float64 if dtype == torch.float64 else torch.float32  # never store the memory in bf16/fp16
+
+    def _touched(self, W: Tensor) -> Tensor:
+        mass = W.detach().abs().sum(0)  # (K,)
+        share = mass / mass.sum().clamp_min(torch.finfo(mass.dtype).tiny)  # no host sync in the training path
+        return share >= 0.1 / self.memory_size  # (K,) bool: received at least 10% of a uniform share
+
+    # ------------------------------------------------------------------------------------------------------ public
+
+    def empty_state(self) -> MemoryState:
+        """State holding just the (detached) prior and zero episodes; the first update() replaces it by C^+ B."""
+        device = self.prior.device
+        wd = _work_dtype(device)
+        K, C = self.memory_size, self.episode_dim
+        return MemoryState(
+            memory=self.prior.detach().to(torch.float32).clone(),  # (K, C)
+            precision=torch.zeros(K, K, dtype=wd, device=device),
+            moment=torch.zeros(K, C, dtype=wd, device=device),
+            usage=torch.zeros(K, dtype=torch.float32, device=device),
+            age=torch.zeros(K, dtype=torch.int64, device=device),
+            num_episodes=0,
+        )
+
+    def address(self, keys: Tensor) -> Tensor:
+        """Addressing against the fixed reference (the prior): W = keys M0^+, (..., C) -> (..., K).
+
+        Returned in float32 (float64 for float64 keys), bit-identical to the addressing that write_kv / update add to
+        the statistics, so update(state, values, -a, W=address(keys)) forgets key-value episodes exactly."""
+        k = self._flatten(keys, "keys")
+        with _no_autocast(k.device):
+            W = self._address_work(k.to(_work_dtype(k.device)))  # (N, K)
+        return W.to(self._memory_dtype(keys.dtype)).reshape(*keys.shape[:-1], self.memory_size)
+
+    def _stats_addressing(self, W: Tensor, dtype: torch.dtype) -> Tensor:
+        # The statistics use W rounded as address() returns it: forgetting then subtracts bit-identical products, and
+        # the rounding residue (float64 eps) stays far below the cutoff.  A residue at float32 level would not: the
+        # truncated inverse would resurrect the forgotten episode from it.
+        return W.detach().to(self._memory_dtype(dtype)).to(W.dtype)
+
+    def write(self, Z: Tensor) -> MemoryState:
+        """One-shot write starting from the prior: W0 = Z M0^+, M = W0^+ Z.  Z (N, C) (or (..., C), flattened).
+
+        Exact recall for N <= min(K, C); least squares beyond.  Differentiable w.r.t. Z and the prior.  The returned
+        state's precision/moment make update() continue exactly from it."""
+        return self.write_kv(Z, Z)
+
+    def write_kv(self, keys: Tensor, values: Tensor) -> MemoryState:
+        """Key-value write (Larimar editing): W = keys M0^+ (fixed reference = prior), M = W^+ values.
+
+        read_kv(keys) returns the values exactly for N <= min(K, C) keys whose addressing has full row rank."""
+        k = self._flatten(keys, "keys")  # (N, C)
+        v = self._flatten(values, "values")  # (N, C)
+        if k.shape[0] != v.shape[0]:
+            raise ValueError(
+                f"keys and values must hold the same number of episodes, got {k.shape[0]} and {v.shape[0]}"
+            )
+        device = k.device
+        wd = _work_dtype(device)
+        with _no_autocast(device):
+            vw = v.to(wd)
+            W = self._address_work(k.to(wd))  # (N, K)
+            M = _pinv_left(W, vw, self.ridge)  # (K, C) minimum-norm least squares W M = values
+            Wd = self._stats_addressing(W, keys.dtype)  # (N, K)
+            precision = Wd.mT @ Wd  # (K, K) sufficient statistics for update()/forgetting; no gradient needed
+            moment = Wd.mT @ vw.detach()  # (K, C)
+        touched = self._touched(Wd)  # (K,)
+        return MemoryState(
+            memory=M.to(self._memory_dtype(values.dtype)),
+            precision=precision,
+            moment=moment,
+            usage=Wd.abs().sum(0).to(torch.float32),
+            age=(~touched).to(torch.int64),  # one write since the start: 0 where it landed, 1 elsewhere
+            num_episodes=int(k.shape[0]),
+        )
+
+    def read(self, Zq: Tensor, state: MemoryState) -> tuple[Tensor, Tensor]:
+        """Read: W = Zq M^+, Z_read = W M.  Zq (Nq, C) or (..., C) -> (Z_read (..., C), W (..., K)) in Zq's dtype.
+
+        Training mode adds N(0, addressing_noise_std^2) noise to W before the product; eval mode is deterministic.
+        The returned W is the noise-free mean of q(W) (the input of kl_divergence).  The state is never modified."""
+        self._check_state(state)
+        q = self._flatten(Zq, "Zq")  # (Nq, C)
+        device = q.device
+        wd = _work_dtype(device)
+        with _no_autocast(device):
+            M = state.memory.to(device=device, dtype=wd)  # (K, C) a copy: the state stays untouched
+            W = _pinv_right(q.to(wd), M, self.ridge)  # (Nq, K)
+            Z_read = self._noisy(W, self.training) @ M  # (Nq, C)
+        lead = Zq.shape[:-1]
+        return Z_read.to(Zq.dtype).reshape(*lead, self.episode_dim), W.to(Zq.dtype).reshape(*lead, self.memory_size)
+
+    def read_kv(self, keys: Tensor, state: MemoryState) -> tuple[Tensor, Tensor]:
+        """Key-value read: W = keys M0^+ (same addressing as write_kv), values_read = W M.  Noise as in read()."""
+        self._check_state(state)
+        k = self._flatten(keys, "keys")  # (Nq, C)
+        device = k.device
+        with _no_autocast(device):
+            M = state.memory.to(device=device, dtype=_work_dtype(device))  # (K, C)
+            W = self._address_work(k.to(M.dtype))  # (Nq, K)
+            values = self._noisy(W, self.training) @ M  # (Nq, C)
+        lead = keys.shape[:-1]
+        return values.to(keys.dtype).reshape(*lead, self.episode_dim), W.to(keys.dtype).reshape(*lead, self.memory_size)
+
+    @torch.no_grad()
+    def update(self, state: MemoryState, Z: Tensor, alpha: float = 1.0, W: Tensor | None = None) -> MemoryState:
+        """Sequential write (alpha > 0) or exact forgetting (alpha < 0) of episodes Z (N, C): returns a new state.
+
+        C_i = C_{i-1} + alpha W^T W ;  B_i = B_{i-1} + alpha W^T Z ;  M_i = C_i^+ B_i, which equals Larimar's
+        M_i = M_{i-1} + alpha C_i^+ W^T (Z - W M_{i-1}) and is the batch least-squares solution over the episodes held,
+        each weighted by its alpha.  W (N, K) defaults to Z M0^+ (addressing against the prior, as in write(); pass the
+        W of write_kv for key-value episodes).  Forget an episode with the negative of the alpha and the same W it was
+        written with.  When the last episode is forgotten the memory returns to the prior.  Not differentiable."""
+        return self.solve(self.accumulate(state, Z, alpha, W))
+
+    @torch.no_grad()
+    def accumulate(self, state: MemoryState, Z: Tensor, alpha: float = 1.0, W: Tensor | None = None) -> MemoryState:
+        """The statistics half of update(): C and B (and usage, age, count) change, `memory` is left stale.
+
+        Lets a caller fold in many single episodes and pay for one solve() (an eigendecomposition of C) at the end."""
+        self._check_state(state)
+        z = self._flatten(Z, "Z")  # (N, C)
+        n = int(z.shape[0])
+        if alpha == 0.0:
+            return state.detach().clone()
+        device = state.precision.device
+        wd = state.precision.dtype
+        with _no_autocast(device):
+            zw = z.to(device=device, dtype=wd)
+            if W is None:
+                Ww = self._stats_addressing(self._address_work(zw), Z.dtype)  # (N, K) exactly as write() added it
+            else:
+                Ww = W.detach().reshape(-1, self.memory_size).to(device=device, dtype=wd)
+                if Ww.shape[0] != n:
+                    raise ValueError(f"W holds {Ww.shape[0]} rows but Z holds {n} episodes")
+            held = state.num_episodes + (n if alpha > 0 else -n)
+            if held < 0:
+                raise ValueError(f"cannot forget {n} episodes from a state holding {state.num_episodes}")
+            if held == 0:  # drop the rounding residue of C and B exactly
+                return MemoryState(
+                    memory=state.memory.detach().clone(),
+                    precision=torch.zeros_like(state.precision),
+                    moment=torch.zeros_like(state.moment),
+                    usage=torch.zeros_like(state.usage),
+                    age=state.age.detach().clone(),
+                    num_episodes=0,
+                )
+            precision = state.precision.detach() + alpha * (Ww.mT @ Ww)  # (K, K)
+            moment = state.moment.detach() + alpha * (Ww.mT @ zw)  # (K, C)
+            usage = (state.usage.detach() + alpha * Ww.abs().sum(0).to(torch.float32)).clamp_min(0.0)
+            age = state.age.detach().clone()
+            if alpha > 0:
+                age = torch.where(self._touched(Ww), torch.zeros_like(age), age + 1)
+        return MemoryState(
+            memory=state.memory.detach().clone(),
+            precision=precision,
+            moment=moment,
+            usage=usage,
+            age=age,
+            num_episodes=held,
+        )
+
+    @torch.no_grad()
+    def solve(self, state: MemoryState) -> MemoryState:
+        """Recompute the memory from the statistics: M = C^+ B, or the prior when no episode is held."""
+        self._check_state(state)
+        mem_dtype = self._memory_dtype(state.memory.dtype)
+        device = state.precision.device
+        if state.num_episodes == 0:
+            memory = self.prior.detach().to(device=device, dtype=mem_dtype).clone()  # (K, C)
+        else:
+            with _no_autocast(device):
+                memory = (_gram_pinv(state.precision, self.ridge) @ state.moment).to(mem_dtype)  # (K, C) = C^+ B
+        return MemoryState(
+            memory=memory,
+            precision=state.precision.detach(),
+            moment=state.moment.detach(),
+            usage=state.usage.detach(),
+            age=state.age.detach(),
+            num_episodes=state.num_episodes,
+        )
+
+    def kl_divergence(self, W: Tensor, std: float | None = None) -> Tensor:
+        """KL(q(W) || N(0, I)) with q(W) = N(W, s^2 I) per episode, s = std or addressing_noise_std; mean over episodes.
+
+        Per episode: 0.5 * sum_k (s^2 + W_k^2 - 1 - log s^2) >= 0; 0 exactly when W = 0 and s = 1.  Note the
+        constant 0.5 K (s^2 - 1 - log s^2) (about 924 at K = 512, s = 0.1): no gradient, but it shows in logs."""
+        s = self.addressing_noise_std if std is None else std
+        if s <= 0.0:
+            raise ValueError(f"kl_divergence needs a positive std for q(W), got {s}")
+        if W.shape[-1] != self.memory_size:
+            raise ValueError(f"W must have shape (..., {self.memory_size}), got {tuple(W.shape)}")
+        var = s * s
+        Wf = W.reshape(-1, self.memory_size).float()  # (N, K)
+        per_episode = 0.5 * (Wf.square() + (var - 1.0 - math.log(var))).sum(-1)  # (N,)
+        return per_episode.mean()
+
+    @torch.no_grad()
+    def diagnostics(self, state: MemoryState, W: Tensor | None = None) -> dict[str, Tensor | float | list]:
+        """Memory health: slot usage (share of addressing mass, (K,), from W if given else from the state's writes),
+        age (K,), active-slot percentage (share >= 10% of uniform), mean pairwise cosine between slots (signed and
+        absolute), top-5 slots by usage, number of episodes held and Frobenius norm of the memory."""
+        self._check_state(state)
+        K = self.memory_size
+        mass = W.detach().reshape(-1, K).abs().sum(0).float() if W is not None else state.usage.detach().float()  # (K,)
+        total = mass.sum()
+        share = mass / total if bool(total > 0) else torch.zeros_like(mass)  # (K,)
+        active_pct = 100.0 * float((share >= 0.1 / K).float().mean())
+        M = state.memory.detach().float()  # (K, C)
+        Mn = M / M.norm(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+        cos = Mn @ Mn.mT  # (K, K)
+        off = cos.sum() - cos.diagonal().sum()
+        off_abs = cos.abs().sum() - cos.diagonal().abs().sum()
+        pairs = K * (K - 1)
+        return {
+            "usage": share,
+            "age": state.age.detach().clone(),
+            "active_pct": active_pct,
+            "mean_slot_cosine": float(off / pairs) if pairs else 0.0,
+            "mean_abs_slot_cosine": float(off_abs / pairs) if pairs else 0.0,
+            "top5_slots": share.topk(min(5, K)).indices.tolist(),
+            "num_episodes": float(state.num_episodes),
+            "memory_norm": float(M.norm()),
+        }
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# persistent store for inference
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class EpisodicStore:
+    """A persistent episodic store for inference around a (frozen) EpisodicMemory and its own MemoryState.
+
+    Episodes are written one at a time with key-value addressing W = key M0^+ (value defaults to the key), so that
+    read(query) returns the stored value of a stored key exactly while len(self) <= min(K, C).  When a write would
+    exceed `capacity`, the least-recently-used episode (last read, or written if never read) is forgotten first with
+    the exact alpha = -1 update, so the memory is always the least-squares solution over the episodes held.  The store
+    keeps each episode's key, value and addressing so that forgetting subtracts exactly what was added.  If the prior
+    changes (more training), rebuild the store: the addressing of the held episodes refers to the old prior.
+    """
+
+    def __init__(self, memory: EpisodicMemory, capacity: int | None = None, device: torch.device | str | None = None):
+        self.memory = memory
+        # default min(K, C): the largest number of episodes that is still recalled exactly (K for K <= C)
+        self.capacity = min(memory.memory_size, memory.episode_dim) if capacity is None else int(capacity)
+        if self.capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {self.capacity}")
+        self.device = torch.device(device) if device is not None else memory.prior.device
+        self._state = memory.empty_state().to(self.device)
+        self._stale = False  # statistics changed since the memory matrix was last solved
+        self._keys: dict[int, Tensor] = {}  # id -> (C,)
+        self._values: dict[int, Tensor] = {}  # id -> (C,)
+        self._addresses: dict[int, Tensor] = {}  # id -> (K,) work dtype, exactly what was added to the statistics
+        self._last_used: dict[int, int] = {}  # id -> clock of the last read (or of the write)
+        self._written_at: dict[int, int] = {}
+        self._clock = 0
+        self._next_id = 0
+
+    # ---------------------------------------------------------------------------------------------------- access
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    @property
+    def episode_ids(self) -> list[int]:
+        return list(self._keys)
+
+    @property
+    def state(self) -> MemoryState:
+        """The MemoryState over the held episodes (solved lazily: writes and evictions only add statistics)."""
+        if self._stale:
+            self._state = self.memory.solve(self._state)
+            self._stale = False
+        return self._state
+
+    def _vector(self, x: Tensor, name: str) -> Tensor:
+        C = self.memory.episode_dim
+        if x.dim() != 1 or x.shape[0] != C:
+            raise ValueError(f"{name} must have shape ({C},), got {tuple(x.shape)}")
+        return x.detach().to(device=self.device, dtype=torch.float32)
+
+    def _address(self, keys: Tensor) -> Tensor:
+        wd = self._state.precision.dtype
+        with torch.no_grad(), _no_autocast(self.device):
+            W = self.memory._address_work(keys.to(device=self.device, dtype=wd))  # (N, K)
+            return self.memory._stats_addressing(W, torch.float32)
+
+    # ---------------------------------------------------------------------------------------------------- editing
+
+    def write(self, key: Tensor, value: Tensor | None = None) -> int:
+        """Store one episode: key (C,), value (C,) or None (= key).  Returns its id.  Evicts the LRU episode if full."""
+        k = self._vector(key, "key")
+        v = k.clone() if value is None else self._vector(value, "value")
+        while len(self) >= self.capacity:
+            lru = min(self._keys, key=lambda i: (self._last_used[i], self._written_at[i]))
+            self.forget(lru)
+        w = self._address(k[None])  # (1, K)
+        self._state = self.memory.accumulate(self._state, v[None], alpha=1.0, W=w)
+        self._stale = True
+        self._clock += 1
+        eid = self._next_id
+        self._next_id += 1
+        self._keys[eid], self._values[eid], self._addresses[eid] = k, v, w[0]
+        self._last_used[eid] = self._written_at[eid] = self._clock
+        return eid
+
+    def forget(self, episode_id: int) -> None:
+        """Exact forgetting (alpha = -1 with the episode's own addressing): the others are recalled as before."""
+        if episode_id not in self._keys:
+            raise KeyError(f"no episode {episode_id} in the store (held: {self.episode_ids})")
+        w = self._addresses[episode_id][None]  # (1, K)
+        self._state = self.memory.accumulate(self._state, self._values[episode_id][None], alpha=-1.0, W=w)
+        self._stale = True
+        for table in (self._keys, self._values, self._addresses, self._last_used, self._written_at):
+            del table[episode_id]
+
+    def nearest(self, query: Tensor) -> list[int]:
+        """Id of the held episode whose addressing best matches (cosine) each query; does not count as a read."""
+        if len(self) == 0:
+            return []
+        q = query.reshape(-1, self.memory.episode_dim)
+        wq = self._address(q)  # (Nq, K)
+        ids = self.episode_ids
+        stored = torch.stack([self._addresses[i] for i in ids])  # (E, K)
+        sim = torch.nn.functional.normalize(wq, dim=-1) @ torch.nn.functional.normalize(stored, dim=-1).mT  # (Nq, E)
+        return [ids[j] for j in sim.argmax(dim=-1).tolist()]
+
+    @torch.no_grad()
+    def read(self, query: Tensor) -> Tensor:
+        """Deterministic key-value read of query (Nq, C) or (C,), same shape/dtype out; marks the best-matching
+        held episode of each query as used (LRU).  An empty store reads from the prior (query M0^+ M0)."""
+        q = query.reshape(-1, self.memory.episode_dim)  # (Nq, C)
+        state = self.state
+        M = state.memory.to(device=self.device, dtype=state.precision.dtype)  # (K, C)
+        out = self._address(q) @ M  # (Nq, C) noise-free whatever the module's mode
+        self._clock += 1
+        for eid in self.nearest(q):
+            self._last_used[eid] = self._clock
+        return out.to(query.dtype).reshape(query.shape)
+
+    # ---------------------------------------------------------------------------------------------------- checkpoint
+
+    def state_dict(self) -> dict[str, Tensor]:
+        ids = self.episode_ids
+        C, K = self.memory.episode_dim, self.memory.memory_size
+        wd = self._state.precision.dtype
+
+        def stack(table: dict[int, Tensor], shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+            return torch.stack([table[i] for i in ids]) if ids else torch.zeros(shape, dtype=dtype, device=self.device)
+
+        d = {f"state.{k}": v for k, v in self.state.state_dict().items()}
+        d.update(
+            episode_ids=torch.tensor(ids, dtype=torch.int64),
+            keys=stack(self._keys, (0, C), torch.float32),
+            values=stack(self._values, (0, C), torch.float32),
+            addresses=stack(self._addresses, (0, K), wd),
+            last_used=torch.tensor([self._last_used[i] for i in ids], dtype=torch.int64),
+            written_at=torch.tensor([self._written_at[i] for i in ids], dtype=torch.int64),
+            clock=torch.tensor(self._clock, dtype=torch.int64),
+            next_id=torch.tensor(self._next_id, dtype=torch.int64),
+            capacity=torch.tensor(self.capacity, dtype=torch.int64),
+        )
+        return d
+
+    def load_state_dict(self, d: dict[str, Tensor]) -> None:
+        state = MemoryState.from_state_dict({k[len("state.") :]: v for k, v in d.items() if k.startswith("state.")})
+        self.memory._check_state(state)
+        self._state = state.to(self.device)
+        self._stale = False
+        ids = [int(i) for i in d["episode_ids"].tolist()]
+        self._keys = {i: d["keys"][j].to(self.device) for j, i in enumerate(ids)}
+        self._values = {i: d["values"][j].to(self.device) for j, i in enumerate(ids)}
+        self._addresses = {i: d["addresses"][j].to(self.device) for j, i in enumerate(ids)}
+        self._last_used = {i: int(d["last_used"][j]) for j, i in enumerate(ids)}
+        self._written_at = {i: int(d["written_at"][j]) for j, i in enumerate(ids)}
+        self._clock = int(d["clock"])
+        self._next_id = int(d["next_id"])
+        self.capacity = int(d["capacity"])
