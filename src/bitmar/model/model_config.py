@@ -28,6 +28,7 @@ class ModelConfig:
     hidden_size: int = 768  # C: width of every transformer stream
     max_seq_len: int = 128  # text tokens (prefix tokens come on top)
     mlp_ratio: float = 4.0
+    gqa_group_size: int = 4  # query heads per key/value head (grouped-query attention, as BitNet b1.58 2B4T); 1 = MHA
     dropout: float = 0.0
     text_latent_size: int = 768  # pooled text latent z_t
     vision_encoder_dim: int = 768  # width of the DINOv2 input features

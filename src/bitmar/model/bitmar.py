@@ -1,0 +1,338 @@
+"""BitMar: BitNet b1.58 vision-language model with a Larimar episodic memory.
+
+Data flow (DESIGN.md §1):
+    text ids -> shared embedding -> bidirectional text encoder -> text tokens, z_t
+    DINOv2 features -> quantized vision encoder -> vision tokens, z_v
+    text tokens x vision tokens -> cross-modal fusion -> z_m (the episode value written to memory)
+    z_v -> key projection -> episode key; memory.read_kv(key) -> readout z_r
+    [readout tokens, vision tokens] + text embeddings -> causal decoder -> next-token logits
+
+The decoder never reads the bidirectional encoder's token states (that would leak the future, DESIGN.md §3).
+Losses live with the trainer; the model returns logits, latents, memory weights and attention maps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from bitmar.bitnet import BitLinear, quantization_stats
+from bitmar.memory import EpisodicMemory, MemoryState
+from bitmar.model.decoder import TextDecoder, decoder_layout
+from bitmar.model.fusion import CrossModalFusion
+from bitmar.model.generation import generate_tokens
+from bitmar.model.layers import init_weights, scale_residual_projections
+from bitmar.model.model_config import ModelConfig
+from bitmar.model.text_encoder import TextEncoder
+from bitmar.model.vision_encoder import VisionEncoder
+
+ATTENTION_TYPES = ("encoder", "decoder", "cross_modal", "vision")
+
+
+@dataclass
+class BitMarOutput:
+    """What `BitMar.forward` returns. `logits[:, t]` predicts `input_ids[:, t + 1]`."""
+
+    logits: Tensor  # (B, T, V), text positions only
+    text_latent: Tensor | None = None  # (B, Lt)
+    vision_latent: Tensor | None = None  # (B, Lv)
+    multimodal_latent: Tensor | None = None  # (B, E), needs text + vision
+    memory_readout: Tensor | None = None  # (B, E)
+    memory_weights: Tensor | None = None  # (B, K) addressing weights of the read
+    attentions: dict[str, list[Tensor]] | None = None  # per type, per layer (B, H, Tq, Tk)
+    prefix_length: int = 0  # decoder positions before the text (readout tokens + vision tokens)
+    memory_diagnostics: dict[str, Any] | None = None
+
+
+class BitMar(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        c = config.hidden_size
+        q = config.quantize
+        self.embed_tokens = nn.Embedding(config.vocab_size, c)  # full precision, shared by encoder and decoder
+        self.text_encoder = TextEncoder(config)
+        self.decoder = TextDecoder(config)
+        self.lm_head = None if config.tie_embeddings else nn.Linear(c, config.vocab_size, bias=False)
+        self.vision_encoder = VisionEncoder(config) if config.use_vision else None
+        self.fusion = CrossModalFusion(config) if config.use_vision else None
+        self.memory: EpisodicMemory | None = None
+        self.memory_key_proj: BitLinear | None = None  # z_v -> episode key
+        self.text_key_proj: BitLinear | None = None  # z_t -> key, when z_v's projection cannot be shared
+        self.text_value_proj: BitLinear | None = None  # z_t -> episode value, text-only models
+        if config.use_memory:
+            self.memory = EpisodicMemory(
+                config.memory_size, config.episode_dim, addressing_noise_std=config.addressing_noise_std
+            )
+            if config.use_vision:
+                self.memory_key_proj = BitLinear(config.vision_latent_size, config.episode_dim, quantize=q)
+            if not config.use_vision or config.text_latent_size != config.vision_latent_size:
+                self.text_key_proj = BitLinear(config.text_latent_size, config.episode_dim, quantize=q)
+            if not config.use_vision:
+                self.text_value_proj = BitLinear(config.text_latent_size, config.episode_dim, quantize=q)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        # The memory initialises its own parameters (its prior is not an N(0, 0.02) matrix).
+        for name, child in self.named_children():
+            if name != "memory":
+                child.apply(init_weights)
+        for stack in (self.text_encoder, self.decoder, self.vision_encoder, self.fusion):
+            if stack is not None:
+                scale_residual_projections(stack.blocks)
+        if self.vision_encoder is not None:
+            nn.init.normal_(self.vision_encoder.token_pos, mean=0.0, std=0.02)
+
+    # ------------------------------------------------------------------ components
+
+    def encode_text(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """-> text tokens (B, T, C), text latent z_t (B, Lt)."""
+        self._check_text(input_ids, attention_mask)
+        tokens, latent, _ = self.text_encoder(self.embed_tokens(input_ids), attention_mask)
+        return tokens, latent
+
+    def encode_vision(self, vision_features: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, D) or (B, P, D) DINOv2 features -> vision tokens (B, N, C), vision latent z_v (B, Lv)."""
+        tokens, latent, _ = self._vision()(vision_features)
+        return tokens, latent
+
+    def episode_latent(
+        self, input_ids: Tensor, attention_mask: Tensor | None = None, vision_features: Tensor | None = None
+    ) -> Tensor:
+        """The episode VALUE written to memory: z_m (B, E) of text + picture (text-only models: projected z_t)."""
+        text_tokens, text_latent = self.encode_text(input_ids, attention_mask)
+        if self.fusion is None:
+            return self._memory_part(self.text_value_proj)(text_latent)
+        if vision_features is None:
+            raise ValueError("episode_latent needs vision_features: the episode value z_m fuses caption and picture")
+        vision_tokens, _ = self.encode_vision(vision_features)
+        _, z_m, _ = self.fusion(text_tokens, attention_mask, vision_tokens)
+        return z_m
+
+    def memory_key(self, vision_features: Tensor) -> Tensor:
+        """The episode KEY (B, E) from the picture alone, so a picture recalls its episode."""
+        _, vision_latent = self.encode_vision(vision_features)
+        return self._memory_part(self.memory_key_proj)(vision_latent)
+
+    def text_memory_key(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """A key (B, E) from text (a prompt / question): the vision key projection applied to z_t when the latent
+        sizes match (contrastive training aligns z_t with z_v), else a separate text projection."""
+        _, text_latent = self.encode_text(input_ids, attention_mask)
+        return self._text_key(text_latent)
+
+    def read_memory(
+        self, memory_state: MemoryState, vision_features: Tensor | None = None, key: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """-> readout (B, E), addressing weights (B, K). The key is given, or computed from vision features."""
+        memory = self._memory_part(self.memory)
+        if key is None:
+            if vision_features is None:
+                raise ValueError("read_memory needs vision_features or an explicit key (e.g. text_memory_key(...))")
+            key = self.memory_key(vision_features)
+        return memory.read_kv(key, memory_state)
+
+    def write_memory(self, keys: Tensor, values: Tensor) -> MemoryState:
+        """One-shot key-value write of N episodes: keys (N, E), values (N, E) -> a new MemoryState."""
+        return self._memory_part(self.memory).write_kv(keys, values)
+
+    def lm_logits(self, hidden: Tensor) -> Tensor:  # (B, T, C) -> (B, T, V)
+        if self.lm_head is not None:
+            return self.lm_head(hidden)
+        return F.linear(hidden, self.embed_tokens.weight)
+
+    def decoder_prefix(
+        self, vision_tokens: Tensor | None, memory_readout: Tensor | None
+    ) -> Tensor | None:  # -> (B, P, C), P = r * [readout] + N * [vision]
+        parts = []
+        if memory_readout is not None:
+            parts.append(self.decoder.memory_prefix(memory_readout))
+        if vision_tokens is not None:
+            parts.append(vision_tokens)
+        if not parts:
+            return None
+        return torch.cat([p.to(parts[0].dtype) for p in parts], dim=1)
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(
+        self,
+        input_ids: Tensor,  # (B, T), right padding
+        attention_mask: Tensor | None = None,  # (B, T), 1 = real token
+        vision_features: Tensor | None = None,  # (B, D) or (B, P, D)
+        memory_state: MemoryState | None = None,
+        memory_readout: Tensor | None = None,  # (B, E), overrides reading memory_state
+        output_attentions: bool = False,
+        return_latents: bool = True,
+        return_memory_diagnostics: bool = False,
+    ) -> BitMarOutput:
+        """One pass over all paths that the inputs enable.
+
+        memory_state without memory_readout reads the memory with the vision key; without vision features the key
+        comes from the text latent, which the bidirectional encoder computes from the WHOLE input text: every
+        position is then conditioned on later text through the readout. Use that path for a given prompt only
+        (or compute the readout from the prompt and pass `memory_readout`), never for next-token training.
+        `return_latents=False` skips the encoder and fusion when nothing needs them (plain LM scoring).
+        """
+        self._check_text(input_ids, attention_mask)
+        if memory_readout is not None or memory_state is not None:
+            self._memory_part(self.memory)
+        need_weights = output_attentions
+        attentions = {name: [] for name in ATTENTION_TYPES} if output_attentions else None
+        embeds = self.embed_tokens(input_ids)  # (B, T, C)
+
+        vision_tokens = vision_latent = None
+        if vision_features is not None:
+            vision_tokens, vision_latent, att = self._vision()(vision_features, need_weights)
+            if attentions is not None:
+                attentions["vision"] = att
+            if vision_tokens.shape[0] != input_ids.shape[0]:
+                raise ValueError(
+                    f"vision_features has batch size {vision_tokens.shape[0]} but input_ids has {input_ids.shape[0]}"
+                )
+
+        reads_text_key = memory_state is not None and memory_readout is None and vision_features is None
+        text_tokens = text_latent = multimodal_latent = None
+        if return_latents or reads_text_key:
+            text_tokens, text_latent, att = self.text_encoder(embeds, attention_mask, need_weights)
+            if attentions is not None:
+                attentions["encoder"] = att
+        if return_latents and vision_tokens is not None:
+            _, multimodal_latent, att = self.fusion(text_tokens, attention_mask, vision_tokens, need_weights)
+            if attentions is not None:
+                attentions["cross_modal"] = att
+
+        memory_weights = diagnostics = None
+        if memory_readout is None and memory_state is not None:
+            if vision_latent is not None:
+                key = self.memory_key_proj(vision_latent)
+            else:
+                key = self._text_key(text_latent)
+            memory_readout, memory_weights = self.memory.read_kv(key, memory_state)
+            if return_memory_diagnostics:
+                diagnostics = self.memory.diagnostics(memory_state, memory_weights)
+        if memory_readout is not None and memory_readout.shape != (input_ids.shape[0], self.config.episode_dim):
+            raise ValueError(
+                f"memory_readout must have shape (batch, episode_dim) = ({input_ids.shape[0]}, "
+                f"{self.config.episode_dim}), got {tuple(memory_readout.shape)}"
+            )
+
+        prefix = self.decoder_prefix(vision_tokens, memory_readout)
+        prefix_length = 0 if prefix is None else prefix.shape[1]
+        key_mask = positions = None
+        if attention_mask is not None:
+            key_mask, positions = decoder_layout(attention_mask, prefix_length)
+        hidden, att = self.decoder(embeds, prefix, key_mask, positions, need_weights=need_weights)
+        if attentions is not None:
+            attentions["decoder"] = att
+        return BitMarOutput(
+            logits=self.lm_logits(hidden),
+            text_latent=text_latent if return_latents else None,
+            vision_latent=vision_latent,
+            multimodal_latent=multimodal_latent,
+            memory_readout=memory_readout,
+            memory_weights=memory_weights,
+            attentions=attentions,
+            prefix_length=prefix_length,
+            memory_diagnostics=diagnostics,
+        )
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        vision_features: Tensor | None = None,
+        memory_state: MemoryState | None = None,
+        memory_readout: Tensor | None = None,
+        max_new_tokens: int = 32,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_token_id: int | None = None,
+        pad_token_id: int | None = None,
+        bos_token_id: int | None = None,
+        use_cache: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Generated token ids (B, steps) after the prompt; see `bitmar.model.generation.generate_tokens`."""
+        return generate_tokens(
+            self,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            vision_features=vision_features,
+            memory_state=memory_state,
+            memory_readout=memory_readout,
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+            bos_token_id=bos_token_id,
+            use_cache=use_cache,
+            generator=generator,
+        )
+
+    # ------------------------------------------------------------------ analysis
+
+    def attention_modules(self) -> dict[str, list[nn.Module]]:
+        """Attention modules per type, in layer order; each has `head_gates` (H,) and `num_heads`."""
+        stacks = {
+            "encoder": self.text_encoder.blocks,
+            "decoder": self.decoder.blocks,
+            "cross_modal": self.fusion.blocks if self.fusion is not None else [],
+            "vision": self.vision_encoder.blocks if self.vision_encoder is not None else [],
+        }
+        return {name: [block.attn for block in blocks] for name, blocks in stacks.items()}
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        """Distinct parameters (the tied embedding / LM head counts once)."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    def quantization_report(self) -> dict[str, Any]:
+        """Ternary statistics of every quantized layer (`bitmar.bitnet.quantization_stats`): per-layer zero fraction and
+        scale, ternary_fraction of all parameters, compression_ratio of the 2-bit packing."""
+        return quantization_stats(self)
+
+    def parameter_breakdown(self) -> dict[str, int]:
+        """Parameters per top-level component."""
+        return {name: sum(p.numel() for p in child.parameters()) for name, child in self.named_children()}
+
+    # ------------------------------------------------------------------ helpers
+
+    def _vision(self) -> VisionEncoder:
+        if self.vision_encoder is None:
+            raise ValueError("this model was built with model.use_vision=false: it takes no vision_features")
+        return self.vision_encoder
+
+    def _memory_part(self, part: Any) -> Any:
+        if part is None:
+            raise ValueError("this model was built with model.use_memory=false: it has no episodic memory")
+        return part
+
+    def _text_key(self, text_latent: Tensor) -> Tensor:
+        proj = self.text_key_proj if self.text_key_proj is not None else self.memory_key_proj
+        return self._memory_part(proj)(text_latent)
+
+    def _check_text(self, input_ids: Tensor, attention_mask: Tensor | None) -> None:
+        if input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int, torch.int32):
+            raise ValueError(
+                f"input_ids must be an integer tensor (batch, seq), got {input_ids.dtype} {tuple(input_ids.shape)}"
+            )
+        if attention_mask is not None and attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"attention_mask shape {tuple(attention_mask.shape)} differs from input_ids {tuple(input_ids.shape)}"
+            )
+        if input_ids.numel():
+            low, high = torch.stack([input_ids.min(), input_ids.max()]).tolist()  # one host sync
+            if low < 0 or high >= self.config.vocab_size:
+                raise ValueError(
+                    f"token ids must lie in [0, {self.config.vocab_size}) (model.vocab_size), got range "
+                    f"[{low}, {high}]: the tokenizer and the model config disagree"
+                )
