@@ -60,7 +60,7 @@ class TrainingObjective(nn.Module):
                 ids, mask, self.cfg.training.mlm_probability, self.mask_token_id, self.special_token_ids
             )
             tokens, _ = self.model.encode_text(masked, mask)  # (B, T, C)
-            logits = self.model.lm_head(tokens[chosen])  # (M, V)
+            logits = self.model.lm_logits(tokens[chosen])  # (M, V)
             if logits.numel() > 0:
                 loss_mlm = nn.functional.cross_entropy(logits.float(), ids[chosen])
             else:  # nothing masked in this batch: keep the graph connected, contribute zero
@@ -84,18 +84,20 @@ class TrainingObjective(nn.Module):
             "Contrastive_accuracy": accuracy,
         }
         if phase >= 3 and self.cfg.model.use_memory:
-            memory_total, memory_metrics = self._memory_losses(ids, mask, features, out.multimodal_latent)
+            memory_total, memory_metrics = self._memory_losses(
+                ids, mask, features, out.vision_latent, out.multimodal_latent
+            )
             total = total + memory_total
             metrics.update(memory_metrics)
         return total, metrics
 
     def _memory_losses(
-        self, ids: Tensor, mask: Tensor, features: Tensor, episodes: Tensor
+        self, ids: Tensor, mask: Tensor, features: Tensor, vision_latent: Tensor, episodes: Tensor
     ) -> tuple[Tensor, dict[str, Tensor]]:
         w = self.cfg.training.loss_weights
         n = min(ids.size(0), self.cfg.training.memory_episodes_per_write)
         ids, mask, features, values = ids[:n], mask[:n], features[:n], episodes[:n]  # values: (N, E)
-        keys = self.model.memory_key(features)  # (N, E) from the image alone
+        keys = self.model.memory_key_proj(vision_latent[:n])  # (N, E) from the image alone (= memory_key(features))
         state = self.model.write_memory(keys, values)
         noise_scale = self.cfg.training.memory_query_noise * features.detach().float().std()
         query_features = features + noise_scale * torch.randn_like(features)

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from bitmar.bitnet import BitLinear, quantization_stats
 from bitmar.config import BitMarConfig, config_from_dict, config_to_dict, save_config
+from bitmar.data.datasets import collate_captions, collate_text
 from bitmar.memory import EpisodicStore
 from bitmar.model import BitMar
 from bitmar.training import plots
@@ -193,7 +194,6 @@ class Trainer:
         return None
 
     def _planned_steps(self) -> int:
-        accum = self.cfg.training.gradient_accumulation_steps
         return max(1, sum(self._steps_in_epoch(phase) * epochs for phase, epochs in self.phase_epochs.items()))
 
     def _batches_in_epoch(self, phase: int) -> int:
@@ -223,7 +223,6 @@ class Trainer:
             log.info("--resume auto: no checkpoint in %s/checkpoints yet, starting a new run", self.output_dir)
             return None
         payload = load_checkpoint(path, map_location=self.device)
-        saved_vocab = payload["model"]["decoder.token_embedding.weight"].shape[0] if False else None  # noqa: F841
         self.model.load_state_dict(payload["model"])
         self.optimizer.load_state_dict(payload["optimizer"])
         self.schedule.load_state_dict(payload["schedule"])
@@ -460,8 +459,14 @@ class Trainer:
             raise TrainingInterrupted(0)
 
     # ------------------------------------------------------------------------------------- diagnostics
-    def _analysis_batch(self, phase: int) -> dict[str, Any]:
-        return self._to_device(self.data.analysis_batch(phase, size=8))
+    def _analysis_batch(self, phase: int, size: int = 8) -> dict[str, Any]:
+        """A fixed batch from the validation split (no RNG drawn): text for phase 1, captions later."""
+        if phase >= 2 and self.data.caption_val is not None and len(self.data.caption_val) > 0:
+            items = self.data.caption_val.__getitems__(list(range(min(size, len(self.data.caption_val)))))
+            batch = collate_captions(items, self.data.pad_id)
+        else:
+            batch = collate_text([self.data.text_val[i] for i in range(min(size, len(self.data.text_val)))])
+        return self._to_device(batch)
 
     @torch.no_grad()
     def _diagnostic_metrics(self, phase: int, last_metrics: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -480,13 +485,14 @@ class Trainer:
         if wb.log_memory and self.cfg.model.use_memory and len(self.store) > 0:
             diag = self.model.memory.diagnostics(self.store.state)
             metrics["Memory/Usage_Mean"] = float(diag["usage"].float().mean())
-            metrics["Memory/Active_Slots_Percentage"] = float(diag["active_slots_percentage"])
-            metrics["Memory/Analysis_Avg_Similarity"] = float(diag["mean_slot_similarity"])
+            metrics["Memory/Active_Slots_Percentage"] = float(diag["active_pct"])
+            metrics["Memory/Analysis_Avg_Similarity"] = float(diag["mean_slot_cosine"])
+            metrics["Memory/Memory_Norm"] = float(diag["memory_norm"])
             metrics["Memory/Episodes_Stored"] = len(self.store)
             for rank, slot in enumerate(list(diag["top5_slots"])[:5], start=1):
                 metrics[f"Memory/Top_5_Slot_Access_{rank}"] = int(slot)
         if (wb.log_features or wb.log_attention) and self.cfg.model.use_vision:
-            batch = self._to_device(self.data.analysis_batch(max(phase, 2), size=16))
+            batch = self._analysis_batch(max(phase, 2), size=16)
             self.model.eval()
             out = self.model(
                 batch["input_ids"],
@@ -514,7 +520,8 @@ class Trainer:
         self.model.eval()
         limit = self.cfg.training.validation_batches
         text_nll = text_count = 0.0
-        for i, batch in enumerate(self.data.validation_loader("text")):
+        loaders = self.data.validation_loaders()
+        for i, batch in enumerate(loaders["text"] or []):
             if limit is not None and i >= limit:
                 break
             batch = self._to_device(batch)
@@ -526,7 +533,7 @@ class Trainer:
         sums: dict[str, float] = defaultdict(float)
         caption_count = 0.0
         retrieval_hits = retrieval_total = 0.0
-        for i, batch in enumerate(self.data.validation_loader("caption")):
+        for i, batch in enumerate(loaders["caption"] or []):
             if limit is not None and i >= limit:
                 break
             batch = self._to_device(batch)
@@ -623,7 +630,7 @@ class Trainer:
                 plots.safe_plot(plots.plot_quantization, latent, plot_dir / f"quantization_step_{step}.png", step)
             )
         if wb.plot_attention_heatmaps and self.cfg.model.use_vision:
-            batch = self._to_device(self.data.analysis_batch(max(phase, 2), size=2))
+            batch = self._analysis_batch(max(phase, 2), size=2)
             with torch.no_grad():
                 self.model.eval()
                 out = self.model(
