@@ -29,7 +29,7 @@ def _save(fig: Any, path: Path) -> Path:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
     os.close(fd)
     try:
-        fig.savefig(tmp, dpi=90, bbox_inches="tight")
+        fig.savefig(tmp, dpi=90)
         os.replace(tmp, path)
     finally:
         plt.close(fig)
@@ -57,7 +57,7 @@ def _slot_grid(values: np.ndarray) -> np.ndarray:
 
 def plot_memory_slots(usage: np.ndarray, age: np.ndarray, path: Path, step: int) -> Path:
     """Two heatmaps: addressing mass per slot and steps since a slot was last written."""
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), layout="constrained")
     for ax, values, title, label in (
         (axes[0], np.asarray(usage, dtype=np.float64), "Memory slot usage (addressing mass)", "usage"),
         (axes[1], np.asarray(age, dtype=np.float64), "Memory slot age (steps since write)", "age"),
@@ -74,7 +74,7 @@ def plot_memory_slots(usage: np.ndarray, age: np.ndarray, path: Path, step: int)
 def plot_quantization(latent_weights: dict[str, np.ndarray], path: Path, step: int) -> Path:
     """Histogram of W / gamma for each ternary layer, with the rounding thresholds at +-0.5."""
     names = list(latent_weights)[:6]
-    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(names), figsize=(3.4 * len(names), 3.6), squeeze=False, layout="constrained")
     for ax, name in zip(axes[0], names, strict=True):
         scaled = np.asarray(latent_weights[name], dtype=np.float64).ravel()
         ax.hist(np.clip(scaled, -3, 3), bins=60, color="tab:blue")
@@ -93,7 +93,7 @@ def plot_attention_heatmap(weights: np.ndarray, path: Path, title: str, max_head
     """weights: (H, Tq, Tk) attention of one example; one panel per head."""
     weights = np.asarray(weights, dtype=np.float64)
     heads = min(weights.shape[0], max_heads)
-    fig, axes = plt.subplots(1, heads, figsize=(2.8 * heads, 2.8), squeeze=False)
+    fig, axes = plt.subplots(1, heads, figsize=(2.8 * heads, 3.0), squeeze=False, layout="constrained")
     for h in range(heads):
         ax = axes[0][h]
         image = ax.imshow(weights[h], aspect="auto", cmap="magma", vmin=0.0)
@@ -114,7 +114,7 @@ def read_metrics(metrics_path: Path) -> list[dict[str, Any]]:
 
 def plot_curves(records: Sequence[dict[str, Any]], keys: Sequence[str], path: Path, title: str, ylabel: str) -> Path:
     """Line plot of metric `keys` against the optimizer step (e.g. losses or gradient norms)."""
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(7, 4), layout="constrained")
     drawn = 0
     for key in keys:
         points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]

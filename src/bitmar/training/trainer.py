@@ -687,6 +687,8 @@ class Trainer:
             summary["grounding_gain"] = summary["caption_loss_shuffled_image"] - summary["caption_loss_true_image"]
         if "Validation/Memory_Recall_Loss" in final:
             summary["memory_recall_loss"] = final["Validation/Memory_Recall_Loss"]
+        if self.dist.distributed:
+            summary["ranks_agree"] = self._ranks_agree()
         stats = quantization_stats(self.model)
         summary["ternary_fraction"] = stats["ternary_fraction"]
         summary["compression_ratio"] = stats["compression_ratio"]
@@ -698,6 +700,25 @@ class Trainer:
             path = self.output_dir / "summary.json"
             path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
         return summary
+
+
+    def _ranks_agree(self) -> bool:
+        """DDP keeps replicas identical; verify it (parameters and the persistent memory) before saving."""
+        with torch.no_grad():
+            vector = torch.cat([p.detach().float().flatten() for p in self.model.parameters()])
+            if len(self.store) > 0:
+                vector = torch.cat([vector, self.store.state.memory.detach().float().flatten()])
+            checksum = torch.stack([vector.sum(), (vector * torch.arange(vector.numel(), device=vector.device)).sum()])
+            reference = checksum.clone()
+            broadcast_tensors([reference], self.dist)
+            agree = torch.tensor(float(torch.allclose(checksum, reference, rtol=1e-6, atol=0)), device=self.device)
+            agree = all_reduce_mean(agree, self.dist)
+        ok = bool(agree.item() == 1.0)
+        if ok:
+            log.info("parameters and memory identical on %d ranks", self.dist.world_size)
+        else:
+            log.error("parameters differ between ranks: DDP synchronisation failed")
+        return ok
 
 
 def attention_entropy_metrics(attentions: dict[str, list[torch.Tensor]]) -> dict[str, float]:

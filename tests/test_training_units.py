@@ -1,0 +1,173 @@
+"""Unit tests of the training infrastructure: schedule, phase budget, checkpoints, losses, logger, plots."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from bitmar.config import load_config
+from bitmar.training import plots
+from bitmar.training.checkpoint import (
+    CheckpointError,
+    capture_rng_state,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
+from bitmar.training.losses import contrastive_loss, lm_loss, sequence_log_probs, token_nll
+from bitmar.training.objective import mask_tokens
+from bitmar.training.run_logger import RunLogger, resolve_wandb_mode
+from bitmar.training.schedule import TwoStageSchedule
+from bitmar.training.trainer import effective_phase_epochs
+
+
+def _optimizer() -> torch.optim.Optimizer:
+    w = torch.nn.Parameter(torch.zeros(2, 2))
+    b = torch.nn.Parameter(torch.zeros(2))
+    return torch.optim.AdamW(
+        [{"params": [w], "weight_decay": 0.1, "decay": True}, {"params": [b], "weight_decay": 0.0, "decay": False}]
+    )
+
+
+def test_two_stage_schedule_warms_up_drops_at_midpoint_and_turns_weight_decay_off() -> None:
+    opt = _optimizer()
+    sched = TwoStageSchedule(opt, total_steps=100, peak_lr=1e-3, warmup_steps=10, weight_decay=0.1, min_lr_ratio=0.1)
+    lrs, wds = [], []
+    for _ in range(100):
+        lrs.append(opt.param_groups[0]["lr"])
+        wds.append((opt.param_groups[0]["weight_decay"], opt.param_groups[1]["weight_decay"]))
+        sched.step()
+    assert lrs[0] == pytest.approx(1e-4)  # warm-up starts at peak / warmup_steps
+    assert max(lrs) == pytest.approx(1e-3)
+    assert all(a <= b + 1e-12 for a, b in zip(lrs[:10], lrs[1:11], strict=True))  # rising during warm-up
+    assert lrs[49] >= 0.5e-3 - 1e-9 and lrs[50] <= 0.1e-3 + 1e-12  # the drop at the midpoint
+    assert lrs[50] < lrs[49] / 4
+    assert wds[49] == (0.1, 0.0) and wds[50] == (0.0, 0.0)  # decay group 0.1 -> 0; no-decay group never decays
+    assert all(lr > 0 for lr in lrs)
+
+
+def test_schedule_state_round_trip() -> None:
+    opt = _optimizer()
+    sched = TwoStageSchedule(opt, total_steps=50, peak_lr=1e-3, warmup_steps=5, weight_decay=0.1)
+    for _ in range(30):
+        sched.step()
+    other = TwoStageSchedule(_optimizer(), total_steps=50, peak_lr=1e-3, warmup_steps=5, weight_decay=0.1)
+    other.load_state_dict(sched.state_dict())
+    assert other.current_lr == sched.current_lr and other.step_count == 30
+
+
+@pytest.mark.parametrize(
+    ("budget", "expected"),
+    [(10, {1: 2, 2: 3, 3: 5}), (5, {1: 1, 2: 2, 3: 2}), (3, {1: 1, 2: 1, 3: 1}), (1, {1: 1})],
+)
+def test_phase_epochs_fit_the_budget(budget: int, expected: dict[int, int]) -> None:
+    cfg = load_config(None, [f"training.max_epochs={budget}"])
+    epochs = effective_phase_epochs(cfg)
+    assert sum(epochs.values()) <= budget
+    assert epochs == expected
+
+
+def test_phase_epochs_from_a_later_phase() -> None:
+    cfg = load_config(None)
+    assert effective_phase_epochs(cfg, start_phase=3) == {3: 5}
+
+
+def test_checkpoint_round_trip_and_rng_restore(tmp_path) -> None:
+    random.seed(1)
+    np.random.seed(2)
+    torch.manual_seed(3)
+    state = capture_rng_state()
+    expected = (random.random(), float(np.random.rand()), float(torch.rand(1)))
+    path = save_checkpoint(
+        {"model": {"w": torch.ones(3)}, "config": {}, "progress": {"global_step": 7}, "rng": state}, tmp_path / "c.pt"
+    )
+    payload = load_checkpoint(path)
+    assert torch.equal(payload["model"]["w"], torch.ones(3)) and payload["progress"]["global_step"] == 7
+    restore_rng_state(payload["rng"])
+    assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == expected
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]  # no temporary file left behind
+
+
+def test_checkpoint_errors_are_clear(tmp_path) -> None:
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.pt")
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError, match="truncated or not a BitMar checkpoint"):
+        load_checkpoint(corrupt)
+    other = tmp_path / "other.pt"
+    torch.save({"weights": torch.zeros(1)}, other)
+    with pytest.raises(CheckpointError, match="not a BitMar checkpoint"):
+        load_checkpoint(other)
+
+
+def test_lm_loss_ignores_padding_and_matches_cross_entropy() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 11)
+    ids = torch.randint(0, 11, (2, 5))
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    expected_terms = []
+    for b in range(2):
+        for t in range(4):
+            if mask[b, t + 1]:
+                expected_terms.append(torch.nn.functional.cross_entropy(logits[b, t][None], ids[b, t + 1][None]))
+    assert lm_loss(logits, ids, mask).item() == pytest.approx(torch.stack(expected_terms).mean().item(), rel=1e-6)
+    total, count = token_nll(logits, ids, mask)
+    assert int(count) == 6
+    assert sequence_log_probs(logits, ids, mask).sum().item() == pytest.approx(-total.item(), rel=1e-6)
+
+
+def test_contrastive_loss_prefers_aligned_pairs() -> None:
+    torch.manual_seed(0)
+    z = torch.randn(8, 16)
+    aligned, accuracy = contrastive_loss(z, z, 0.1)
+    shuffled, _ = contrastive_loss(z, z.roll(1, 0), 0.1)
+    assert aligned < shuffled and accuracy == 1.0
+
+
+def test_mask_tokens_never_masks_specials_or_padding() -> None:
+    torch.manual_seed(0)
+    ids = torch.tensor([[1, 5, 6, 7, 2, 0, 0]] * 64)
+    mask = (ids != 0).long()
+    masked, chosen = mask_tokens(ids, mask, 0.5, mask_id=3, special_ids=[0, 1, 2])
+    assert chosen.any()
+    assert not chosen[:, [0, 4, 5, 6]].any()
+    assert torch.equal(masked[chosen], torch.full_like(masked[chosen], 3))
+    assert torch.equal(masked[~chosen], ids[~chosen])
+
+
+def test_run_logger_writes_jsonl_and_survives_disabled_wandb(tmp_path) -> None:
+    logger = RunLogger(tmp_path, enabled=True, wandb_mode="disabled", project="p", entity=None, config={})
+    logger.log_metrics({"Training/Loss": torch.tensor(1.5), "Training/Bad": math.nan}, step=3)
+    logger.close()
+    record = json.loads((tmp_path / "logs" / "metrics.jsonl").read_text().strip())
+    assert record == {"step": 3, "Training/Loss": 1.5, "Training/Bad": "nan"}
+    silent = RunLogger(tmp_path / "rank1", enabled=False, wandb_mode="disabled", project="p", entity=None, config={})
+    silent.log_metrics({"x": 1}, step=1)
+    assert not (tmp_path / "rank1").exists()  # non-zero ranks write nothing
+
+
+def test_wandb_auto_mode_is_offline_without_credentials(monkeypatch, tmp_path) -> None:
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    assert resolve_wandb_mode("auto") == "offline"
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert resolve_wandb_mode("auto") == "online"
+    assert resolve_wandb_mode("disabled") == "disabled"
+
+
+def test_plots_are_written_for_any_slot_count_and_failures_only_warn(tmp_path, caplog) -> None:
+    for k in (1, 7, 64, 512):
+        path = plots.plot_memory_slots(np.random.rand(k), np.arange(k), tmp_path / f"mem_{k}.png", step=1)
+        assert path.is_file() and path.stat().st_size > 1000
+    assert plots.plot_quantization({"layer": np.random.randn(100)}, tmp_path / "q.png", step=1).is_file()
+    assert plots.plot_attention_heatmap(np.random.rand(2, 4, 4), tmp_path / "a.png", "t").is_file()
+    with caplog.at_level("WARNING", logger="bitmar"):
+        assert plots.safe_plot(plots.plot_curves, [], ["Training/Loss"], tmp_path / "c.png", "t", "y") is None
+    assert "could not be drawn" in caplog.text
+    assert not (tmp_path / "c.png").exists()
