@@ -423,6 +423,9 @@ class MixedBatchLoader:
             collate_fn=_KindCollate(self.pad_id),
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
+            # A private generator: creating the iterator would otherwise draw from the global torch RNG, and a
+            # resumed run (new iterator mid-epoch) would then diverge from the uninterrupted one.
+            generator=torch.Generator().manual_seed(self.seed * 1000 + self.epoch),
         )
         return iter(loader)
 
@@ -500,7 +503,13 @@ class BabyLMData:
                 loaders[name] = None
                 continue
             sampler = BatchSampler(_ShardSampler(len(dataset), self.rank, self.world_size), self.batch_size, False)
-            loaders[name] = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=self.num_workers)
+            loaders[name] = DataLoader(
+                dataset,
+                batch_sampler=sampler,
+                collate_fn=collate,
+                num_workers=self.num_workers,
+                generator=torch.Generator().manual_seed(self.seed),  # keep the global RNG untouched (exact resume)
+            )
         return loaders
 
     def summary(self) -> dict[str, Any]:
