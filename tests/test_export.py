@@ -1,0 +1,547 @@
+"""Hugging Face export: flattened remote code, exact logits, packed storage, generation, scoring, images, errors."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+from PIL import Image
+from safetensors import safe_open
+
+from bitmar.bitnet import BitLinear
+from bitmar.config import config_from_dict, config_to_dict, load_config
+from bitmar.data.tokenizer import train_tokenizer
+from bitmar.export import ExportError, build_remote_code, export_checkpoint, flatten_sources, score_sentences
+from bitmar.export.__main__ import main as export_main
+from bitmar.model import BitMar
+from bitmar.training.checkpoint import load_checkpoint, save_checkpoint
+from bitmar.training.losses import sequence_log_probs
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "bitmar_tiny.yaml"
+SENTENCES = [
+    "the cat sat on the mat",
+    "a dog runs in the park",
+    "the bird sings a song",
+    "children play with a red ball",
+    "the cats sat on the mat",
+    "a dogs runs in the park",
+]
+LIBS = frozenset({"torch"})
+
+
+# ------------------------------------------------------------------------------------------------- fixtures
+
+
+def make_checkpoint(root: Path, overrides: tuple[str, ...] = ()) -> Path:
+    """A tiny randomly initialised BitMar checkpoint with its own BPE tokenizer (what train_bitmar.py writes)."""
+    torch.manual_seed(0)
+    tokenizer = train_tokenizer(SENTENCES * 10, 300, root / "tokenizer")
+    cfg = load_config(TINY, [f"model.vocab_size={len(tokenizer)}", *overrides])
+    model = BitMar(cfg.model)
+    path = root / "checkpoints" / "last.pt"
+    payload = {
+        "model": model.state_dict(),
+        "config": config_to_dict(cfg),
+        "tokenizer": tokenizer.backend_tokenizer.to_str(),
+        "progress": {"phase": 3, "epoch": 9, "global_step": 1234},
+    }
+    save_checkpoint(payload, path)
+    return path
+
+
+def training_model(checkpoint: Path) -> BitMar:
+    payload = load_checkpoint(checkpoint)
+    model = BitMar(config_from_dict(payload["config"]).model)
+    model.load_state_dict(payload["model"])
+    return model.eval()
+
+
+def hf_load(path: Path, **kwargs: Any) -> Any:
+    return transformers.AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, **kwargs)
+
+
+def hf_tokenizer(path: Path) -> Any:
+    return transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=True)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("run"))
+
+
+@pytest.fixture(scope="module")
+def exports(ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("exports")
+    return {
+        "f32": export_checkpoint(ckpt, root / "f32", dtype="float32"),
+        "f32_packed": export_checkpoint(ckpt, root / "f32_packed", packed=True, dtype="float32"),
+        "bf16_packed": export_checkpoint(ckpt, root / "bf16_packed", packed=True),
+    }
+
+
+@pytest.fixture(scope="module")
+def reference(ckpt: Path) -> BitMar:
+    return training_model(ckpt)
+
+
+@pytest.fixture(scope="module")
+def tiny_dinov2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A randomly initialised DINOv2 saved locally (no download): 32-d features, one layer."""
+    torch.manual_seed(1)
+    config = transformers.Dinov2Config(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, mlp_ratio=2, image_size=224, patch_size=14
+    )
+    path = tmp_path_factory.mktemp("dinov2")
+    transformers.Dinov2Model(config).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def vision_export(tiny_dinov2: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    checkpoint = make_checkpoint(tmp_path_factory.mktemp("run_vision"), ("model.vision_encoder_dim=32",))
+    out = tmp_path_factory.mktemp("vision_export") / "export"
+    return checkpoint, export_checkpoint(
+        checkpoint, out, packed=True, vision_backbone=str(tiny_dinov2), dtype="float32"
+    )
+
+
+def batch(tokenizer: Any, texts: list[str], side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
+    tokenizer.padding_side = side
+    enc = tokenizer(texts, padding=True, return_tensors="pt")
+    return enc["input_ids"], enc["attention_mask"]
+
+
+# ------------------------------------------------------------------------------------------------- flattening
+
+
+def test_remote_code_is_self_contained_and_defines_every_name(tmp_path: Path) -> None:
+    code = build_remote_code()
+    for name, source in code.items():
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.ImportFrom) and node.level == 0:
+                assert node.module.split(".")[0] in {"__future__", "torch", "transformers"} | sys.stdlib_module_names
+            if isinstance(node, ast.Import):
+                assert all(a.name.split(".")[0] in {"torch"} | sys.stdlib_module_names for a in node.names), name
+        assert "from bitmar" not in source and "import bitmar" not in source
+        (tmp_path / name).write_text(source, encoding="utf-8")
+    assert "class BitMarForCausalLM(" in code["modeling_bitmar.py"]
+    assert "from .configuration_bitmar import BitMarConfig, ModelConfig" in code["modeling_bitmar.py"]
+    # Undefined names (F821) or one definition silently replacing another (F811) would break only at run time.
+    ruff = Path(sys.executable).parent / "ruff"
+    result = subprocess.run(
+        [str(ruff), "check", "--no-cache", "--isolated", "--select", "F821,F811,F401", *sorted(code)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_flatten_merges_imports_and_strips_bitmar_lines() -> None:
+    a = '"""Module a."""\nfrom __future__ import annotations\n\nimport math\nfrom torch import nn\n\nA = math.pi\n'
+    b = (
+        '"""Module b."""\nfrom __future__ import annotations\n\nimport math\nfrom torch import Tensor, nn\n\n'
+        "from bitmar.a import A\n\n__all__ = ['B']\n\n\ndef B() -> float:  # uses A\n    return A * math.e\n"
+    )
+    flat = flatten_sources([("bitmar/a.py", a, LIBS), ("bitmar/b.py", b, LIBS)], '"""Header."""')
+    assert flat.defined == {"A", "B"}
+    src = flat.source
+    assert src.count("from __future__ import annotations") == 1 and src.count("import math\n") == 1
+    assert "from torch import Tensor, nn" in src and "bitmar.a" not in src and "__all__" not in src
+    assert "# bitmar/b.py: Module b." in src and "def B() -> float:  # uses A" in src  # comments survive
+    namespace: dict[str, Any] = {}
+    exec(compile(src, "flat", "exec"), namespace)
+    assert namespace["B"]() == pytest.approx(3.141592653589793 * 2.718281828459045)
+
+
+@pytest.mark.parametrize(
+    ("sources", "message"),
+    [
+        ([("bitmar/a.py", "import numpy\n", LIBS)], "bitmar/a.py:1: imports `numpy`"),
+        (
+            [("bitmar/a.py", "def f():\n    from bitmar.b import g\n    return g\n", LIBS)],
+            "bitmar/a.py:2: nested import",
+        ),
+        ([("bitmar/a.py", "from bitmar.b import g\n", LIBS)], "defines 'g'"),
+        ([("bitmar/a.py", "import bitmar.b\n", LIBS)], "binds a bitmar module"),
+        ([("bitmar/a.py", "X = 1\n", LIBS), ("bitmar/b.py", "X = 2\n", LIBS)], "'X' is defined in both"),
+        (
+            [("bitmar/a.py", "from math import pi as P\n", LIBS), ("bitmar/b.py", "from cmath import pi as P\n", LIBS)],
+            "clash",
+        ),
+        ([("bitmar/a.py", "from bitmar.b import g as h\n", LIBS)], "renames a bitmar name"),
+        ([("bitmar/a.py", "import math; X = math.pi\n", LIBS)], "shares a line"),
+        ([("bitmar/a.py", 'def f():\n    """Note:\n    import numpy\n    """\n', LIBS)], "reads like an import"),
+    ],
+)
+def test_flatten_refuses_what_it_cannot_flatten_safely(sources: list[Any], message: str) -> None:
+    with pytest.raises(ExportError, match=re.escape(message)):
+        flatten_sources(sources, '"""h."""')
+
+
+# ------------------------------------------------------------------------------------------------- export layout
+
+
+def test_export_directory_layout_and_configs(exports: dict[str, Path], ckpt: Path) -> None:
+    out = exports["f32_packed"]
+    expected = {
+        "config.json", "configuration_bitmar.py", "modeling_bitmar.py", "processing_bitmar.py", "model.safetensors",
+        "tokenizer.json", "tokenizer_config.json", "preprocessor_config.json", "processor_config.json",
+        "generation_config.json", "README.md",
+    }  # fmt: skip
+    assert expected <= {p.name for p in out.iterdir()}
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temp dirs left behind
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "bitmar" and config["architectures"] == ["BitMarForCausalLM"]
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_bitmar.BitMarForCausalLM"
+    assert config["auto_map"]["AutoProcessor"] == "processing_bitmar.BitMarProcessor"
+    assert config["packed"] is True and config["dtype"] == "float32" and config["vision_backbone_config"] is None
+    trained = config_from_dict(load_checkpoint(ckpt)["config"]).model
+    assert config["hidden_size"] == trained.hidden_size and config["vocab_size"] == trained.vocab_size
+    hf_config = transformers.AutoConfig.from_pretrained(out, trust_remote_code=True)
+    assert dataclasses.asdict(hf_config.model_config()) == dataclasses.asdict(trained)  # every field round-trips
+    assert json.loads((out / "processor_config.json").read_text())["processor_class"] == "BitMarProcessor"
+    tokenizer = hf_tokenizer(out)
+    ids = tokenizer("the cat sat")["input_ids"]
+    assert ids[0] == tokenizer.bos_token_id == config["bos_token_id"] and "token_type_ids" not in tokenizer("a")
+    card = (out / "README.md").read_text()
+    assert "ternary parameters" in card and "```yaml" in card and "text_decoder: bitnet-tiny" in card
+
+
+# ------------------------------------------------------------------------------------------------- equivalence
+
+
+@pytest.mark.parametrize("kind", ["f32", "f32_packed"])
+def test_logits_match_the_training_model(exports: dict[str, Path], reference: BitMar, kind: str) -> None:
+    model = hf_load(exports[kind])
+    tokenizer = hf_tokenizer(exports[kind])
+    ids, mask = batch(tokenizer, SENTENCES)
+    vision = torch.randn(len(SENTENCES), 768, generator=torch.Generator().manual_seed(0))
+    real = mask.bool()
+    with torch.no_grad():
+        for kwargs in ({}, {"vision_features": vision}):
+            expected = reference(ids, mask, return_latents=False, **kwargs).logits
+            got = model(input_ids=ids, attention_mask=mask, **kwargs).logits
+            assert got.shape == expected.shape and got.dtype == torch.float32
+            torch.testing.assert_close(got[real], expected[real], atol=1e-5, rtol=1e-5)
+            # lm-eval (BabyLM 2024) calls model(input_ids) on right-padded batches without a mask: same logits.
+            unmasked = model(ids, **kwargs).logits
+            torch.testing.assert_close(unmasked[real], expected[real], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ("model.use_vision=false", "model.use_memory=false"),
+        ("model.quantize=false", "model.tie_embeddings=false", "model.vision_quantization=false"),
+    ],
+)
+def test_ablation_models_export_exactly(overrides: tuple[str, ...], tmp_path: Path) -> None:
+    checkpoint = make_checkpoint(tmp_path / "run", overrides)
+    out = export_checkpoint(checkpoint, tmp_path / "export", packed=True, dtype="float32")
+    model, reference = hf_load(out), training_model(checkpoint)
+    ids, mask = batch(hf_tokenizer(out), SENTENCES)
+    with torch.no_grad():
+        got = model(input_ids=ids, attention_mask=mask).logits
+        expected = reference(ids, mask, return_latents=False).logits
+    real = mask.bool()
+    torch.testing.assert_close(got[real], expected[real], atol=1e-5, rtol=1e-5)
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())  # noqa: SIM118
+    assert ("model.lm_head.weight" in keys) == (not reference.config.tie_embeddings)
+    assert any(k.endswith("packed_weight") for k in keys) == reference.config.quantize
+
+
+def test_packed_export_is_exact_and_about_ten_times_smaller(exports: dict[str, Path]) -> None:
+    full, packed = exports["f32"] / "model.safetensors", exports["f32_packed"] / "model.safetensors"
+    with safe_open(str(packed), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    with safe_open(str(full), "pt") as f:
+        float_keys = set(f.keys())  # noqa: SIM118
+        weight_numel = {k: f.get_slice(k).get_shape() for k in float_keys}
+    packed_layers = [k[: -len(".packed_weight")] for k in tensors if k.endswith(".packed_weight")]
+    assert packed_layers and all(tensors[f"{k}.packed_weight"].dtype == torch.uint8 for k in packed_layers)
+    assert all(f"{k}.weight" in float_keys and f"{k}.weight" not in tensors for k in packed_layers)
+    assert all(tensors[f"{k}.weight_scale"].dtype == torch.float32 for k in packed_layers)
+    assert "model.embed_tokens.weight" in tensors and not any("lm_head" in k for k in tensors)  # tied: stored once
+    payload = sum(t.numel() * t.element_size() for t in tensors.values())
+    assert packed.stat().st_size < payload + 32_768  # only the safetensors header on top of the tensor bytes
+    # 2 bits per ternary weight: the float32 master weights took 16x more; the whole file shrinks > 8x here.
+    assert full.stat().st_size > 8 * packed.stat().st_size
+    for k in packed_layers:  # 4 ternary weights per byte
+        rows, cols = weight_numel[f"{k}.weight"]
+        assert tensors[f"{k}.packed_weight"].numel() == -(-rows * cols // 4)
+
+    tokenizer = hf_tokenizer(exports["f32"])
+    ids, mask = batch(tokenizer, SENTENCES)
+    with torch.no_grad():
+        a = hf_load(exports["f32"])(input_ids=ids, attention_mask=mask).logits
+        b = hf_load(exports["f32_packed"])(input_ids=ids, attention_mask=mask).logits
+    # PackedBitLinear computes the same int8 x ternary products and scales as BitLinear: identical logits.
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_bfloat16_export_rounds_only_the_full_precision_parts(exports: dict[str, Path], ckpt: Path) -> None:
+    model = hf_load(exports["bf16_packed"])
+    assert model.dtype == torch.bfloat16 and model.model.embed_tokens.weight.dtype == torch.bfloat16
+    qkv = model.model.decoder.blocks[0].attn.qkv_proj
+    assert type(qkv).__name__ == "PackedBitLinear" and qkv.norm.weight.dtype == torch.float32
+    ids, mask = batch(hf_tokenizer(exports["bf16_packed"]), SENTENCES)
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=ids, attention_mask=mask).logits).all()
+        # Computed in float32, the bfloat16 export is exactly the training model with its full-precision parameters
+        # (embedding = LM head, final norms, memory prior, ...) rounded to bfloat16; ternary layers are untouched.
+        upcast = hf_load(exports["bf16_packed"], dtype=torch.float32)
+        got = upcast(input_ids=ids, attention_mask=mask).logits
+        rounded = training_model(ckpt)
+        ternary = {id(p) for m in rounded.modules() if isinstance(m, BitLinear) for p in m.parameters()}
+        for p in rounded.parameters():
+            if id(p) not in ternary:
+                p.copy_(p.to(torch.bfloat16).float())
+        expected = rounded(ids, mask, return_latents=False).logits
+    real = mask.bool()
+    torch.testing.assert_close(got[real], expected[real], atol=1e-5, rtol=1e-5)
+
+
+def test_generate_matches_bitmar_generate(exports: dict[str, Path], reference: BitMar) -> None:
+    model = hf_load(exports["f32_packed"])
+    tokenizer = hf_tokenizer(exports["f32_packed"])
+    prompts = ["the cat", "children play with a"]
+    vision = torch.randn(2, 768, generator=torch.Generator().manual_seed(3))
+    for vision_features in (None, vision):
+        ids, mask = batch(tokenizer, prompts, side="right")
+        expected = reference.generate(
+            ids, mask, vision_features=vision_features, max_new_tokens=6, eos_token_id=2, pad_token_id=0
+        )
+        left_ids, left_mask = batch(tokenizer, prompts, side="left")
+        out = model.generate(
+            input_ids=left_ids,
+            attention_mask=left_mask,
+            vision_features=vision_features,
+            max_new_tokens=6,
+            do_sample=False,
+        )
+        assert torch.equal(out[:, left_ids.shape[1] :], expected), vision_features is None
+
+
+def test_scoring_matches_training_side_minimal_pairs(exports: dict[str, Path], reference: BitMar) -> None:
+    model, tokenizer = hf_load(exports["f32_packed"]), hf_tokenizer(exports["f32_packed"])
+    scores = score_sentences(model, tokenizer, SENTENCES, batch_size=4)
+    ids, mask = batch(tokenizer, SENTENCES)
+    with torch.no_grad():
+        expected = sequence_log_probs(reference(ids, mask).logits, ids, mask)
+    torch.testing.assert_close(scores, expected, atol=1e-4, rtol=1e-5)
+    assert (scores < 0).all()
+    tokenizer.padding_side = "left"  # same scores whatever the padding side
+    torch.testing.assert_close(score_sentences(model, tokenizer, SENTENCES), expected, atol=1e-4, rtol=1e-5)
+    good, bad = scores[:2], scores[4:6]  # minimal pairs: "the cat sat" vs "the cats sat", ...
+    assert torch.equal(good > bad, expected[:2] > expected[4:6])
+
+
+def test_loss_is_shifted_cross_entropy_ignoring_padding(exports: dict[str, Path]) -> None:
+    model, tokenizer = hf_load(exports["f32"]), hf_tokenizer(exports["f32"])
+    ids, mask = batch(tokenizer, SENTENCES[:3])
+    labels = ids.clone()
+    labels[0, 2] = -100
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    targets = labels[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+    expected = F.cross_entropy(out.logits[:, :-1].reshape(-1, out.logits.shape[-1]), targets.reshape(-1))
+    torch.testing.assert_close(out.loss, expected)
+    assert (targets == -100).sum() > 1 and out.loss > 0
+    assert model(input_ids=ids, attention_mask=mask, return_dict=False)[0].shape == out.logits.shape
+
+
+def test_pixel_values_without_backbone_is_a_clear_error(exports: dict[str, Path]) -> None:
+    model = hf_load(exports["f32"])
+    ids = torch.tensor([[1, 5, 6]])
+    with pytest.raises(ValueError, match="this export has no vision backbone; pass vision_features or re-export"):
+        model(input_ids=ids, pixel_values=torch.zeros(1, 3, 224, 224))
+    assert torch.isfinite(model(input_ids=ids, vision_features=torch.zeros(1, 768)).logits).all()
+
+
+# ------------------------------------------------------------------------------------------------- images
+
+
+@pytest.mark.filterwarnings("ignore:Creating a tensor from a list of numpy")  # the pipeline's own conversion
+def test_processor_and_stored_dinov2_backbone(vision_export: tuple[Path, Path], tiny_dinov2: Path) -> None:
+    checkpoint, out = vision_export
+    processor = transformers.AutoProcessor.from_pretrained(out, trust_remote_code=True)
+    assert type(processor).__name__ == "BitMarProcessor"
+    rng = torch.Generator().manual_seed(0)
+    pixels = (torch.rand(300, 260, 3, generator=rng) * 255).to(torch.uint8).numpy()
+    image = Image.fromarray(pixels)
+    inputs = processor(text=["a red ball", "the cat"], images=[image, image], padding=True, return_tensors="pt")
+    assert inputs["pixel_values"].shape == (2, 3, 224, 224) and inputs["input_ids"][0, 0] == 1
+    model = hf_load(out)
+    with torch.no_grad():
+        logits = model(**inputs).logits
+        feature = model.image_features(inputs["pixel_values"])
+        direct = transformers.Dinov2Model.from_pretrained(tiny_dinov2).eval()(pixel_values=inputs["pixel_values"])
+        # The same picture through the training model's vision path with the directly computed DINOv2 CLS vector.
+        expected = training_model(checkpoint)(
+            inputs["input_ids"], inputs["attention_mask"], vision_features=direct.pooler_output, return_latents=False
+        ).logits
+    assert logits.shape == (2, inputs["input_ids"].shape[1], model.config.vocab_size) and torch.isfinite(logits).all()
+    torch.testing.assert_close(feature, direct.pooler_output, atol=0, rtol=0)
+    torch.testing.assert_close(feature, direct.last_hidden_state[:, 0], atol=0, rtol=0)  # CLS after the layernorm
+    real = inputs["attention_mask"].bool()
+    torch.testing.assert_close(logits[real], expected[real], atol=1e-5, rtol=1e-5)
+    # The BabyLM 2025 pipeline's calls: AutoProcessor(padding_side=...), offsets, images one at a time, lists out.
+    pipeline = transformers.AutoProcessor.from_pretrained(out, padding_side="right", trust_remote_code=True)
+    enc = pipeline(text="the cat sat", images=image, return_offsets_mapping=True)
+    assert enc["input_ids"][0] == 1 and len(enc["offset_mapping"]) == len(enc["input_ids"])
+    assert torch.FloatTensor(enc["pixel_values"]).shape == (1, 3, 224, 224)
+
+
+def test_backbone_width_must_match_the_training_features(ckpt: Path, tiny_dinov2: Path, tmp_path: Path) -> None:
+    with pytest.raises(ExportError, match="32-d but the model was trained on 768-d"):
+        export_checkpoint(ckpt, tmp_path / "out", vision_backbone=str(tiny_dinov2))
+    with pytest.raises(ExportError, match="cannot load a DINOv2 model"):
+        export_checkpoint(ckpt, tmp_path / "out", vision_backbone=str(tmp_path / "no_such_backbone"))
+    assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------------------------- errors, atomicity
+
+
+def test_missing_and_corrupt_checkpoints_exit_2_without_output(
+    ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    assert export_main(["--checkpoint", str(tmp_path / "nope.pt"), "--output_dir", str(out)]) == 2
+    assert "does not exist" in capsys.readouterr().err and not out.exists()
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(ckpt.read_bytes()[:5000])  # a truncated file
+    assert export_main(["--checkpoint", str(corrupt), "--output_dir", str(out)]) == 2
+    assert "cannot be read" in capsys.readouterr().err and not out.exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["corrupt.pt"]  # no temp dir left behind
+
+
+def test_reexport_replaces_an_export_and_refuses_other_directories(ckpt: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    export_checkpoint(ckpt, out, dtype="float32")
+    (out / "stale.txt").write_text("from an older export")
+    export_checkpoint(ckpt, out, packed=True)
+    assert not (out / "stale.txt").exists() and json.loads((out / "config.json").read_text())["packed"] is True
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    foreign = tmp_path / "notes"
+    foreign.mkdir()
+    (foreign / "todo.txt").write_text("keep me")
+    with pytest.raises(ExportError, match="refusing to replace"):
+        export_checkpoint(ckpt, foreign)
+    assert (foreign / "todo.txt").read_text() == "keep me"
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    assert export_main(["--checkpoint", str(tmp_path / "bad.pt"), "--output_dir", str(out)]) == 2
+    assert json.loads((out / "config.json").read_text())["packed"] is True  # the previous export is untouched
+
+
+def test_model_card_includes_the_run_evaluation(ckpt: Path, tmp_path: Path) -> None:
+    run_dir = ckpt.parent.parent
+    results = run_dir / "evaluation" / "results.json"
+    results.parent.mkdir(exist_ok=True)
+    evaluation = {  # evaluate_bitmar.py's layout: per-task details plus the headline "summary"
+        "tasks": {"minimal_pairs": {"status": "ok", "per_phenomenon": {"anaphor": 0.4375}}},
+        "summary": {"minimal_pairs/accuracy": 0.8125, "retrieval/r@1": 0.25},
+    }
+    try:
+        results.write_text(json.dumps(evaluation))
+        card = (export_checkpoint(ckpt, tmp_path / "out") / "README.md").read_text()
+        results.write_text(json.dumps({"minimal_pairs": {"accuracy": 0.75}, "note": "x"}))  # no summary: all numbers
+        plain = (export_checkpoint(ckpt, tmp_path / "out") / "README.md").read_text()
+    finally:
+        results.unlink()
+    assert "| minimal_pairs/accuracy | 0.8125 |" in card and "| retrieval/r@1 | 0.25 |" in card
+    assert "0.4375" not in card  # details stay in results.json
+    assert "| minimal_pairs/accuracy | 0.75 |" in plain and "note" not in plain
+
+
+# ------------------------------------------------------------------------------------------------- fresh process
+
+_FRESH_PROCESS = r"""
+import sys
+
+
+class _BlockBitmar:
+    def find_spec(self, name, path=None, target=None):
+        if name == "bitmar" or name.startswith("bitmar."):
+            raise ImportError(f"bitmar is blocked in this process: {name}")
+        return None
+
+
+sys.meta_path.insert(0, _BlockBitmar())
+try:
+    import bitmar  # noqa: F401
+except ImportError:
+    pass
+else:
+    raise SystemExit("bitmar must not be importable here")
+
+import torch
+import transformers
+
+out = {}
+for kind, path in (("f32", sys.argv[1]), ("f32_packed", sys.argv[2])):
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=True)
+    enc = tokenizer(sys.argv[4:], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        out[kind] = model(**enc).logits
+    prompt = tokenizer(["the cat"], return_tensors="pt")
+    out[kind + "_generate"] = model.generate(**prompt, max_new_tokens=5)
+    out["prompt"] = prompt["input_ids"]
+    out["input_ids"], out["attention_mask"] = enc["input_ids"], enc["attention_mask"]
+assert not [m for m in sys.modules if m == "bitmar" or m.startswith("bitmar.")]
+torch.save(out, sys.argv[3])
+"""
+
+
+@pytest.mark.slow
+def test_export_loads_in_a_fresh_process_without_bitmar(
+    exports: dict[str, Path], reference: BitMar, tmp_path: Path
+) -> None:
+    script = tmp_path / "load_export.py"
+    script.write_text(_FRESH_PROCESS, encoding="utf-8")
+    result_file = tmp_path / "result.pt"
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSTARTUP")}
+    env["HF_MODULES_CACHE"] = str(tmp_path / "hf_modules")
+    # The command line itself, in a real process (started alongside): a missing checkpoint is exit status 2.
+    cli = subprocess.Popen(
+        [sys.executable, "-m", "bitmar.export", "--checkpoint", str(tmp_path / "missing.pt"), "--output_dir", "x"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    proc = subprocess.run(
+        [sys.executable, str(script), str(exports["f32"]), str(exports["f32_packed"]), str(result_file), *SENTENCES],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    _, cli_err = cli.communicate(timeout=300)
+    assert cli.returncode == 2 and "does not exist" in cli_err and not (tmp_path / "x").exists()
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = torch.load(result_file, weights_only=True)
+    ids, mask = got["input_ids"], got["attention_mask"]
+    with torch.no_grad():
+        expected = reference(ids, mask, return_latents=False).logits
+        generated = reference.generate(got["prompt"], max_new_tokens=5, eos_token_id=2, pad_token_id=0)
+    real = mask.bool()
+    for kind in ("f32", "f32_packed"):
+        torch.testing.assert_close(got[kind][real], expected[real], atol=1e-5, rtol=1e-5)
+        assert torch.equal(got[f"{kind}_generate"][:, got["prompt"].shape[1] :], generated)
