@@ -1,68 +1,308 @@
-"""BitNet b1.58: ternary weights, 8-bit activations, straight-through training.
+"""BitNet b1.58: ternary weights, 8-bit activations, straight-through training, packed storage.
 
 Reference definition (Microsoft, "The Era of 1-bit LLMs: Training Tips, Code and FAQ"):
 - weights, one scale per matrix: gamma = max(mean|W|, 1e-5); W_t = clamp(round(W / gamma), -1, 1)
 - activations, one scale per token: s = max(max|x|, 1e-5) / 127; x_q = clamp(round(x / s), -128, 127)
 - straight-through estimator: the forward uses the dequantized values, gradients reach the full-precision
   master weights and inputs unchanged.
+
+Storage: ternary values pack at 2 bits per weight (`pack_ternary`, 4 per byte) or 1.6 bits per weight
+(`pack_ternary_base3`, 5 trits per byte since 3^5 = 243 <= 256). `PackedBitLinear` keeps only the packed
+bytes and runs inference with int8 activations; `pack_model` swaps every quantized BitLinear for one.
+
+On CPU the ternary matmuls of both BitLinear and PackedBitLinear run as exact int8 GEMMs (oneDNN) when the
+torch build has them (`int8_gemm_available()`); float32 GEMMs of the integer codes give the same bits elsewhere.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 WEIGHT_EPS = 1e-5
 ACTIVATION_EPS = 1e-5
+
+# ---------------------------------------------------------------------------------------------------------------
+# Quantizers (reference formulas)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _check_bits(bits: int) -> int:
+    if not 2 <= bits <= 8:
+        raise ValueError(f"activation bits must be in [2, 8] to fit int8, got {bits}")
+    return 2 ** (bits - 1) - 1
+
+
+def _absmax_scale(x32: Tensor, q_max: int) -> Tensor:  # (..., C) -> (..., 1)
+    """Per-token scale max(max|x|, eps) / q_max; amax and amin avoid materialising |x| (same value, bit for bit)."""
+    absmax = torch.maximum(x32.amax(dim=-1, keepdim=True), x32.amin(dim=-1, keepdim=True).neg_())
+    # The eps floor keeps an all-zero row at scale 1e-5/127 instead of 0 (0/0 wrote NaN into earlier models).
+    return absmax.clamp_(min=ACTIVATION_EPS).div_(q_max)
+
+
+def _weight_scale(w32: Tensor) -> Tensor:  # 0-dim
+    return w32.abs().mean().clamp(min=WEIGHT_EPS)
 
 
 def quantize_weights(w: Tensor) -> tuple[Tensor, Tensor]:
     """Absmean ternary quantization: returns (int8 tensor in {-1, 0, 1}, 0-dim float32 scale), w ~ w_t * scale."""
     w32 = w.detach().float()
-    scale = w32.abs().mean().clamp(min=WEIGHT_EPS)
-    w_ternary = (w32 / scale).round().clamp(-1, 1).to(torch.int8)
+    scale = _weight_scale(w32)
+    w_ternary = (w32 / scale).round_().clamp_(-1, 1).to(torch.int8)
     return w_ternary, scale
 
 
 def quantize_activations(x: Tensor, bits: int = 8) -> tuple[Tensor, Tensor]:
-    """Absmax per-token quantization over the last dim: returns (int8 values, float32 scale of shape x.shape[:-1]+(1,))."""
-    if not 2 <= bits <= 8:
-        raise ValueError(f"activation bits must be in [2, 8] to fit int8, got {bits}")
-    q_max = 2 ** (bits - 1) - 1
+    """Absmax per-token quantization over the last dim.
+
+    Returns (int8 values, float32 scale of shape x.shape[:-1] + (1,)), x ~ x_int * scale.
+    """
+    q_max = _check_bits(bits)
     x32 = x.detach().float()
-    # The eps floor keeps an all-zero row at scale 1e-5/127 instead of 0 (0/0 wrote NaN into earlier models).
-    scale = x32.abs().amax(dim=-1, keepdim=True).clamp(min=ACTIVATION_EPS) / q_max
-    x_int = (x32 / scale).round().clamp(-q_max - 1, q_max).to(torch.int8)
+    scale = _absmax_scale(x32, q_max)
+    x_int = (x32 / scale).round_().clamp_(-q_max - 1, q_max).to(torch.int8)
     return x_int, scale
 
 
+def _straight_through(x: Tensor, x_deq: Tensor) -> Tensor:
+    """Value x_deq exactly (x - x is 0 for finite x), gradient identity to x: the STE in every autograd mode."""
+    return x_deq + (x - x.detach())
+
+
+def _dequantized_weights(w32: Tensor) -> Tensor:  # float32, same shape
+    scale = _weight_scale(w32)
+    return (w32 / scale).round_().clamp_(-1, 1).mul_(scale)
+
+
 def fake_quantize_weights(w: Tensor) -> Tensor:
-    """Dequantized ternary weights in w's dtype, with straight-through gradients to w."""
-    scale = w.detach().abs().mean().clamp(min=WEIGHT_EPS)
-    w_deq = (w.detach() / scale).round().clamp(-1, 1) * scale
-    return w + (w_deq - w.detach())
+    """Dequantized ternary weights in w's dtype, with straight-through gradients to w.
+
+    The scale and the rounding are computed in float32 (like `quantize_weights`) whatever w's dtype.
+    """
+    w_deq = _dequantized_weights(w.detach().float()).to(w.dtype)
+    return _straight_through(w, w_deq)
 
 
 def fake_quantize_activations(x: Tensor, bits: int = 8) -> Tensor:
-    """Dequantized int8 activations in x's dtype, with straight-through gradients to x."""
-    q_max = 2 ** (bits - 1) - 1
-    x_d = x.detach()
-    if x_d.dtype != torch.float32:
-        # Round in float32: bfloat16 cannot represent x / s precisely enough to round like the reference.
-        x_int, scale = quantize_activations(x_d, bits)
-        x_deq = (x_int.float() * scale).to(x.dtype)
+    """Dequantized int8 activations in x's dtype, with straight-through gradients to x.
+
+    Rounding happens in float32: bfloat16 cannot represent x / s precisely enough to round like the reference.
+    """
+    q_max = _check_bits(bits)
+    x32 = x.detach().float()
+    scale = _absmax_scale(x32, q_max)
+    # |x / s| <= q_max by construction of s, so the reference clamp to [-q_max - 1, q_max] never changes a value.
+    x_deq = (x32 / scale).round_().mul_(scale)
+    return _straight_through(x, x_deq.to(x.dtype))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Ternary matmul (shared by BitLinear and PackedBitLinear) and the fused float32 BitLinear
+# ---------------------------------------------------------------------------------------------------------------
+
+_INT8_GEMM: dict[str, Any] = {"enabled": True, "checked": False, "available": False, "reason": "not checked yet"}
+
+
+def _onednn_int8_gemm(q_int8: Tensor, w_packed: Tensor, out_features: int) -> Tensor:  # (N, in) -> (N, out) float32
+    ones = torch.ones(out_features)
+    zeros = torch.zeros(out_features, dtype=torch.int64)
+    return torch.ops.onednn.qlinear_pointwise(
+        q_int8, 1.0, 0, w_packed, ones, zeros, None, 1.0, 0, torch.float32, "none", [], ""
+    )
+
+
+def int8_gemm_available() -> bool:
+    """Whether CPU ternary matmuls run as int8 GEMMs (oneDNN), checked once with an exactness self-test.
+
+    Integer products of int8 activations and ternary weights are exact in both int32 (oneDNN) and float32 (BLAS)
+    accumulation, so the switch changes speed only, never a value. `set_int8_gemm(False)` forces float GEMMs.
+    """
+    state = _INT8_GEMM
+    if not state["checked"]:
+        state["checked"] = True
+        onednn = getattr(torch.ops, "onednn", None)
+        if not torch.backends.mkldnn.is_available() or not hasattr(onednn, "qlinear_pointwise"):
+            state["reason"] = "this torch build has no oneDNN int8 linear"
+        else:
+            gen = torch.Generator().manual_seed(0)
+            q = torch.randint(-128, 128, (37, 70), generator=gen, dtype=torch.int8)
+            w = torch.randint(-1, 2, (19, 70), generator=gen, dtype=torch.int8)
+            try:  # a capability probe: any failure means "use float GEMMs", never a wrong result
+                out = _onednn_int8_gemm(q, torch.ops.onednn.qlinear_prepack(w, None), 19)
+                exact = torch.equal(out, q.float() @ w.float().t())
+                state["available"] = exact
+                state["reason"] = "ok" if exact else "oneDNN int8 linear is not exact on this machine"
+            except (RuntimeError, NotImplementedError) as err:
+                state["reason"] = f"oneDNN int8 linear failed: {str(err).splitlines()[0][:200]}"
+    return bool(state["enabled"] and state["available"])
+
+
+def set_int8_gemm(enabled: bool) -> None:
+    """Allow (default) or forbid the oneDNN int8 GEMM for ternary matmuls on CPU (benchmarks, debugging)."""
+    _INT8_GEMM["enabled"] = bool(enabled)
+
+
+def _use_int8_gemm(device: torch.device) -> bool:
+    return device.type == "cpu" and int8_gemm_available()
+
+
+def _pack_int8_weight(w_ternary: Tensor) -> Tensor:  # (out, in) int8 -> opaque oneDNN weight
+    return torch.ops.onednn.qlinear_prepack(w_ternary.contiguous(), None)
+
+
+def _ternary_matmul(
+    q: Tensor,  # (N, in) float32, integer values in [-128, 127]
+    w_ternary: Tensor,  # (out, in) float32 in {-1, 0, 1}
+    row_scale: Tensor,  # (N, 1) float32: s * gamma
+    bias: Tensor | None,  # (out,)
+    w_int8_packed: Tensor | None = None,  # prepacked int8 copy of w_ternary (CPU int8 GEMM)
+) -> Tensor:  # (N, out) float32
+    """(q @ W_t^T) * (s * gamma) + bias, with the integer product computed exactly.
+
+    |q . w| <= 128 * in < 2^24 for any in < 131072, so float32 BLAS accumulates the integer sums exactly, like
+    the int8 GEMM: both routes give bit-identical outputs, BitLinear and PackedBitLinear agree bit for bit.
+    """
+    if w_int8_packed is not None:
+        acc = _onednn_int8_gemm(q.to(torch.int8), w_int8_packed, w_ternary.shape[0])
     else:
-        scale = x_d.abs().amax(dim=-1, keepdim=True).clamp(min=ACTIVATION_EPS) / q_max
-        x_deq = (x_d / scale).round().clamp(-q_max - 1, q_max) * scale
-    return x + (x_deq - x_d)
+        acc = q.mm(w_ternary.t())
+    acc.mul_(row_scale)
+    if bias is not None:
+        acc.add_(bias)
+    return acc
+
+
+def _ternary_weight(weight: Tensor) -> tuple[Tensor, Tensor]:  # (out, in) -> float32 W_t in {-1, 0, 1}, 0-dim gamma
+    w32 = weight.detach().float()
+    gamma = _weight_scale(w32)
+    return (w32 / gamma).round_().clamp_(-1, 1), gamma
+
+
+def _rms_norm_with_rstd(x2: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:  # (N, C) -> (N, C), (N, 1)
+    """RMSNorm output bit-identical to `F.rms_norm` on CPU (same op order), plus the reciprocal RMS for the backward.
+
+    One (N, C) allocation: the squares, then the output, share a buffer (fresh pages cost more than a pass on CPU).
+    """
+    y = torch.mul(x2, x2)  # (N, C); equals x2.pow(2)
+    rstd = y.mean(dim=-1, keepdim=True).add_(eps).rsqrt_()  # (N, 1)
+    if x2.device.type == "cpu":
+        torch.mul(x2, rstd, out=y).mul_(weight)  # the CPU kernel's order: (x * rstd) * weight
+    else:
+        # Elsewhere the fused kernels may round differently: take the public op, rstd only feeds the backward.
+        y = F.rms_norm(x2, (x2.shape[-1],), weight, eps)
+    return y, rstd
+
+
+def _quantize_rows_(y: Tensor, q_max: int) -> tuple[Tensor, Tensor]:  # (N, C) -> (N, C), (N, 1); in place
+    """Round a scratch tensor in place to its int8 codes round(y / s), as float (the reference clamp is a no-op)."""
+    scale = _absmax_scale(y, q_max)  # (N, 1)
+    return y.div_(scale).round_(), scale
+
+
+def _activation_codes(
+    x2: Tensor, norm_weight: Tensor | None, eps: float, q_max: int
+) -> tuple[Tensor, Tensor, Tensor | None]:  # (N, C) -> codes (N, C), scale (N, 1), rstd (N, 1) or None
+    if norm_weight is None:
+        return (*_quantize_rows_(x2.clone(), q_max), None)
+    y, rstd = _rms_norm_with_rstd(x2, norm_weight, eps)
+    return (*_quantize_rows_(y, q_max), rstd)
+
+
+def _bitlinear_forward(
+    x2: Tensor, norm_weight: Tensor | None, weight: Tensor, bias: Tensor | None, eps: float, q_max: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+    """Shared forward: returns out (N, out), codes (N, in), s (N, 1), W_t (out, in), gamma, rstd (N, 1) | None."""
+    codes, scale, rstd = _activation_codes(x2, norm_weight, eps, q_max)
+    w_t, gamma = _ternary_weight(weight)  # once per forward: O(out * in)
+    packed = _pack_int8_weight(w_t.to(torch.int8)) if _use_int8_gemm(x2.device) else None
+    out = _ternary_matmul(codes, w_t, scale * gamma, bias, packed)
+    return out, codes, scale, w_t, gamma, rstd
+
+
+class _BitLinearFunction(torch.autograd.Function):
+    """RMSNorm -> int8 activations -> ternary linear as one autograd node (float32).
+
+    Forward: the quantized operands are bit-identical to the reference (`nn.RMSNorm`, `quantize_activations`,
+    `quantize_weights`) and their product is exact (int8 GEMM on CPU when available); the output matches the
+    composition of fake quantizers and `F.linear` to float32 rounding (~1e-7 relative). Backward: the STE gradient
+    in closed form, a plain linear backward at the dequantized operands followed by the RMSNorm backward, so no
+    per-op autograd graph is built; the backward recycles the dequantized-input buffer.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: Tensor,  # (..., C_in)
+        norm_weight: Tensor | None,  # (C_in,)
+        weight: Tensor,  # (C_out, C_in)
+        bias: Tensor | None,  # (C_out,)
+        eps: float,
+        q_max: int,
+    ) -> Tensor:  # (..., C_out)
+        x2 = x.reshape(-1, x.shape[-1])  # (N, C_in)
+        out, codes, scale, w_t, gamma, rstd = _bitlinear_forward(x2, norm_weight, weight, bias, eps, q_max)
+        ctx.save_for_backward(x, norm_weight)  # x itself, not the view x2: autograd then reports in-place edits
+        # Intermediates live on ctx (not save_for_backward) so the backward may recycle x_deq's buffer.
+        ctx.x_deq, ctx.rstd, ctx.w_deq = codes.mul_(scale), rstd, w_t.mul_(gamma)  # dequantized, in place
+        ctx.eps, ctx.q_max, ctx.has_bias, ctx.x_shape = eps, q_max, bias is not None, x.shape
+        return out.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        x, norm_weight = ctx.saved_tensors
+        x2 = x.reshape(-1, x.shape[-1])  # (N, C_in)
+        x_deq, rstd, w_deq = ctx.x_deq, ctx.rstd, ctx.w_deq
+        if x_deq is None:  # a second backward (retain_graph=True): the first one recycled the buffer
+            codes, scale, rstd = _activation_codes(x2, norm_weight, ctx.eps, ctx.q_max)
+            x_deq = codes.mul_(scale)
+        need_x, need_norm, need_w, need_b = ctx.needs_input_grad[:4]
+        go = grad_out.reshape(-1, grad_out.shape[-1])  # (N, C_out)
+        grad_x = grad_norm = grad_w = grad_b = None
+        if need_w:
+            grad_w = go.t().mm(x_deq)  # STE: the gradient at W_deq reaches the master weight unchanged
+        if need_b and ctx.has_bias:
+            grad_b = go.sum(0)
+        if need_x or need_norm:
+            grad_y = go.mm(w_deq)  # (N, C_in); STE: passes the activation quantizer unchanged
+            if norm_weight is None:
+                grad_x = grad_y
+            else:
+                # y = x * r * g with r = (mean(x^2) + eps)^-1/2:
+                # dx = r * g * dy - x * r^3 / C * sum(dy * g * x);  dg = sum_tokens(dy * x * r)
+                ctx.x_deq = None
+                dy_x = torch.mul(grad_y, x2, out=x_deq)  # (N, C_in), recycles x_deq (no longer needed)
+                if need_norm:
+                    grad_norm = rstd.view(1, -1).mm(dy_x).view(-1)
+                if need_x:
+                    coeff = dy_x.mv(norm_weight).unsqueeze(-1)  # (N, 1)
+                    coeff.mul_(rstd.pow(3)).div_(-x2.shape[-1])
+                    grad_x = grad_y.mul_(norm_weight).mul_(rstd).addcmul_(x2, coeff)
+            if grad_x is not None:
+                grad_x = grad_x.view(ctx.x_shape)
+        return grad_x, grad_norm, grad_w, grad_b, None, None
+
+
+def _check_width(x: Tensor, in_features: int, name: str) -> None:
+    if x.dim() == 0 or x.shape[-1] != in_features:
+        got = x.shape[-1] if x.dim() else "a scalar"
+        raise ValueError(f"{name} expects inputs with last dim {in_features}, got {got}")
 
 
 class BitLinear(nn.Linear):
     """Drop-in `nn.Linear` with BitNet b1.58 quantization (SubLN RMSNorm inside, before activation quantization).
 
     `quantize=False` keeps the same parameters and norm but skips quantization: the full-precision twin used
-    for ablations and benchmarks.
+    for ablations and benchmarks. `fused=True` (default) runs float32 inputs outside autocast through one fused
+    autograd node (`_BitLinearFunction`: same quantized operands, exact integer matmul, closed-form STE backward,
+    int8 GEMM on CPU); other dtypes, autocast and `fused=False` use the reference composition of
+    `fake_quantize_activations`, `fake_quantize_weights` and `F.linear` (equal to float32 rounding).
     """
 
     def __init__(
@@ -75,18 +315,346 @@ class BitLinear(nn.Linear):
         activation_bits: int = 8,
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
+        fused: bool = True,
     ) -> None:
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        _check_bits(activation_bits)
         self.norm = nn.RMSNorm(in_features, eps=1e-6, device=device, dtype=dtype) if input_norm else None
         self.quantize = quantize
         self.activation_bits = activation_bits
+        self.fused = fused
+
+    def _can_fuse(self, x: Tensor) -> bool:
+        """The fused node covers float32 everywhere, outside autocast, with an affine norm (or none)."""
+        f32 = torch.float32
+        norm_ok = self.norm is None or (self.norm.weight is not None and self.norm.weight.dtype == f32)
+        return (
+            self.fused
+            and norm_ok
+            and x.dtype == f32
+            and self.weight.dtype == f32
+            and (self.bias is None or self.bias.dtype == f32)
+            and not torch.is_autocast_enabled(x.device.type)
+            and x.shape[-1] > 0
+        )
 
     def forward(self, x: Tensor) -> Tensor:  # (..., in) -> (..., out)
-        if self.norm is not None:
-            x = self.norm(x)
+        _check_width(x, self.in_features, "BitLinear")
         if not self.quantize:
+            if self.norm is not None:
+                x = self.norm(x)
             return F.linear(x, self.weight, self.bias)
-        return F.linear(fake_quantize_activations(x, self.activation_bits), fake_quantize_weights(self.weight), self.bias)
+        if self._can_fuse(x):
+            norm_weight = self.norm.weight if self.norm is not None else None
+            # nn.RMSNorm's eps=None means the dtype's machine epsilon (unused without a norm)
+            eps = self.norm.eps if self.norm is not None and self.norm.eps is not None else torch.finfo(x.dtype).eps
+            q_max = 2 ** (self.activation_bits - 1) - 1
+            params = (self.weight, self.bias, norm_weight)
+            if torch.is_grad_enabled() and (x.requires_grad or any(p is not None and p.requires_grad for p in params)):
+                return _BitLinearFunction.apply(x, norm_weight, self.weight, self.bias, eps, q_max)
+            with torch.no_grad():  # inference: no dequantized copies for a backward
+                out = _bitlinear_forward(x.reshape(-1, x.shape[-1]), norm_weight, self.weight, self.bias, eps, q_max)[0]
+            return out.view(*x.shape[:-1], self.out_features)
+        if self.norm is not None:
+            if self.norm.weight is not None and x.dtype != self.norm.weight.dtype:
+                # Autocast hands bfloat16 activations to float32 norm weights: normalize in float32 (the
+                # quantizer rounds in float32 anyway), F.linear then runs in the autocast dtype.
+                x = F.rms_norm(x.float(), (self.in_features,), self.norm.weight.float(), self.norm.eps)
+            else:
+                x = self.norm(x)
+        return F.linear(
+            fake_quantize_activations(x, self.activation_bits), fake_quantize_weights(self.weight), self.bias
+        )
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, input_norm={self.norm is not None}, quantize={self.quantize}"
+        return (
+            f"{super().extra_repr()}, input_norm={self.norm is not None}, quantize={self.quantize}, "
+            f"activation_bits={self.activation_bits}"
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Packed storage: 2 bits per weight (4 per byte) and base 3 (5 trits per byte, 1.6 bits per weight)
+# ---------------------------------------------------------------------------------------------------------------
+
+_BITS_PLACE = (1, 4, 16, 64)  # 2-bit code of element i of a group of 4 sits at bits 2i..2i+1
+_TRITS_PLACE = (1, 3, 9, 27, 81)  # base-3 digit i of a group of 5
+_TRITS_MAX_BYTE = 3**5 - 1  # 242: bytes above this never come out of pack_ternary_base3
+
+
+def _ternary_codes(t: Tensor) -> Tensor:  # any shape -> (n,) uint8 codes in {0, 1, 2} (= t + 1)
+    if t.is_complex() or t.dtype == torch.bool:
+        raise TypeError(f"pack_ternary expects a real tensor with values in {{-1, 0, 1}}, got dtype {t.dtype}")
+    flat = t.detach().reshape(-1)
+    if flat.numel() and not bool(((flat == -1) | (flat == 0) | (flat == 1)).all()):
+        bad = flat[~((flat == -1) | (flat == 0) | (flat == 1))][:3].tolist()
+        raise ValueError(
+            f"pack_ternary expects values in {{-1, 0, 1}}, found e.g. {bad}; quantize first with quantize_weights()"
+        )
+    return (flat.to(torch.int8) + 1).to(torch.uint8)
+
+
+def _padded_groups(codes: Tensor, group: int) -> Tensor:  # (n,) -> (ceil(n / group), group), padded with code 1 (= 0)
+    pad = (-codes.numel()) % group
+    if pad:
+        codes = torch.cat([codes, codes.new_ones(pad)])
+    return codes.view(-1, group)
+
+
+def _check_packed(packed: Tensor, shape: Sequence[int], per_byte: int, fmt: str) -> int:
+    if packed.dtype != torch.uint8 or packed.dim() != 1:
+        raise ValueError(
+            f"{fmt}: packed bytes must be a 1-d uint8 tensor, got {packed.dtype} of shape {tuple(packed.shape)}"
+        )
+    numel = math.prod(int(s) for s in shape)
+    if any(int(s) < 0 for s in shape):
+        raise ValueError(f"{fmt}: invalid shape {tuple(shape)}")
+    expected = -(-numel // per_byte)
+    if packed.numel() != expected:
+        raise ValueError(
+            f"{fmt}: {packed.numel()} bytes cannot hold shape {tuple(shape)} ({numel} values need {expected} bytes);"
+            " pass the shape the tensor was packed with"
+        )
+    return numel
+
+
+def pack_ternary(t: Tensor) -> Tensor:  # any shape -> (ceil(numel / 4),) uint8
+    """Pack ternary values {-1, 0, 1} at 2 bits each (4 per byte, code = t + 1), in row-major order.
+
+    The shape is not stored: pass it to `unpack_ternary`. Any element count works (the last byte is padded).
+    """
+    groups = _padded_groups(_ternary_codes(t), 4)  # (B, 4)
+    place = torch.tensor(_BITS_PLACE, dtype=torch.uint8, device=groups.device)
+    return (groups * place).sum(dim=1, dtype=torch.uint8)
+
+
+def unpack_ternary(packed: Tensor, shape: Sequence[int] | torch.Size) -> Tensor:  # (B,) uint8 -> shape, int8
+    """Inverse of `pack_ternary`: int8 tensor of `shape` with values in {-1, 0, 1}."""
+    shape = tuple(int(s) for s in shape)
+    numel = _check_packed(packed, shape, 4, "unpack_ternary")
+    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=packed.device)
+    codes = (packed.unsqueeze(1) >> shifts) & 3  # (B, 4)
+    if bool((codes == 3).any()):
+        raise ValueError("unpack_ternary: byte holds the unused code 3; the data was not written by pack_ternary")
+    return (codes.view(-1)[:numel].to(torch.int8) - 1).view(shape)
+
+
+def pack_ternary_base3(t: Tensor) -> Tensor:  # any shape -> (ceil(numel / 5),) uint8
+    """Pack ternary values at 1.6 bits each: 5 base-3 digits (t + 1) per byte, 3^5 = 243 <= 256.
+
+    The shape is not stored: pass it to `unpack_ternary_base3`. Any element count works.
+    """
+    groups = _padded_groups(_ternary_codes(t), 5)  # (B, 5)
+    place = torch.tensor(_TRITS_PLACE, dtype=torch.uint8, device=groups.device)
+    return (groups * place).sum(dim=1, dtype=torch.uint8)  # at most 2 * 121 = 242: no overflow
+
+
+def unpack_ternary_base3(packed: Tensor, shape: Sequence[int] | torch.Size) -> Tensor:  # (B,) uint8 -> shape, int8
+    """Inverse of `pack_ternary_base3`: int8 tensor of `shape` with values in {-1, 0, 1}."""
+    shape = tuple(int(s) for s in shape)
+    numel = _check_packed(packed, shape, 5, "unpack_ternary_base3")
+    if packed.numel() and int(packed.max()) > _TRITS_MAX_BYTE:
+        raise ValueError(f"unpack_ternary_base3: byte {int(packed.max())} > 242 was not written by pack_ternary_base3")
+    place = torch.tensor(_TRITS_PLACE, dtype=torch.uint8, device=packed.device)
+    codes = (packed.unsqueeze(1) // place) % 3  # (B, 5)
+    return (codes.view(-1)[:numel].to(torch.int8) - 1).view(shape)
+
+
+def packed_bits_per_weight(numel: int, base3: bool = False) -> float:
+    """Storage cost of `numel` ternary weights in bits per weight (2.0 or 1.6 up to the last partial byte)."""
+    if numel <= 0:
+        raise ValueError(f"numel must be > 0, got {numel}")
+    return 8 * -(-numel // (5 if base3 else 4)) / numel
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Inference: PackedBitLinear, pack_model, quantization_stats
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class PackedBitLinear(nn.Module):
+    """Inference-only BitLinear holding the ternary weight at 2 bits per weight.
+
+    State: `packed_weight` (uint8, ceil(out*in/4) bytes), `weight_scale` (0-dim float32 gamma), `norm.weight`
+    (RMSNorm gain) and `bias`. The forward quantizes activations to int8 like BitLinear (`quantize_activations`)
+    and computes (x_int @ W_t^T) * (s * gamma) + bias with an exact integer product (int8 GEMM on CPU when
+    available), exactly like BitLinear's fused forward: the outputs of a float32 BitLinear in eval mode are
+    reproduced bit for bit. With `cache_weights=True` the unpacked ternary matrix (and its prepacked int8 copy) is
+    kept after the first call outside the state dict (a non-persistent buffer): faster, but it costs 5 bytes per
+    weight in memory while cached; `cache_weights=False` unpacks on every call.
+
+    Inputs of any float dtype are computed in float32 and returned in the input dtype. A BitLinear with
+    quantize=False cannot be packed (`from_bitlinear` raises; `pack_model` leaves it as it is).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = False,
+        input_norm: bool = True,
+        activation_bits: int = 8,
+        cache_weights: bool = True,
+        device: torch.device | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.activation_bits = activation_bits
+        self.q_max = _check_bits(activation_bits)
+        self.cache_weights = cache_weights
+        n_bytes = -(-in_features * out_features // 4)
+        self.register_buffer("packed_weight", torch.full((n_bytes,), 0b01010101, dtype=torch.uint8, device=device))
+        self.register_buffer("weight_scale", torch.ones((), dtype=torch.float32, device=device))
+        self.norm = nn.RMSNorm(in_features, eps=1e-6, device=device) if input_norm else None
+        if self.norm is not None:
+            self.norm.requires_grad_(False)  # inference only
+        self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
+        self.register_buffer("_weight_cache", None, persistent=False)
+        self._int8_cache: Tensor | None = None  # opaque oneDNN weight: a plain attribute, never moved or saved
+        self._cache_key: tuple[Any, ...] | None = None
+
+    @classmethod
+    def from_bitlinear(cls, layer: BitLinear, cache_weights: bool = True) -> PackedBitLinear:
+        """Pack a trained BitLinear (quantize=True); float32 eval outputs are reproduced bit for bit."""
+        if not isinstance(layer, BitLinear):
+            raise TypeError(f"from_bitlinear expects a BitLinear, got {type(layer).__name__}")
+        if not layer.quantize:
+            raise ValueError(
+                "cannot pack a BitLinear with quantize=False: its weights are full precision and ternary packing would "
+                "change its outputs; keep it as BitLinear (pack_model leaves such layers unchanged)"
+            )
+        device = layer.weight.device
+        packed = cls(
+            layer.in_features,
+            layer.out_features,
+            bias=layer.bias is not None,
+            input_norm=layer.norm is not None,
+            activation_bits=layer.activation_bits,
+            cache_weights=cache_weights,
+            device=device,
+        )
+        w_ternary, scale = quantize_weights(layer.weight)
+        with torch.no_grad():
+            packed.packed_weight.copy_(pack_ternary(w_ternary))
+            packed.weight_scale.copy_(scale)
+            if layer.norm is not None:
+                packed.norm = nn.RMSNorm(
+                    layer.in_features,
+                    eps=layer.norm.eps,
+                    elementwise_affine=layer.norm.weight is not None,
+                    device=device,
+                )
+                packed.norm.load_state_dict(layer.norm.state_dict())
+                packed.norm.requires_grad_(False)
+            if layer.bias is not None:
+                packed.bias = layer.bias.detach().float().clone()
+        return packed
+
+    def ternary_weight(self) -> Tensor:  # (out, in) int8
+        return unpack_ternary(self.packed_weight, (self.out_features, self.in_features))
+
+    def _matmul_weights(self, device: torch.device) -> tuple[Tensor, Tensor | None]:
+        """Float ternary matrix (out, in) and, for the CPU int8 GEMM, its prepacked int8 copy (cached if asked)."""
+        use_int8 = _use_int8_gemm(device)
+        key = (self.packed_weight.data_ptr(), self.packed_weight._version, device, use_int8)
+        if self.cache_weights and self._weight_cache is not None and self._cache_key == key:
+            return self._weight_cache, self._int8_cache
+        w_int8 = self.ternary_weight().to(device)
+        w = w_int8.float()
+        packed = _pack_int8_weight(w_int8) if use_int8 else None
+        if self.cache_weights:
+            self._weight_cache, self._int8_cache, self._cache_key = w, packed, key
+        return w, packed
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self._weight_cache, self._int8_cache, self._cache_key = None, None, None
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Caches never travel: the opaque oneDNN weight cannot be copied or pickled, and both rebuild on first use.
+        state = dict(super().__getstate__())
+        state["_buffers"] = {**state["_buffers"], "_weight_cache": None}
+        state["_int8_cache"], state["_cache_key"] = None, None
+        return state
+
+    def forward(self, x: Tensor) -> Tensor:  # (..., in) -> (..., out)
+        _check_width(x, self.in_features, "PackedBitLinear")
+        with torch.no_grad():
+            # Norm and scales in float32 whatever the input dtype (the buffers are float32).
+            x32 = x.reshape(-1, self.in_features).float()  # (N, in)
+            y = self.norm(x32) if self.norm is not None else x32.clone()
+            codes, scale = _quantize_rows_(y, self.q_max)  # (N, in) integer-valued, (N, 1)
+            w, w_int8 = self._matmul_weights(x.device)
+            out = _ternary_matmul(codes, w, scale * self.weight_scale, self.bias, w_int8)  # (N, out)
+        return out.view(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"input_norm={self.norm is not None}, activation_bits={self.activation_bits}, bits_per_weight=2"
+        )
+
+
+def pack_model(model: nn.Module, cache_weights: bool = True) -> nn.Module:
+    """Replace every BitLinear with quantize=True by a PackedBitLinear, in place, for inference.
+
+    BitLinear layers with quantize=False stay as they are (their weights are full precision). A layer shared by
+    several parents is packed once and stays shared. Returns `model` (or the packed layer when `model` itself
+    is a BitLinear).
+    """
+    if isinstance(model, BitLinear):
+        return PackedBitLinear.from_bitlinear(model, cache_weights) if model.quantize else model
+    packed: dict[int, PackedBitLinear] = {}
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, BitLinear) and child.quantize:
+                if id(child) not in packed:
+                    packed[id(child)] = PackedBitLinear.from_bitlinear(child, cache_weights)
+                setattr(parent, name, packed[id(child)])
+    return model
+
+
+@torch.no_grad()
+def quantization_stats(model: nn.Module) -> dict[str, Any]:
+    """Ternary statistics of every quantized layer (BitLinear with quantize=True, PackedBitLinear).
+
+    Returns {"layers": {dotted name: {"scale" (gamma), "zero_fraction", "num_neg", "num_zero", "num_pos", "numel",
+    "packed"}}, "ternary_params", "total_params", "ternary_fraction", "float32_bytes", "packed_bytes",
+    "compression_ratio"}. total_params counts parameters plus packed weights (buffers after `pack_model`);
+    compression_ratio = float32 bytes of the ternary weights / their 2-bit packed bytes (1.0 without ternary layers).
+    """
+    layers: dict[str, dict[str, Any]] = {}
+    ternary_params = packed_bytes = packed_only_params = 0
+    for name, module in model.named_modules():
+        if isinstance(module, BitLinear) and module.quantize:
+            w_ternary, scale = quantize_weights(module.weight)
+            is_packed = False
+        elif isinstance(module, PackedBitLinear):
+            w_ternary, scale = module.ternary_weight(), module.weight_scale
+            is_packed = True
+            packed_only_params += w_ternary.numel()
+        else:
+            continue
+        counts = torch.bincount((w_ternary.reshape(-1) + 1).to(torch.int64), minlength=3).tolist()
+        numel = w_ternary.numel()
+        layers[name] = {
+            "scale": float(scale),
+            "zero_fraction": counts[1] / numel if numel else 0.0,
+            "num_neg": counts[0],
+            "num_zero": counts[1],
+            "num_pos": counts[2],
+            "numel": numel,
+            "packed": is_packed,
+        }
+        ternary_params += numel
+        packed_bytes += -(-numel // 4)
+    total_params = sum(p.numel() for p in model.parameters()) + packed_only_params
+    return {
+        "layers": layers,
+        "ternary_params": ternary_params,
+        "total_params": total_params,
+        "ternary_fraction": ternary_params / total_params if total_params else 0.0,
+        "float32_bytes": 4 * ternary_params,
+        "packed_bytes": packed_bytes,
+        "compression_ratio": 4 * ternary_params / packed_bytes if packed_bytes else 1.0,
+    }

@@ -7,8 +7,10 @@ saved with every run and checkpoint (`save_config`) and loads back unchanged.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
+import math
 import os
 import tempfile
 import types
@@ -19,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from bitmar.data.layout import TEXT_SOURCES
 from bitmar.model.model_config import ARCHITECTURE_PRESETS, ModelConfig
 
 BABYLM_MAX_EPOCHS = 10  # BabyLM rule: at most 10 passes over the 100M-word budget
@@ -72,6 +75,7 @@ class PhaseConfig:
 @dataclass
 class LossWeights:
     lm: float = 1.0  # causal LM loss on text-only batches
+    encoder_mlm: float = 0.5  # masked-token loss of the bidirectional text encoder (makes it useful before phase 2)
     caption: float = 1.0  # image-conditioned caption loss
     contrastive: float = 0.5  # text-vision InfoNCE
     memory_reconstruction: float = 1.0  # caption decoded from the memory readout (Larimar)
@@ -98,6 +102,8 @@ class TrainingConfig:
     loss_weights: LossWeights = field(default_factory=LossWeights)
     contrastive_temperature: float = 0.07
     memory_episodes_per_write: int = 32  # episodes written into one training memory (<= memory_size)
+    memory_query_noise: float = 0.1  # phase 3: relative noise on the query features, so recall is retrieval, not echo
+    mlm_probability: float = 0.15  # fraction of tokens masked for the encoder's masked-token loss
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
     compile: bool = False
     max_consecutive_nonfinite: int = 5  # non-finite losses in a row before the run stops
@@ -218,6 +224,8 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             raise ConfigError(f"{path}: expected a list, got {value!r} ({type(value).__name__})")
         return [_coerce(v, item_tp, f"{path}[{i}]") for i, v in enumerate(value)]
     if dataclasses.is_dataclass(tp):
+        if value is None:  # an empty YAML section (`training:` with every key commented out): all defaults
+            value = {}
         if not isinstance(value, dict):
             raise ConfigError(f"{path}: expected a mapping of {tp.__name__} keys, got {value!r}")
         return _build(tp, value, path)
@@ -232,14 +240,19 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             return int(value)
         raise ConfigError(f"{path}: expected an integer, got {value!r}")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads `1e-3` (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads `1e-3` (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{path}: expected a number, got {value!r}")
+        if number is None:
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        if not math.isfinite(number):
+            raise ConfigError(f"{path}: expected a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -266,7 +279,9 @@ def _migrate_seed_keys(raw: dict[str, Any]) -> dict[str, Any]:
     model = raw.get("model")
     if not isinstance(model, dict):
         return raw
-    training = raw.setdefault("training", {})
+    if raw.get("training") is None:
+        raw["training"] = {}
+    training = raw["training"]
     if not isinstance(training, dict):
         return raw
     for key in _SEED_MODEL_KEYS_MOVED_TO_TRAINING:
@@ -287,13 +302,27 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
     key = key.strip()
     if not key:
         raise ConfigError(f"override {text!r} has an empty key")
-    return key.split("."), yaml.safe_load(value) if value.strip() else ""
+    parts = key.split(".")
+    if not all(parts):
+        raise ConfigError(f"override {text!r}: the key {key!r} has an empty part; write it like training.batch_size")
+    if not value.strip():
+        return parts, ""
+    try:
+        return parts, yaml.safe_load(value)
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(
+            f"override {text!r}: the value is not valid YAML ({problem}); quote strings and close lists, "
+            "e.g. training.betas=[0.9,0.95]"
+        ) from None
 
 
 def _apply_override(raw: dict[str, Any], parts: list[str], value: Any) -> None:
     node = raw
     for part in parts[:-1]:
-        child = node.setdefault(part, {})
+        if node.get(part) is None:  # missing or an empty YAML section
+            node[part] = {}
+        child = node[part]
         if not isinstance(child, dict):
             raise ConfigError(f"override {'.'.join(parts)}: '{part}' is a value, not a section")
         node = child
@@ -309,8 +338,8 @@ def validate_config(cfg: BitMarConfig) -> None:
             close = difflib.get_close_matches(preset, list(ARCHITECTURE_PRESETS), n=1, cutoff=0.3)
             hint = f"; did you mean '{close[0]}'?" if close else ""
             raise ConfigError(
-                f"model.{name}={preset!r} is not an architecture preset{hint} BitMar trains from scratch (BabyLM rules)"
-                f" and never downloads a pretrained model; choose one of {sorted(ARCHITECTURE_PRESETS)}"
+                f"model.{name}={preset!r} is not an architecture preset{hint}; BitMar trains from scratch"
+                f" (BabyLM rules) and never downloads a pretrained model; choose one of {sorted(ARCHITECTURE_PRESETS)}"
             )
     positive = {
         "model.vocab_size": m.vocab_size,
@@ -326,6 +355,7 @@ def validate_config(cfg: BitMarConfig) -> None:
         "data.vocab_size": d.vocab_size,
         "data.max_caption_length": d.max_caption_length,
         "data.text_block_length": d.text_block_length,
+        "training.learning_rate": t.learning_rate,
         "training.batch_size": t.batch_size,
         "training.gradient_accumulation_steps": t.gradient_accumulation_steps,
         "training.max_epochs": t.max_epochs,
@@ -344,7 +374,6 @@ def validate_config(cfg: BitMarConfig) -> None:
         "model.fusion_layers": m.fusion_layers,
         "model.dropout": m.dropout,
         "model.addressing_noise_std": m.addressing_noise_std,
-        "training.learning_rate": t.learning_rate,
         "training.weight_decay": t.weight_decay,
         "training.warmup_steps": t.warmup_steps,
         "training.gradient_clip": t.gradient_clip,
@@ -355,6 +384,37 @@ def validate_config(cfg: BitMarConfig) -> None:
     for key, value in non_negative.items():
         if value < 0:
             raise ConfigError(f"{key} must be >= 0, got {value}")
+    if m.mlp_ratio <= 0:
+        raise ConfigError(f"model.mlp_ratio must be > 0, got {m.mlp_ratio}")
+    optional_positive = {  # None means "no limit"
+        "training.max_steps_per_epoch": t.max_steps_per_epoch,
+        "training.validation_batches": t.validation_batches,
+        "data.max_caption_samples": d.max_caption_samples,
+        "data.max_text_tokens": d.max_text_tokens,
+    }
+    for key, value in optional_positive.items():
+        if value is not None and value <= 0:
+            raise ConfigError(f"{key} must be > 0 or null (no limit), got {value}")
+    e = cfg.evaluation
+    for key, value in {
+        "evaluation.batch_size": e.batch_size,
+        "evaluation.retrieval_gallery_size": e.retrieval_gallery_size,
+        "evaluation.caption_samples": e.caption_samples,
+        "evaluation.caption_max_new_tokens": e.caption_max_new_tokens,
+    }.items():
+        if value <= 0:
+            raise ConfigError(f"{key} must be > 0, got {value}")
+    for i, size in enumerate(e.recall_sizes):
+        if size <= 0 and size != -1:
+            raise ConfigError(f"evaluation.recall_sizes[{i}] must be > 0 or -1 (= model.memory_size), got {size}")
+    for i, source in enumerate(d.text_sources):
+        if source not in TEXT_SOURCES:
+            close = difflib.get_close_matches(source, TEXT_SOURCES, n=1, cutoff=0.5)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(
+                f"data.text_sources[{i}]={source!r} is not a BabyLM text source{hint} "
+                f"(choose from {list(TEXT_SOURCES)})"
+            )
     if m.hidden_size % m.decoder_heads or m.hidden_size % m.encoder_heads:
         raise ConfigError(
             f"model.hidden_size={m.hidden_size} must be divisible by the heads of model.text_encoder "
@@ -365,12 +425,15 @@ def validate_config(cfg: BitMarConfig) -> None:
             f"model.text_latent_size={m.text_latent_size} and model.vision_latent_size={m.vision_latent_size} must be "
             "equal: the alignment loss compares text and vision latents directly"
         )
+    if m.gqa_group_size < 1 or m.encoder_heads % m.gqa_group_size or m.decoder_heads % m.gqa_group_size:
+        raise ConfigError(
+            f"model.gqa_group_size={m.gqa_group_size} must be >= 1 and divide the head counts of model.text_encoder "
+            f"({m.encoder_heads}) and model.text_decoder ({m.decoder_heads})"
+        )
     if not 0.0 < m.memory_alpha <= 1.0:
         raise ConfigError(f"model.memory_alpha must be in (0, 1], got {m.memory_alpha}")
     if not 0.0 <= m.dropout < 1.0:
         raise ConfigError(f"model.dropout must be in [0, 1), got {m.dropout}")
-    if t.learning_rate == 0:
-        raise ConfigError("training.learning_rate must be > 0")
     if not 0.0 <= d.validation_fraction < 1.0:
         raise ConfigError(f"data.validation_fraction must be in [0, 1), got {d.validation_fraction}")
     if not 0.0 <= d.text_ratio <= 1.0:
@@ -379,6 +442,10 @@ def validate_config(cfg: BitMarConfig) -> None:
         raise ConfigError(f"training.min_learning_rate_ratio must be in (0, 1], got {t.min_learning_rate_ratio}")
     if len(t.betas) != 2 or not all(0.0 <= b < 1.0 for b in t.betas):
         raise ConfigError(f"training.betas must be two numbers in [0, 1), got {t.betas}")
+    if not 0.0 < t.mlm_probability < 1.0:
+        raise ConfigError(f"training.mlm_probability must be in (0, 1), got {t.mlm_probability}")
+    if t.memory_query_noise < 0:
+        raise ConfigError(f"training.memory_query_noise must be >= 0, got {t.memory_query_noise}")
     if t.contrastive_temperature <= 0:
         raise ConfigError(f"training.contrastive_temperature must be > 0, got {t.contrastive_temperature}")
     if t.memory_episodes_per_write > m.memory_size:
@@ -405,7 +472,9 @@ def validate_config(cfg: BitMarConfig) -> None:
 
 
 def config_from_dict(raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> BitMarConfig:
-    raw = _migrate_seed_keys(dict(raw))
+    if not isinstance(raw, dict):
+        raise ConfigError(f"a config must be a mapping of sections, got {type(raw).__name__}")
+    raw = _migrate_seed_keys(copy.deepcopy(raw))  # never edit the caller's (possibly shared) mapping
     for text in overrides:
         parts, value = _parse_override(text)
         if parts[0] == "model" and len(parts) == 2 and parts[1] in _SEED_MODEL_KEYS_MOVED_TO_TRAINING:
@@ -421,10 +490,14 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
-        if not path.is_file():
+        if not path.exists():
             raise ConfigError(f"config file {path} does not exist; the shipped configs are in configs/")
+        if not path.is_file():
+            raise ConfigError(f"config path {path} is not a file; pass a YAML file such as configs/bitmar_tiny.yaml")
         try:
             loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"config file {path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
         except yaml.YAMLError as err:
             raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
         if loaded is None:
