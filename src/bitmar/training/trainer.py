@@ -209,10 +209,8 @@ class Trainer:
     def _make_attention_analyzer(self) -> Any:
         if not self.cfg.attention_analysis.enabled:
             return None
-        try:
-            from bitmar.analysis.heads import HeadImportanceTracker
-        except ImportError:
-            return None
+        from bitmar.analysis.heads import HeadImportanceTracker
+
         return HeadImportanceTracker(self.model, self.cfg.attention_analysis, self.output_dir / "attention_analysis")
 
     def _load_resume(self, resume_from: str | None) -> dict[str, Any] | None:
@@ -320,6 +318,8 @@ class Trainer:
                     self.progress.phase, self.progress.epoch, self.progress.batch = phase, 0, 0
                 self._run_phase(phase)
             summary = self.final_summary()
+            if self.analyzer is not None:
+                self.analyzer.on_train_end(self.progress.global_step, self.logger)
             return summary
         finally:
             for signum, handler in previous_handlers.items():
@@ -498,7 +498,7 @@ class Trainer:
                 batch["input_ids"],
                 batch["attention_mask"],
                 vision_features=batch["vision_features"],
-                output_attentions=wb.log_attention,
+                output_attentions=wb.log_attention and self.analyzer is None,
             )
             self.model.train()
             if wb.log_features:
@@ -509,7 +509,8 @@ class Trainer:
                     metrics[f"Features/{name}_Norm"] = float(latent.norm(dim=-1).mean())
                 similarity = nn.functional.cosine_similarity(out.text_latent.float(), out.vision_latent.float(), dim=-1)
                 metrics["Features/Cross_Modal_Similarity"] = float(similarity.mean())
-            if wb.log_attention and out.attentions:
+            if wb.log_attention and out.attentions and self.analyzer is None:
+                # With attention analysis on, the tracker logs these keys from its own batch (one series per key).
                 metrics.update(attention_entropy_metrics(out.attentions))
         return metrics
 
@@ -598,6 +599,9 @@ class Trainer:
             self.progress.best_val_loss = metrics["Validation/loss"]
             names.append("best.pt")
         self.save(*names)
+        if self.analyzer is not None:
+            for path in self.analyzer.on_epoch_end(self.progress.epochs_done, step, self.logger) or []:
+                log.debug("attention analysis figure %s", path)
         viz_every = self.cfg.attention_analysis.viz_every_n_epochs
         if self.dist.is_main and self.cfg.wandb.create_plots and self.progress.epochs_done % viz_every == 0:
             self.make_plots(phase)

@@ -1,0 +1,620 @@
+"""Attention-head importance, entropy and memory attention, measured during training.
+
+Method. Every attention module multiplies head h's output by a gate g_h (`head_gates`, ones in training), so
+the loss depends on the gates and one backward pass w.r.t. the gates alone gives, for every head of every stack,
+
+    I_h = | g_h * dL/dg_h |,        dL/dg_h = sum_{b, t} < o_h(b, t), dL/d(g_h o_h)(b, t) >
+
+where o_h is the head's output (before the output projection) and L is the training objective of the current
+phase on a small analysis batch. At g_h = 1 this is the gradient importance |dL/dg_h| of Michel et al. 2019
+("Are Sixteen Heads Really Better than One?"); the factor g_h makes it the first-order Taylor estimate of the loss
+change when the head is removed (Molchanov et al. 2019), which is exactly 0 for a head already gated off (at g_h = 0,
+|dL/dg_h| itself is |<o_h, upstream grad>| and in general not 0). The gradient of the batch-mean loss is taken
+(one backward, not one per example as Michel et al.), so per-example signs may cancel; the tracked score averages
+over measurements with a bias-corrected exponential moving average (beta = `ema_decay`, 0.9):
+
+    m_n = beta * m_{n-1} + (1 - beta) * I^(n),        score_n = m_n / (1 - beta^n).
+
+On the same batch a no-grad forward with `output_attentions=True` gives, per head, the attention entropy
+H_h = mean over examples and real query positions of -sum_k A[q, k] log A[q, k] (nats) and the concentration
+C_h = mean of max_k A[q, k]. The "memory" type scores each decoder (layer, head) by the attention mass that text
+queries put on the decoder prefix (memory readout tokens, then vision tokens): M_h = mean_q sum_{k < P} A[q, k];
+its entropy is that of the prefix attention renormalised over the P prefix positions. In phase >= 3 the analysis
+batch's episodes are written into a fresh memory and recalled with their image keys (as validation does), so the
+prefix holds [readout tokens, vision tokens] as at inference; before phase 3 it holds the vision tokens only.
+
+Which heads get a gradient depends on the phase's loss: phase 1 text batches reach the decoder (and the encoder
+through the masked-token loss); caption batches add the vision encoder; the cross-modal stack feeds the episode
+latent z_m and so gets importance from phase 3 on. A type's history gets a row only at steps where it was measured.
+
+Cost: one forward/backward of the objective (gradients for the gates only: parameter `.grad` is never touched)
+and one or two no-grad forwards, on the analysis batch, every `attention_analysis.log_every_n_steps` optimizer
+steps, on rank 0 only (other ranks return at once). The training trajectory is unchanged: the global RNG is
+forked (and seeded from the step, so a measurement is reproducible), module train/eval modes and the gates'
+`requires_grad` are restored, and nothing is stepped.
+
+Files (rank 0, under the run's `attention_analysis/`): `history_{type}.npz` (rewritten atomically at every
+measurement; see `HeadHistory`), `top_heads_{type}_step_{X}.npy` ((K, 3): layer, head, score), with
+`attention_analysis.save_head_patterns` `head_patterns_{type}_step_{X}.npz` (attention maps of the top heads on the
+first analysis example), and at `on_epoch_end` / `on_train_end` the figures `attention_heads_{type}_step_{X}.png`
+and `attention_timeline_step_{X}.png`. A resumed run truncates each history to the steps before its first new
+measurement, so a resume continues the same history.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+log = logging.getLogger("bitmar")
+
+GRADIENT_TYPES = ("encoder", "decoder", "cross_modal", "vision")
+ANALYSIS_TYPES = (*GRADIENT_TYPES, "memory")
+METRIC_NAMES = {
+    "encoder": "Encoder",
+    "decoder": "Decoder",
+    "cross_modal": "CrossModal",
+    "vision": "Vision",
+    "memory": "Memory",
+}
+HISTORY_FORMAT = 1
+
+
+# ------------------------------------------------------------------------------------------------ measurements
+
+
+def gate_importance(
+    loss_fn: Callable[[], Tensor], modules: dict[str, list[nn.Module]]
+) -> tuple[dict[str, np.ndarray], float]:
+    """|g_h * dL/dg_h| per (layer, head) for every type whose gates the loss reaches -> ({type: (L, H)}, loss).
+
+    `loss_fn` runs the forward pass; only the gate buffers get gradients (`torch.autograd.grad`, so no parameter's
+    `.grad` changes). A type none of whose gates the loss depends on is left out; within a reached type a layer
+    the loss does not depend on scores 0. The gates' `requires_grad` flags are restored.
+    """
+    entries = [(kind, layer, module) for kind, mods in modules.items() for layer, module in enumerate(mods)]
+    gates = [module.head_gates for _, _, module in entries]
+    flags = [gate.requires_grad for gate in gates]
+    for gate in gates:
+        gate.requires_grad_(True)
+    try:
+        loss = loss_fn()
+        grads = (
+            torch.autograd.grad(loss, gates, allow_unused=True) if gates and loss.requires_grad else [None] * len(gates)
+        )
+    finally:
+        for gate, flag in zip(gates, flags, strict=True):
+            gate.requires_grad_(flag)
+    result: dict[str, np.ndarray] = {}
+    reached = {kind for (kind, _, _), grad in zip(entries, grads, strict=True) if grad is not None}
+    for kind in reached:
+        rows = []
+        for (k, _, module), grad in zip(entries, grads, strict=True):
+            if k != kind:
+                continue
+            if grad is None:
+                rows.append(np.zeros(module.num_heads))
+            else:
+                rows.append((module.head_gates.detach() * grad.detach()).abs().double().cpu().numpy())
+        result[kind] = np.stack(rows)  # (L, H)
+    return result, float(loss.detach())
+
+
+def _masked_head_mean(values: Tensor, query_mask: Tensor | None) -> Tensor:  # (B, H, Tq), (B, Tq) -> (H,)
+    if query_mask is None:
+        return values.mean(dim=(0, 2))
+    weight = query_mask.to(values.dtype)[:, None, :]  # (B, 1, Tq)
+    return (values * weight).sum(dim=(0, 2)) / weight.sum(dim=(0, 2)).clamp(min=1)
+
+
+def _entropy(p: Tensor) -> Tensor:  # (..., K) probabilities -> (...) nats; 0 log 0 = 0
+    return -(p * p.clamp(min=1e-12).log()).sum(dim=-1)
+
+
+def attention_statistics(weights: Tensor, query_mask: Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Per-head mean entropy (nats) and mean max weight over examples and real queries -> ((H,), (H,)).
+
+    weights (B, H, Tq, Tk); query_mask (B, Tq), 1 = a real query (padding rows are left out), None = all.
+    """
+    p = weights.detach().float()
+    entropy = _masked_head_mean(_entropy(p), query_mask)
+    concentration = _masked_head_mean(p.amax(dim=-1), query_mask)
+    return entropy.double().cpu().numpy(), concentration.double().cpu().numpy()
+
+
+def prefix_statistics(
+    weights: Tensor, prefix_length: int, text_mask: Tensor | None, readout_tokens: int = 0
+) -> dict[str, np.ndarray]:
+    """Decoder attention of the text queries on the prefix, per head -> {"mass", "entropy", "concentration",
+    "readout_mass"} each (H,).
+
+    weights (B, H, P + T, P + T) of the decoder; text_mask (B, T). "mass" is the attention mass on the P prefix
+    positions, "entropy"/"concentration" describe that attention renormalised over the prefix, "readout_mass" the
+    mass on the first `readout_tokens` positions (the memory readout).
+    """
+    if prefix_length <= 0:
+        raise ValueError("prefix_statistics needs a decoder prefix (prefix_length > 0)")
+    rows = weights.detach().float()[:, :, prefix_length:, :]  # (B, H, T, P + T): text queries only
+    on_prefix = rows[..., :prefix_length]  # (B, H, T, P)
+    mass = on_prefix.sum(dim=-1)  # (B, H, T)
+    renormalised = on_prefix / mass.clamp(min=1e-12)[..., None]
+    stats = {
+        "mass": _masked_head_mean(mass, text_mask),
+        "entropy": _masked_head_mean(_entropy(renormalised), text_mask),
+        "concentration": _masked_head_mean(renormalised.amax(dim=-1), text_mask),
+        "readout_mass": _masked_head_mean(rows[..., :readout_tokens].sum(dim=-1), text_mask),
+    }
+    return {k: v.double().cpu().numpy() for k, v in stats.items()}
+
+
+def top_heads(scores: np.ndarray, k: int) -> np.ndarray:
+    """(L, H) scores -> (K, 3) rows (layer, head, score), highest first; NaN scores rank last, ties by position."""
+    flat = np.nan_to_num(np.asarray(scores, dtype=np.float64).ravel(), nan=-np.inf)
+    k = max(0, min(int(k), flat.size))
+    order = np.argsort(-flat, kind="stable")[:k]
+    layers, heads = np.divmod(order, scores.shape[1])
+    return np.stack([layers, heads, np.asarray(scores, dtype=np.float64).ravel()[order]], axis=1).reshape(k, 3)
+
+
+# ----------------------------------------------------------------------------------------------------- history
+
+
+@dataclass
+class HeadHistory:
+    """Measurements of one attention type, as saved in `history_{type}.npz` (S measurements, L layers, H heads).
+
+    steps (S,) optimizer steps; phases (S,); importance (S, L, H) the tracked score (bias-corrected EMA of
+    raw_importance; for "memory" of the prefix mass); raw_importance (S, L, H) this measurement's score;
+    entropy, concentration (S, L, H); readout_mass (S, L, H) decoder mass on the memory readout tokens (memory
+    type, NaN where the prefix held none); prefix_length, readout_tokens (S,) the decoder prefix composition
+    (memory type; 0 elsewhere). measure: "gradient" (|g dL/dg|) or "prefix_mass".
+    """
+
+    attention_type: str
+    measure: str
+    num_layers: int
+    num_heads: int
+    ema_decay: float = 0.9
+    track_top_k: int = 10
+    steps: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    phases: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    importance: np.ndarray | None = None
+    raw_importance: np.ndarray | None = None
+    entropy: np.ndarray | None = None
+    concentration: np.ndarray | None = None
+    readout_mass: np.ndarray | None = None
+    prefix_length: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    readout_tokens: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+
+    CUBES = ("importance", "raw_importance", "entropy", "concentration", "readout_mass")
+
+    def __post_init__(self) -> None:
+        for name in self.CUBES:
+            if getattr(self, name) is None:
+                setattr(self, name, np.zeros((0, self.num_layers, self.num_heads), np.float32))
+
+    def __len__(self) -> int:
+        return int(self.steps.size)
+
+    def append(
+        self,
+        step: int,
+        phase: int,
+        raw: np.ndarray,  # (L, H)
+        entropy: np.ndarray,
+        concentration: np.ndarray,
+        readout_mass: np.ndarray | None = None,
+        prefix_length: int = 0,
+        readout_tokens: int = 0,
+    ) -> np.ndarray:
+        """Add one measurement; returns the new tracked score (L, H) (bias-corrected EMA over all rows)."""
+        shape = (self.num_layers, self.num_heads)
+        if raw.shape != shape:
+            raise ValueError(f"{self.attention_type} measurement has shape {raw.shape}, the history {shape}")
+        n = len(self) + 1
+        beta = self.ema_decay
+        previous = self.importance[-1].astype(np.float64) * (1 - beta ** (n - 1)) if n > 1 else np.zeros(shape)
+        ema = beta * previous + (1 - beta) * raw
+        score = ema / (1 - beta**n)
+        if readout_mass is None:
+            readout_mass = np.full(shape, np.nan)
+
+        def grow(cube: np.ndarray, row: np.ndarray) -> np.ndarray:
+            return np.concatenate([cube, np.asarray(row, np.float32)[None]], axis=0)
+
+        self.steps = np.append(self.steps, np.int64(step))
+        self.phases = np.append(self.phases, np.int64(phase))
+        self.prefix_length = np.append(self.prefix_length, np.int64(prefix_length))
+        self.readout_tokens = np.append(self.readout_tokens, np.int64(readout_tokens))
+        self.importance = grow(self.importance, score)
+        self.raw_importance = grow(self.raw_importance, raw)
+        self.entropy = grow(self.entropy, entropy)
+        self.concentration = grow(self.concentration, concentration)
+        self.readout_mass = grow(self.readout_mass, readout_mass)
+        return score
+
+    def truncate_before(self, step: int) -> None:
+        """Keep the measurements taken before `step` (a resumed run re-measures from there)."""
+        keep = self.steps < step
+        for name in ("steps", "phases", "prefix_length", "readout_tokens", *self.CUBES):
+            setattr(self, name, getattr(self, name)[keep])
+
+    def top_heads(self, k: int | None = None, index: int = -1) -> np.ndarray:
+        """(K, 3) (layer, head, score) of measurement `index` (default the latest)."""
+        return top_heads(self.importance[index], self.track_top_k if k is None else k)
+
+    def save(self, path: Path) -> Path:
+        arrays = {
+            name: getattr(self, name) for name in ("steps", "phases", "prefix_length", "readout_tokens", *self.CUBES)
+        }
+        meta = {
+            "format": np.int64(HISTORY_FORMAT),
+            "attention_type": np.str_(self.attention_type),
+            "measure": np.str_(self.measure),
+            "ema_decay": np.float64(self.ema_decay),
+            "track_top_k": np.int64(self.track_top_k),
+        }
+        return save_npz_atomic(path, {**arrays, **meta})
+
+    @classmethod
+    def load(cls, path: Path) -> HeadHistory:
+        """Read a history file; raises ValueError naming the file when it is not one."""
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                content = {key: data[key] for key in data.files}
+        except (OSError, ValueError, EOFError) as err:
+            raise ValueError(f"{path} is not a readable head-history file ({err})") from err
+        required = {"format", "attention_type", "measure", "steps", "importance", "entropy"}
+        missing = sorted(required - set(content))
+        if missing:
+            raise ValueError(f"{path} lacks the arrays {missing}: not a history file written by bitmar.analysis")
+        importance = content["importance"]
+        if importance.ndim != 3 or importance.shape[0] != content["steps"].shape[0]:
+            raise ValueError(
+                f"{path}: importance has shape {importance.shape}, expected (S, L, H) with S = {content['steps'].size}"
+            )
+        names = {f.name for f in fields(cls)}
+        kwargs: dict[str, Any] = {k: v for k, v in content.items() if k in names}
+        kwargs["attention_type"] = str(content["attention_type"])
+        kwargs["measure"] = str(content["measure"])
+        kwargs["ema_decay"] = float(content.get("ema_decay", 0.9))
+        kwargs["track_top_k"] = int(content.get("track_top_k", 10))
+        kwargs["num_layers"], kwargs["num_heads"] = int(importance.shape[1]), int(importance.shape[2])
+        history = cls(**kwargs)
+        s = len(history)
+        for name in ("phases", "prefix_length", "readout_tokens"):
+            if getattr(history, name).shape != (s,):
+                setattr(history, name, np.zeros(s, np.int64))
+        for name in cls.CUBES:
+            if getattr(history, name).shape != importance.shape:
+                setattr(history, name, np.full(importance.shape, np.nan, np.float32))
+        return history
+
+
+def save_npz_atomic(path: Path, arrays: dict[str, Any]) -> Path:
+    """np.savez into a temporary file next to `path`, then os.replace: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".npz.tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            np.savez(handle, **arrays)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return path
+
+
+def save_npy_atomic(path: Path, array: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".npy.tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            np.save(handle, array)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return path
+
+
+def history_path(analysis_dir: Path, attention_type: str) -> Path:
+    return Path(analysis_dir) / f"history_{attention_type}.npz"
+
+
+# ----------------------------------------------------------------------------------------------------- tracker
+
+
+@dataclass
+class _Observation:
+    """What one attention pass saw for one type (per layer (H,) arrays and the maps of the first example)."""
+
+    entropy: np.ndarray  # (L, H)
+    concentration: np.ndarray  # (L, H)
+    maps: list[Tensor]  # per layer (H, Tq, Tk), first example, cropped to its real tokens
+    score: np.ndarray | None = None  # memory type: prefix mass (L, H)
+    readout_mass: np.ndarray | None = None
+    prefix_length: int = 0
+    readout_tokens: int = 0
+
+
+class HeadImportanceTracker:
+    """Measures head importance during training; see the module docstring for the method and the files.
+
+    Trainer hooks: `measure(objective, batch, phase, step, logger)` every `cfg.log_every_n_steps` optimizer steps,
+    `on_epoch_end(epochs_done, step, logger)` after each epoch (figures every `cfg.viz_every_n_epochs` finished
+    epochs) and `on_train_end(step, logger)` (final figures). Safe to call on every rank: only the rank whose
+    logger is enabled measures and writes.
+    """
+
+    def __init__(self, model: nn.Module, cfg: Any, output_dir: Path, ema_decay: float = 0.9) -> None:
+        if not 0.0 <= ema_decay < 1.0:
+            raise ValueError(f"ema_decay must lie in [0, 1), got {ema_decay}")
+        self.model = model
+        self.cfg = cfg
+        self.output_dir = Path(output_dir)
+        self.ema_decay = ema_decay
+        self.histories: dict[str, HeadHistory] = {}
+        self._resumed = False
+        self._last_figure_step: int | None = None
+
+    # ---------------------------------------------------------------------------------------------- measure
+    def measure(
+        self, objective: nn.Module, batch: dict[str, Any], phase: int, step: int, logger: Any
+    ) -> dict[str, float]:
+        """One measurement on `batch`; logs metrics and writes files on the main rank; returns the metrics."""
+        if not logger.enabled:
+            return {}
+        start = time.perf_counter()
+        self._resume_histories(step)
+        modes = {module: module.training for module in objective.modules()}
+        device = next(self.model.parameters()).device
+        fork_devices = (
+            [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+        )
+        objective.eval()  # no dropout or addressing noise: a measurement depends on the weights and the batch only
+        try:
+            with torch.random.fork_rng(devices=fork_devices):
+                # The objective draws MLM masks / memory query noise: a seed from the step makes them reproducible.
+                torch.random.default_generator.manual_seed(step)
+                if device.type == "cuda":
+                    torch.cuda.manual_seed(step)
+                modules = {k: v for k, v in self.model.attention_modules().items() if k in GRADIENT_TYPES and v}
+                raw, loss = gate_importance(lambda: objective(batch, phase)[0], modules)
+                with torch.no_grad():
+                    observed = self._observe(batch, phase)
+        finally:
+            for module, mode in modes.items():
+                module.train(mode)
+        if not np.isfinite(loss):
+            log.warning("attention analysis at step %d: non-finite loss, measurement skipped", step)
+            return {}
+        metrics = self._record(raw, observed, phase, step)
+        metrics["Attention/Analysis_Seconds"] = time.perf_counter() - start
+        logger.log_metrics(metrics, step=step)
+        return metrics
+
+    def _observe(self, batch: dict[str, Any], phase: int) -> dict[str, _Observation]:
+        """No-grad forward(s) with attention maps: entropy and concentration per type, prefix attention."""
+        model = self.model
+        ids = batch["input_ids"]
+        mask = batch.get("attention_mask")
+        if mask is None:
+            mask = torch.ones_like(ids)
+        vision = batch.get("vision_features") if batch.get("kind") == "caption" else None
+        if vision is not None and not getattr(model.config, "use_vision", True):
+            vision = None
+        out = model(ids, mask, vision_features=vision, output_attentions=True)
+        n0 = int(mask[0].sum())  # real tokens of the first example (right padding)
+        observed: dict[str, _Observation] = {}
+        for kind, maps in out.attentions.items():
+            if not maps:
+                continue
+            if kind == "cross_modal" and not self.cfg.analyze_cross_modal:
+                continue
+            query_mask = self._query_mask(kind, mask, out.prefix_length)
+            stats = [attention_statistics(w, query_mask) for w in maps]
+            observed[kind] = _Observation(
+                entropy=np.stack([s[0] for s in stats]),
+                concentration=np.stack([s[1] for s in stats]),
+                maps=[self._crop(kind, w[0], n0, out.prefix_length) for w in maps],
+            )
+        if not self.cfg.analyze_memory_attention:
+            return observed
+        decoder_maps, prefix, readout_tokens = out.attentions["decoder"], out.prefix_length, 0
+        memory = getattr(model, "memory", None)
+        if phase >= 3 and memory is not None and vision is not None and out.multimodal_latent is not None:
+            # Recall the batch's own episodes from a fresh memory with their image keys: the inference-time prefix.
+            keys = model.memory_key_proj(out.vision_latent)  # (B, E)
+            state = model.write_memory(keys, out.multimodal_latent)
+            readout, _ = memory.read_kv(keys, state)  # (B, E)
+            recalled = model(
+                ids, mask, vision_features=vision, memory_readout=readout, return_latents=False, output_attentions=True
+            )
+            decoder_maps, prefix = recalled.attentions["decoder"], recalled.prefix_length
+            readout_tokens = int(model.config.memory_readout_tokens)
+        if prefix > 0 and decoder_maps:
+            stats = [prefix_statistics(w, prefix, mask, readout_tokens) for w in decoder_maps]
+            observed["memory"] = _Observation(
+                entropy=np.stack([s["entropy"] for s in stats]),
+                concentration=np.stack([s["concentration"] for s in stats]),
+                maps=[self._crop("decoder", w[0], n0, prefix) for w in decoder_maps],
+                score=np.stack([s["mass"] for s in stats]),
+                readout_mass=np.stack([s["readout_mass"] for s in stats]) if readout_tokens else None,
+                prefix_length=prefix,
+                readout_tokens=readout_tokens,
+            )
+        return observed
+
+    @staticmethod
+    def _query_mask(kind: str, mask: Tensor, prefix_length: int) -> Tensor | None:
+        if kind in ("encoder", "cross_modal"):
+            return mask  # (B, T): text queries
+        if kind == "decoder":  # [prefix, text] queries: the text ones count
+            return torch.cat([mask.new_zeros(mask.shape[0], prefix_length), mask], dim=1)
+        return None  # vision tokens are all real
+
+    @staticmethod
+    def _crop(kind: str, weights: Tensor, n0: int, prefix_length: int) -> Tensor:  # (H, Tq, Tk) of one example
+        if kind == "encoder":
+            return weights[:, :n0, :n0]
+        if kind == "cross_modal":
+            return weights[:, :n0, :]
+        if kind == "decoder":
+            return weights[:, : prefix_length + n0, : prefix_length + n0]
+        return weights
+
+    def _resume_histories(self, step: int) -> None:
+        """Once per process: continue the histories on disk, dropping measurements at or after `step`."""
+        if self._resumed:
+            return
+        self._resumed = True
+        for kind in ANALYSIS_TYPES:
+            path = history_path(self.output_dir, kind)
+            if not path.is_file():
+                continue
+            history = HeadHistory.load(path)
+            before = len(history)
+            history.truncate_before(step)
+            if len(history) < before:  # measurements a resumed run will redo: gone from disk too
+                if len(history):
+                    history.save(path)
+                else:
+                    path.unlink()
+            if len(history):
+                self.histories[kind] = history
+                log.info("attention analysis: continuing %s with %d earlier measurement(s)", path, len(history))
+
+    def _history(self, kind: str, num_layers: int, num_heads: int) -> HeadHistory:
+        history = self.histories.get(kind)
+        if history is not None and (history.num_layers, history.num_heads) != (num_layers, num_heads):
+            log.warning(
+                "attention analysis: %s holds %dx%d heads but the model has %dx%d; starting a new history",
+                history_path(self.output_dir, kind),
+                history.num_layers,
+                history.num_heads,
+                num_layers,
+                num_heads,
+            )
+            history = None
+        if history is None:
+            history = HeadHistory(
+                kind,
+                "prefix_mass" if kind == "memory" else "gradient",
+                num_layers,
+                num_heads,
+                ema_decay=self.ema_decay,
+                track_top_k=self.cfg.track_top_k,
+            )
+            self.histories[kind] = history
+        return history
+
+    def _record(
+        self, raw: dict[str, np.ndarray], observed: dict[str, _Observation], phase: int, step: int
+    ) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        for kind, obs in observed.items():
+            if kind == "memory":
+                continue
+            name = METRIC_NAMES[kind]
+            for layer, entropy in enumerate(obs.entropy):
+                metrics[f"Attention/{name}_layer_{layer}_Entropy"] = float(entropy.mean())
+            metrics[f"Attention/{name}_Concentration"] = float(obs.concentration.mean())
+        if "memory" in observed:
+            obs = observed["memory"]
+            metrics["Attention/Memory_Mean"] = float(obs.score.mean())
+            metrics["Attention/Memory_Entropy"] = float(obs.entropy.mean())
+            if obs.readout_mass is not None:
+                metrics["Attention/Memory_Readout_Mean"] = float(obs.readout_mass.mean())
+        scores = dict(raw)
+        if "memory" in observed:
+            scores["memory"] = observed["memory"].score
+        for kind, values in scores.items():
+            obs = observed.get(kind)
+            if obs is None:  # not observed (e.g. analyze_cross_modal is false): no history row
+                continue
+            history = self._history(kind, *values.shape)
+            history.append(
+                step,
+                phase,
+                values,
+                obs.entropy,
+                obs.concentration,
+                readout_mass=obs.readout_mass,
+                prefix_length=obs.prefix_length,
+                readout_tokens=obs.readout_tokens,
+            )
+            best = history.top_heads()  # from the stored row, so the file and the history agree
+            for rank, (_, _, value) in enumerate(best, start=1):
+                metrics[f"Attention/Top_{METRIC_NAMES[kind]}_{rank}"] = float(value)
+            save_npy_atomic(self.output_dir / f"top_heads_{kind}_step_{step}.npy", best)
+            history.save(history_path(self.output_dir, kind))
+            if self.cfg.save_head_patterns:
+                self._save_patterns(kind, best, obs, step)
+        return metrics
+
+    def _save_patterns(self, kind: str, best: np.ndarray, obs: _Observation, step: int) -> None:
+        layers, heads = best[:, 0].astype(np.int64), best[:, 1].astype(np.int64)
+        patterns = np.stack(
+            [obs.maps[layer][head].float().cpu().numpy() for layer, head in zip(layers, heads, strict=True)]
+        )
+        save_npz_atomic(
+            self.output_dir / f"head_patterns_{kind}_step_{step}.npz",
+            {
+                "patterns": patterns.astype(np.float32),  # (K, Tq, Tk), first analysis example
+                "layers": layers,
+                "heads": heads,
+                "scores": best[:, 2],
+                "prefix_length": np.int64(obs.prefix_length),
+                "step": np.int64(step),
+            },
+        )
+
+    # ---------------------------------------------------------------------------------------------- figures
+    def on_epoch_end(self, epoch: int, step: int, logger: Any) -> list[Path]:
+        """Figures every `viz_every_n_epochs` finished epochs (`epoch` counts finished epochs, from 1)."""
+        if not logger.enabled or epoch % max(1, self.cfg.viz_every_n_epochs) != 0:
+            return []
+        return self.draw_figures(step, logger)
+
+    def on_train_end(self, step: int, logger: Any) -> list[Path]:
+        """Final figures (skipped when the last epoch end already drew this step)."""
+        if not logger.enabled or self._last_figure_step == step:
+            return []
+        return self.draw_figures(step, logger)
+
+    def draw_figures(self, step: int, logger: Any) -> list[Path]:
+        """Heatmap per type and the timeline of the top heads; a drawing failure is a warning, never fatal."""
+        from bitmar.analysis import report
+        from bitmar.training.plots import safe_plot
+
+        histories = {k: h for k, h in self.histories.items() if len(h)}
+        if not histories:
+            return []
+        self._last_figure_step = step
+        written: list[Path] = []
+        for kind, history in histories.items():
+            path = safe_plot(
+                report.plot_head_heatmap, history, self.output_dir / f"attention_heads_{kind}_step_{step}.png"
+            )
+            if path is not None:
+                written.append(path)
+                logger.log_figure(f"Attention/Heads_{METRIC_NAMES[kind]}", path, step)
+        path = safe_plot(
+            report.plot_timeline,
+            histories,
+            self.output_dir / f"attention_timeline_step_{step}.png",
+            self.cfg.track_top_k,
+        )
+        if path is not None:
+            written.append(path)
+            logger.log_figure("Attention/Timeline", path, step)
+        return written
