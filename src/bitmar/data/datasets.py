@@ -25,6 +25,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -594,6 +595,17 @@ def _get_tokenizer(
     return tokenizer, tok_dir
 
 
+def _stale_sample(data_dir: Path, sample_cfg: Any, cfg: BitMarConfig) -> bool:
+    """A sample world written with other sizes or seed than the config asks for (regenerated: it is ours)."""
+    manifest = data_dir / SAMPLE_MANIFEST
+    if not manifest.is_file():
+        return False
+    written = json.loads(manifest.read_text(encoding="utf-8"))
+    wanted = {k: v for k, v in dataclasses.asdict(sample_cfg).items() if k != "generate_if_missing"}
+    wanted["feature_dim"] = cfg.model.vision_encoder_dim
+    return any(written.get(k) != v for k, v in wanted.items())
+
+
 def build_data(cfg: BitMarConfig, output_dir: str | os.PathLike, *, rank: int = 0, world_size: int = 1) -> BabyLMData:
     """Everything the trainer needs from `cfg.data` (see the module docstring). Safe to call on every rank at once:
     the sample world, the tokenizer and the token caches are built under file locks by whichever rank comes first."""
@@ -601,10 +613,10 @@ def build_data(cfg: BitMarConfig, output_dir: str | os.PathLike, *, rank: int = 
     data_dir = Path(d.data_dir)
     output_dir = Path(output_dir)
     cache_dir = Path(d.cache_dir) if d.cache_dir else data_dir / ".bitmar_cache"
-    if d.sample.generate_if_missing and _missing_required(data_dir):
+    if d.sample.generate_if_missing and (_missing_required(data_dir) or _stale_sample(data_dir, d.sample, cfg)):
         data_dir.mkdir(parents=True, exist_ok=True)
         with file_lock(data_dir / ".sample.lock"):
-            if _missing_required(data_dir):
+            if _missing_required(data_dir) or _stale_sample(data_dir, d.sample, cfg):
                 if any((data_dir / n).exists() for n in layout.ALL_FILES) and not (data_dir / SAMPLE_MANIFEST).exists():
                     raise DataError(
                         f"{data_dir} holds part of a BabyLM download (missing: "

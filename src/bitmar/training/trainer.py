@@ -600,8 +600,7 @@ class Trainer:
             names.append("best.pt")
         self.save(*names)
         if self.analyzer is not None:
-            for path in self.analyzer.on_epoch_end(self.progress.epochs_done, step, self.logger) or []:
-                log.debug("attention analysis figure %s", path)
+            self.analyzer.on_epoch_end(self.progress.epochs_done, step, self.logger)
         viz_every = self.cfg.attention_analysis.viz_every_n_epochs
         if self.dist.is_main and self.cfg.wandb.create_plots and self.progress.epochs_done % viz_every == 0:
             self.make_plots(phase)
