@@ -12,7 +12,6 @@ import dataclasses
 import difflib
 import math
 import os
-import tempfile
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from typing import Any
 import yaml
 
 from bitmar.data.layout import TEXT_SOURCES
+from bitmar.fileio import atomic_write_text
 from bitmar.model.model_config import ARCHITECTURE_PRESETS, ModelConfig
 
 BABYLM_MAX_EPOCHS = 10  # BabyLM rule: at most 10 passes over the 100M-word budget
@@ -518,14 +518,4 @@ def config_to_dict(cfg: BitMarConfig) -> dict[str, Any]:
 
 def save_config(cfg: BitMarConfig, path: str | os.PathLike) -> None:
     """Write the resolved config as YAML, atomically (no half-written file on a crash)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

@@ -42,6 +42,7 @@ from torch.utils.data import Dataset
 from bitmar.data import layout
 from bitmar.data.errors import DataError
 from bitmar.data.tokenizer import encode_batch, tokenizer_fingerprint
+from bitmar.fileio import atomic_write_text  # noqa: F401  (re-exported for the data modules)
 
 logger = logging.getLogger(__name__)
 
@@ -65,18 +66,6 @@ def file_lock(path: str | os.PathLike) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def clean_line(line: str) -> str | None:
