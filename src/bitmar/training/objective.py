@@ -72,6 +72,10 @@ class TrainingObjective(nn.Module):
     def _caption_losses(self, batch: dict[str, Tensor], phase: int) -> tuple[Tensor, dict[str, Tensor]]:
         w = self.cfg.training.loss_weights
         ids, mask, features = batch["input_ids"], batch["attention_mask"], batch["vision_features"]
+        if not self.cfg.model.use_vision:  # ablation without vision: captions are plain text
+            out = self.model(ids, mask, return_latents=False)
+            loss_caption = lm_loss(out.logits, ids, mask)
+            return w.caption * loss_caption, {"Loss_caption": loss_caption.detach()}
         out = self.model(ids, mask, vision_features=features)
         loss_caption = lm_loss(out.logits, ids, mask)
         loss_contrastive, accuracy = contrastive_loss(

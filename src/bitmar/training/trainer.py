@@ -146,7 +146,8 @@ class Trainer:
         cfg.model.vocab_size = len(tokenizer)
         torch.manual_seed(cfg.training.seed)
         self.model = BitMar(cfg.model).to(self.device)
-        self.store = EpisodicStore(self.model.memory, device=self.device)
+        # The persistent store of training episodes (None for the ablation without memory).
+        self.store = EpisodicStore(self.model.memory, device=self.device) if self.model.memory is not None else None
         mask_id = tokenizer.mask_token_id if tokenizer.mask_token_id is not None else tokenizer.unk_token_id
         special = [i for i in (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) if i is not None]
         self.objective = TrainingObjective(self.model, cfg, mask_id, special)
@@ -226,7 +227,7 @@ class Trainer:
         self.schedule.load_state_dict(payload["schedule"])
         self.progress = Progress(**payload["progress"])
         self.phase_epochs = {int(k): int(v) for k, v in payload["phase_epochs"].items()}
-        if payload.get("memory_store"):
+        if payload.get("memory_store") and self.store is not None:
             self.store.load_state_dict(payload["memory_store"])
         restore_rng_state(payload["rng"])
         log.info(
@@ -248,7 +249,7 @@ class Trainer:
             "progress": self.progress.as_dict(),
             "phase_epochs": {str(k): v for k, v in self.phase_epochs.items()},
             "rng": capture_rng_state(),
-            "memory_store": self.store.state_dict(),
+            "memory_store": self.store.state_dict() if self.store is not None else {},
             "config": config_to_dict(self.cfg),
             "tokenizer": self.data.tokenizer.backend_tokenizer.to_str(),
             "wandb_run_id": self.logger.wandb_run_id,
@@ -295,7 +296,7 @@ class Trainer:
 
     def _feed_persistent_store(self, metrics: dict[str, torch.Tensor]) -> None:
         """Copy a few training episodes into the persistent store, identically on every rank."""
-        if "_memory_keys" not in metrics:
+        if "_memory_keys" not in metrics or self.store is None:
             return
         count = min(PERSISTENT_EPISODES_PER_STEP, metrics["_memory_keys"].size(0))
         keys = metrics["_memory_keys"][:count].float().contiguous()
@@ -482,7 +483,7 @@ class Trainer:
                 metrics["Quantization/Sparsity"] = sum(s["zero_fraction"] for s in layers.values()) / len(layers)
             metrics["Quantization/Compression_Ratio"] = stats["compression_ratio"]
             metrics["Quantization/Ternary_Fraction"] = stats["ternary_fraction"]
-        if wb.log_memory and self.cfg.model.use_memory and len(self.store) > 0:
+        if wb.log_memory and self.store is not None and len(self.store) > 0:
             diag = self.model.memory.diagnostics(self.store.state)
             metrics["Memory/Usage_Mean"] = float(diag["usage"].float().mean())
             metrics["Memory/Active_Slots_Percentage"] = float(diag["active_pct"])
@@ -611,7 +612,7 @@ class Trainer:
         wb, step = self.cfg.wandb, self.progress.global_step
         plot_dir = self.output_dir / "plots"
         written: list[Path | None] = []
-        if wb.plot_memory_usage and self.cfg.model.use_memory:
+        if wb.plot_memory_usage and self.store is not None:
             state = self.store.state if len(self.store) > 0 else self.model.memory.empty_state()
             diag = self.model.memory.diagnostics(state)
             written.append(
@@ -629,9 +630,10 @@ class Trainer:
                 if isinstance(module, BitLinear) and module.quantize and len(latent) < 6:
                     weight = module.weight.detach().float()
                     latent[name] = (weight / weight.abs().mean().clamp(min=1e-5)).cpu().numpy()
-            written.append(
-                plots.safe_plot(plots.plot_quantization, latent, plot_dir / f"quantization_step_{step}.png", step)
-            )
+            if latent:  # none in the full-precision ablation
+                written.append(
+                    plots.safe_plot(plots.plot_quantization, latent, plot_dir / f"quantization_step_{step}.png", step)
+                )
         if wb.plot_attention_heatmaps and self.cfg.model.use_vision:
             batch = self._analysis_batch(max(phase, 2), size=2)
             with torch.no_grad():
@@ -709,7 +711,7 @@ class Trainer:
         """DDP keeps replicas identical; verify it (parameters and the persistent memory) before saving."""
         with torch.no_grad():
             vector = torch.cat([p.detach().float().flatten() for p in self.model.parameters()])
-            if len(self.store) > 0:
+            if self.store is not None and len(self.store) > 0:
                 vector = torch.cat([vector, self.store.state.memory.detach().float().flatten()])
             checksum = torch.stack([vector.sum(), (vector * torch.arange(vector.numel(), device=vector.device)).sum()])
             reference = checksum.clone()
