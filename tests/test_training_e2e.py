@@ -53,7 +53,15 @@ def _env(threads: int = 1) -> dict[str, str]:
 
 
 def _train(data_dir: Path, out: Path, *extra: str, timeout: int = 240) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "train_bitmar.py", *SMALL_RUN, "--set", f"data.data_dir={data_dir}", "--output_dir", str(out)]
+    cmd = [
+        sys.executable,
+        "train_bitmar.py",
+        *SMALL_RUN,
+        "--set",
+        f"data.data_dir={data_dir}",
+        "--output_dir",
+        str(out),
+    ]
     return subprocess.run(
         [*cmd, *extra], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout, check=False
     )

@@ -11,7 +11,10 @@ Storage: ternary values pack at 2 bits per weight (`pack_ternary`, 4 per byte) o
 bytes and runs inference with int8 activations; `pack_model` swaps every quantized BitLinear for one.
 
 On CPU the ternary matmuls of both BitLinear and PackedBitLinear run as exact int8 GEMMs (oneDNN) when the
-torch build has them (`int8_gemm_available()`); float32 GEMMs of the integer codes give the same bits elsewhere.
+torch build has them (`int8_gemm_available()`) and the input has enough rows to amortise oneDNN's fixed cost
+(`INT8_GEMM_MIN_ROWS`); float32 GEMMs of the integer codes give the same bits elsewhere. In eval mode a BitLinear
+keeps its quantized weight between calls (invalidated when the weight changes or on `train()`), so inference and
+KV-cache decoding do not re-quantize every matrix at every step.
 """
 
 from __future__ import annotations
@@ -106,7 +109,17 @@ def fake_quantize_activations(x: Tensor, bits: int = 8) -> Tensor:
 # Ternary matmul (shared by BitLinear and PackedBitLinear) and the fused float32 BitLinear
 # ---------------------------------------------------------------------------------------------------------------
 
-_INT8_GEMM: dict[str, Any] = {"enabled": True, "checked": False, "available": False, "reason": "not checked yet"}
+# Below this many rows oneDNN's per-call cost (primitive set-up, weight reorder) outweighs its faster inner loop:
+# measured on a 2-core AVX2 EPYC, float32 BLAS wins up to ~128 rows (3x at 16 rows for 768 x 4096), int8 wins 1.5-2x
+# from 256 rows on. Decoding (1 row per sequence) and the memory projections (N episodes) take the float route.
+INT8_GEMM_MIN_ROWS = 256
+_INT8_GEMM: dict[str, Any] = {
+    "enabled": True,
+    "checked": False,
+    "available": False,
+    "reason": "not checked yet",
+    "min_rows": INT8_GEMM_MIN_ROWS,
+}
 
 
 def _onednn_int8_gemm(q_int8: Tensor, w_packed: Tensor, out_features: int) -> Tensor:  # (N, in) -> (N, out) float32
@@ -143,13 +156,21 @@ def int8_gemm_available() -> bool:
     return bool(state["enabled"] and state["available"])
 
 
-def set_int8_gemm(enabled: bool) -> None:
-    """Allow (default) or forbid the oneDNN int8 GEMM for ternary matmuls on CPU (benchmarks, debugging)."""
+def set_int8_gemm(enabled: bool, min_rows: int | None = None) -> None:
+    """Allow (default) or forbid the oneDNN int8 GEMM for ternary matmuls on CPU (benchmarks, debugging).
+
+    `min_rows`: smallest number of input rows that takes the int8 route (default `INT8_GEMM_MIN_ROWS`; 1 forces it
+    for every call that int8 can take, e.g. to test that both routes agree bit for bit).
+    """
     _INT8_GEMM["enabled"] = bool(enabled)
+    if min_rows is not None:
+        if min_rows < 1:
+            raise ValueError(f"min_rows must be >= 1, got {min_rows}")
+        _INT8_GEMM["min_rows"] = int(min_rows)
 
 
-def _use_int8_gemm(device: torch.device) -> bool:
-    return device.type == "cpu" and int8_gemm_available()
+def _use_int8_gemm(device: torch.device, rows: int) -> bool:
+    return device.type == "cpu" and rows >= _INT8_GEMM["min_rows"] and int8_gemm_available()
 
 
 def _pack_int8_weight(w_ternary: Tensor) -> Tensor:  # (out, in) int8 -> opaque oneDNN weight
@@ -220,9 +241,30 @@ def _bitlinear_forward(
     """Shared forward: returns out (N, out), codes (N, in), s (N, 1), W_t (out, in), gamma, rstd (N, 1) | None."""
     codes, scale, rstd = _activation_codes(x2, norm_weight, eps, q_max)
     w_t, gamma = _ternary_weight(weight)  # once per forward: O(out * in)
-    packed = _pack_int8_weight(w_t.to(torch.int8)) if _use_int8_gemm(x2.device) else None
+    packed = _pack_int8_weight(w_t.to(torch.int8)) if _use_int8_gemm(x2.device, x2.shape[0]) else None
     out = _ternary_matmul(codes, w_t, scale * gamma, bias, packed)
     return out, codes, scale, w_t, gamma, rstd
+
+
+class _QuantizedWeightCache:
+    """An eval-mode BitLinear's quantized weight, kept between calls.
+
+    Valid while the weight tensor is the same one with the same contents: the key holds its storage pointer, its
+    autograd version counter (bumped by every in-place update: optimizer steps, `load_state_dict`, `copy_` under
+    no_grad), device and dtype. `BitLinear.train()` / `.eval()` drop it. Edits through `.data` bypass the version
+    counter: call `layer.clear_weight_cache()` after them.
+    """
+
+    def __init__(self, weight: Tensor) -> None:
+        self.key = self.key_of(weight)
+        self.ternary: Tensor | None = None  # (out, in) float32 W_t in {-1, 0, 1} (fused path)
+        self.gamma: Tensor | None = None  # 0-dim float32
+        self.int8: Tensor | None = None  # prepacked oneDNN copy of W_t, built on the first large-batch call
+        self.dequantized: Tensor | None = None  # (out, in) W_t * gamma in the weight's dtype (reference path)
+
+    @staticmethod
+    def key_of(weight: Tensor) -> tuple[Any, ...]:
+        return (weight.data_ptr(), weight._version, weight.device, weight.dtype, tuple(weight.shape))
 
 
 class _BitLinearFunction(torch.autograd.Function):
@@ -323,6 +365,53 @@ class BitLinear(nn.Linear):
         self.quantize = quantize
         self.activation_bits = activation_bits
         self.fused = fused
+        self._weight_cache: _QuantizedWeightCache | None = None  # eval mode only; never saved or moved
+
+    def train(self, mode: bool = True) -> BitLinear:
+        self._weight_cache = None  # training updates the weight every step: quantize afresh
+        return super().train(mode)
+
+    def clear_weight_cache(self) -> None:
+        """Drop the eval-mode quantized weight (needed only after editing the weight through `.data`)."""
+        self._weight_cache = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The cache never travels (the opaque oneDNN weight cannot be copied or pickled); it rebuilds on first use.
+        state = dict(super().__getstate__())
+        state["_weight_cache"] = None
+        return state
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self._weight_cache = None
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def _eval_cache(self) -> _QuantizedWeightCache:
+        cache = self._weight_cache
+        if cache is None or cache.key != _QuantizedWeightCache.key_of(self.weight):
+            cache = self._weight_cache = _QuantizedWeightCache(self.weight)
+        return cache
+
+    def _cached_ternary(self, rows: int) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Eval mode: W_t (float32), gamma and, for large batches on CPU, the prepacked int8 W_t, from the cache."""
+        cache = self._eval_cache()
+        if cache.ternary is None:
+            cache.ternary, cache.gamma = _ternary_weight(self.weight)
+        packed = None
+        if _use_int8_gemm(self.weight.device, rows):
+            if cache.int8 is None:
+                cache.int8 = _pack_int8_weight(cache.ternary.to(torch.int8))
+            packed = cache.int8
+        return cache.ternary, cache.gamma, packed
+
+    def _quantized_weight(self) -> Tensor:
+        """Fake-quantized weight for the reference path; cached in eval mode when no gradient reaches the weight."""
+        if self.training or (torch.is_grad_enabled() and self.weight.requires_grad):
+            return fake_quantize_weights(self.weight)
+        cache = self._eval_cache()
+        if cache.dequantized is None:
+            # Same value as fake_quantize_weights (its straight-through term adds w - w = 0), without the graph.
+            cache.dequantized = _dequantized_weights(self.weight.detach().float()).to(self.weight.dtype)
+        return cache.dequantized
 
     def _can_fuse(self, x: Tensor) -> bool:
         """The fused node covers float32 everywhere, outside autocast, with an affine norm (or none)."""
@@ -353,7 +442,13 @@ class BitLinear(nn.Linear):
             if torch.is_grad_enabled() and (x.requires_grad or any(p is not None and p.requires_grad for p in params)):
                 return _BitLinearFunction.apply(x, norm_weight, self.weight, self.bias, eps, q_max)
             with torch.no_grad():  # inference: no dequantized copies for a backward
-                out = _bitlinear_forward(x.reshape(-1, x.shape[-1]), norm_weight, self.weight, self.bias, eps, q_max)[0]
+                x2 = x.reshape(-1, x.shape[-1])  # (N, C_in)
+                if self.training:
+                    out = _bitlinear_forward(x2, norm_weight, self.weight, self.bias, eps, q_max)[0]
+                else:  # eval: the weight is quantized once, not at every call (decoding calls once per token)
+                    codes, scale, _ = _activation_codes(x2, norm_weight, eps, q_max)
+                    w_t, gamma, packed = self._cached_ternary(x2.shape[0])
+                    out = _ternary_matmul(codes, w_t, scale * gamma, self.bias, packed)
             return out.view(*x.shape[:-1], self.out_features)
         if self.norm is not None:
             if self.norm.weight is not None and x.dtype != self.norm.weight.dtype:
@@ -362,9 +457,7 @@ class BitLinear(nn.Linear):
                 x = F.rms_norm(x.float(), (self.in_features,), self.norm.weight.float(), self.norm.eps)
             else:
                 x = self.norm(x)
-        return F.linear(
-            fake_quantize_activations(x, self.activation_bits), fake_quantize_weights(self.weight), self.bias
-        )
+        return F.linear(fake_quantize_activations(x, self.activation_bits), self._quantized_weight(), self.bias)
 
     def extra_repr(self) -> str:
         return (
@@ -553,18 +646,19 @@ class PackedBitLinear(nn.Module):
     def ternary_weight(self) -> Tensor:  # (out, in) int8
         return unpack_ternary(self.packed_weight, (self.out_features, self.in_features))
 
-    def _matmul_weights(self, device: torch.device) -> tuple[Tensor, Tensor | None]:
-        """Float ternary matrix (out, in) and, for the CPU int8 GEMM, its prepacked int8 copy (cached if asked)."""
-        use_int8 = _use_int8_gemm(device)
-        key = (self.packed_weight.data_ptr(), self.packed_weight._version, device, use_int8)
-        if self.cache_weights and self._weight_cache is not None and self._cache_key == key:
-            return self._weight_cache, self._int8_cache
-        w_int8 = self.ternary_weight().to(device)
-        w = w_int8.float()
-        packed = _pack_int8_weight(w_int8) if use_int8 else None
-        if self.cache_weights:
-            self._weight_cache, self._int8_cache, self._cache_key = w, packed, key
-        return w, packed
+    def _matmul_weights(self, device: torch.device, rows: int) -> tuple[Tensor, Tensor | None]:
+        """Float ternary matrix (out, in) and, when a CPU int8 GEMM pays off for `rows`, its prepacked int8 copy
+        (both cached if asked; the int8 copy is built on the first call that uses it)."""
+        use_int8 = _use_int8_gemm(device, rows)
+        key = (self.packed_weight.data_ptr(), self.packed_weight._version, device)
+        if not (self.cache_weights and self._weight_cache is not None and self._cache_key == key):
+            w = self.ternary_weight().to(device).float()
+            if not self.cache_weights:
+                return w, _pack_int8_weight(w.to(torch.int8)) if use_int8 else None
+            self._weight_cache, self._int8_cache, self._cache_key = w, None, key
+        if use_int8 and self._int8_cache is None:
+            self._int8_cache = _pack_int8_weight(self._weight_cache.to(torch.int8))
+        return self._weight_cache, self._int8_cache if use_int8 else None
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         self._weight_cache, self._int8_cache, self._cache_key = None, None, None
@@ -584,7 +678,7 @@ class PackedBitLinear(nn.Module):
             x32 = x.reshape(-1, self.in_features).float()  # (N, in)
             y = self.norm(x32) if self.norm is not None else x32.clone()
             codes, scale = _quantize_rows_(y, self.q_max)  # (N, in) integer-valued, (N, 1)
-            w, w_int8 = self._matmul_weights(x.device)
+            w, w_int8 = self._matmul_weights(x.device, x32.shape[0])
             out = _ternary_matmul(codes, w, scale * self.weight_scale, self.bias, w_int8)  # (N, out)
         return out.view(*x.shape[:-1], self.out_features).to(x.dtype)
 

@@ -29,7 +29,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max_epochs", type=int, help="total epochs over all phases (BabyLM: at most 10)")
     parser.add_argument("--batch_size", type=int, help="per-process batch size")
     parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="override any config key, e.g. --set training.learning_rate=1e-3 (repeatable)",
     )
     parser.add_argument("--phase", type=int, choices=(1, 2, 3), default=1, help="start at this phase")

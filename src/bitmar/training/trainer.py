@@ -168,7 +168,9 @@ class Trainer:
         self.train_module: nn.Module = self.objective
         if dist_info.distributed:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
-            self.train_module = DistributedDataParallel(self.objective, device_ids=device_ids, find_unused_parameters=True)
+            self.train_module = DistributedDataParallel(
+                self.objective, device_ids=device_ids, find_unused_parameters=True
+            )
         if t.compile:
             self.train_module = torch.compile(self.train_module)
         self.autocast_dtype = self._autocast_dtype()
@@ -282,7 +284,9 @@ class Trainer:
         return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
     def _forward(self, batch: dict[str, Any], phase: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None):
+        with torch.autocast(
+            self.device.type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None
+        ):
             return self.train_module(batch, phase)
 
     def _gradient_norms(self) -> dict[str, float]:
@@ -639,7 +643,9 @@ class Trainer:
             with torch.no_grad():
                 self.model.eval()
                 out = self.model(
-                    batch["input_ids"], batch["attention_mask"], vision_features=batch["vision_features"],
+                    batch["input_ids"],
+                    batch["attention_mask"],
+                    vision_features=batch["vision_features"],
                     output_attentions=True,
                 )
                 self.model.train()
@@ -657,7 +663,9 @@ class Trainer:
         records = plots.read_metrics(self.logger.metrics_path)
         loss_keys = sorted({k for r in records for k in r if k.startswith("Training/Loss")})
         written.append(
-            plots.safe_plot(plots.plot_curves, records, loss_keys, plot_dir / "loss_curves.png", "Training losses", "loss")
+            plots.safe_plot(
+                plots.plot_curves, records, loss_keys, plot_dir / "loss_curves.png", "Training losses", "loss"
+            )
         )
         grad_keys = sorted({k for r in records for k in r if k.startswith("Gradients/")})
         if grad_keys:
@@ -699,13 +707,14 @@ class Trainer:
         summary["compression_ratio"] = stats["compression_ratio"]
         self.save("last.pt")
         if self.dist.is_main:
-            self.logger.log_metrics({f"Summary/{k}": v for k, v in summary.items() if isinstance(v, (int, float))},
-                                    step=self.progress.global_step)
+            self.logger.log_metrics(
+                {f"Summary/{k}": v for k, v in summary.items() if isinstance(v, (int, float))},
+                step=self.progress.global_step,
+            )
             self.logger.log_summary(summary)
             path = self.output_dir / "summary.json"
             path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
         return summary
-
 
     def _ranks_agree(self) -> bool:
         """DDP keeps replicas identical; verify it (parameters and the persistent memory) before saving."""
