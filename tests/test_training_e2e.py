@@ -33,6 +33,7 @@ SMALL_RUN = [
     "--set", "attention_analysis.log_every_n_steps=2",
     "--set", "attention_analysis.viz_every_n_epochs=1",
     "--set", "data.validation_fraction=0.1",
+    "--set", "evaluation.run_after_training=false",
 ]  # fmt: skip
 
 
@@ -79,7 +80,16 @@ def _losses(out: Path) -> dict[int, float]:
 @pytest.mark.slow
 def test_tiny_run_writes_every_artifact(small_world: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    result = _train(small_world, out, "--wandb", "offline")
+    result = _train(
+        small_world,
+        out,
+        "--wandb",
+        "offline",
+        "--set",
+        "evaluation.run_after_training=true",
+        "--set",
+        "evaluation.tasks=[retrieval,grounding,minimal_pairs]",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     checkpoints = out / "checkpoints"
     for name in ("bitmar_epoch_1.pt", "bitmar_epoch_2.pt", "bitmar_epoch_3.pt", "best.pt", "last.pt"):
@@ -105,6 +115,9 @@ def test_tiny_run_writes_every_artifact(small_world: Path, tmp_path: Path) -> No
     summary = json.loads((out / "summary.json").read_text())
     assert summary["final_validation_loss"] < summary["initial_validation_loss"]
     assert "BitMar training summary" in result.stdout
+    results = json.loads((out / "evaluation" / "results.json").read_text())
+    for task in ("retrieval", "grounding", "minimal_pairs"):
+        assert results["tasks"][task]["status"] == "ok", task
 
 
 @pytest.mark.slow

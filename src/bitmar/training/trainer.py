@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from bitmar.bitnet import BitLinear, quantization_stats
 from bitmar.config import BitMarConfig, config_from_dict, config_to_dict, save_config
 from bitmar.data.datasets import collate_captions, collate_text
+from bitmar.fileio import atomic_write_text
 from bitmar.memory import EpisodicStore
 from bitmar.model import BitMar
 from bitmar.training import plots
@@ -712,8 +713,31 @@ class Trainer:
                 step=self.progress.global_step,
             )
             self.logger.log_summary(summary)
-            path = self.output_dir / "summary.json"
-            path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+            atomic_write_text(self.output_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+            from bitmar.evaluation import evaluate_after_training
+
+            # Default evaluation on the validation split (fresh memory states; training state untouched).
+            evaluate_after_training(
+                self.model,
+                self.data.tokenizer,
+                self.cfg,
+                self.cfg.data.data_dir,
+                self.output_dir,
+                caption_val=self.data.caption_val,
+                run_logger=self.logger,
+                step=self.progress.global_step,
+            )
+            if self.cfg.export.after_training:
+                from bitmar.export import export_checkpoint
+
+                export_checkpoint(
+                    self.output_dir / "checkpoints" / "last.pt",
+                    self.output_dir / "hf_export",
+                    packed=self.cfg.export.packed,
+                    vision_backbone=self.cfg.export.vision_backbone,
+                    dtype=self.cfg.export.dtype,
+                )
+        barrier(self.dist)
         return summary
 
     def _ranks_agree(self) -> bool:

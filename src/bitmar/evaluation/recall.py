@@ -1,0 +1,320 @@
+"""One-shot episodic recall: what no text-only or vision-language baseline can do.
+
+The held-out episodes (`eval/novel_episodes.jsonl` + features) describe scenes with nonce object names (`wug`, `dax`,
+...) that never occur in training. N of them are written into a memory ONCE, with no gradient step:
+key = `model.memory_key(study view)`, value = `model.episode_latent(caption, study view)`. Each episode is then
+queried with the picture alone (the TEST view: same scene, independent noise), the readout becomes the decoder
+prefix, and the caption is decoded greedily.
+
+Metrics per N (`evaluation.recall_sizes`, -1 = memory_size, capped to the episodes available and to min(K, C), the
+bound below which key-value recall is exact): exact match of the decoded caption, nonce-word recall (the nonce word
+appears in the decoded caption), teacher-forced token accuracy, and choice accuracy (the true caption outscores its 3
+foils that change the nonce word, a colour or the other object; chance 1/4). The baseline is the SAME decoding path
+with a memory holding no episodes (the readout of `memory.empty_state()`); a second reference decodes from the test
+picture through the vision prefix without memory (the captioning path: it cannot know a nonce name).
+
+Editing: an `EpisodicStore` holding N episodes forgets half of them (exact alpha = -1 updates): the rest must be
+recalled as before (and as a fresh write of only them), the forgotten ones not. LRU: a store of capacity C receives
+C episodes, C/4 of them are read, then C/2 more arrive: the C/2 least recently used are evicted, the read ones stay.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from bitmar.data import layout
+from bitmar.evaluation.context import (
+    EvalContext,
+    TaskSkipped,
+    caption_token_ids,
+    greedy_captions,
+    normalize,
+    pad_sequences,
+    read_features,
+    read_jsonl,
+    score_sequences,
+    teacher_forced_accuracy,
+)
+from bitmar.memory import EpisodicStore
+
+NUM_EXAMPLES = 3
+
+
+class _Episodes:
+    """The eval episodes with their token ids, keys, values and query keys (computed once)."""
+
+    def __init__(self, ctx: EvalContext) -> None:
+        records = read_jsonl(
+            ctx.eval_path(layout.NOVEL_EPISODES_FILE), ("caption", "nonce_words", "study_image", "test_image")
+        )
+        rows = max(max(int(r["study_image"]), int(r["test_image"])) for r in records) + 1
+        features = read_features(
+            ctx.eval_path(layout.NOVEL_EPISODES_FEATURES), ctx.cfg.model.vision_encoder_dim, rows
+        )
+        self.captions = [str(r["caption"]) for r in records]
+        self.nonce = [[str(w) for w in r["nonce_words"]] for r in records]
+        self.foils = [[str(f) for f in r.get("foils", [])] for r in records]
+        self.seqs = caption_token_ids(ctx.tokenizer, self.captions, ctx.max_len)
+        study = ctx.tensor(features[[int(r["study_image"]) for r in records]])  # (N, D)
+        self.test = ctx.tensor(features[[int(r["test_image"]) for r in records]])  # (N, D)
+        model, bs = ctx.model, ctx.ecfg.batch_size
+        keys, values, queries = [], [], []
+        with torch.no_grad():
+            for s in range(0, len(records), bs):
+                ids, mask = pad_sequences(self.seqs[s : s + bs], ctx.tokenizer.pad_token_id)
+                ids, mask = ids.to(ctx.device), mask.to(ctx.device)
+                keys.append(model.memory_key(study[s : s + bs]).float())
+                values.append(model.episode_latent(ids, mask, study[s : s + bs]).float())
+                queries.append(model.memory_key(self.test[s : s + bs]).float())
+        self.keys, self.values, self.queries = torch.cat(keys), torch.cat(values), torch.cat(queries)  # (N, E) each
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+
+def _choice_hits(ctx: EvalContext, ep: _Episodes, idx: list[int], readout: Tensor) -> list[bool] | None:
+    """Per episode: its caption outscores all its foils given the readout (None when the set has no foils)."""
+    widths = {len(ep.foils[i]) for i in idx}
+    if len(widths) != 1 or 0 in widths:
+        return None
+    width = 1 + widths.pop()
+    texts = [t for i in idx for t in (ep.captions[i], *ep.foils[i])]
+    seqs = caption_token_ids(ctx.tokenizer, texts, ctx.max_len)
+    readouts = readout.repeat_interleave(width, dim=0)  # (n * width, E)
+    scores, _ = score_sequences(
+        ctx.model, seqs, pad_id=ctx.tokenizer.pad_token_id, batch_size=ctx.ecfg.batch_size, device=ctx.device,
+        memory_readout=readouts,
+    )  # fmt: skip
+    scores = scores.view(len(idx), width)
+    return (scores[:, 0] > scores[:, 1:].max(dim=1).values).tolist()
+
+
+def per_episode(
+    ctx: EvalContext, ep: _Episodes, idx: list[int], readout: Tensor | None, via_vision: bool = False
+) -> dict[str, list]:
+    """Per-episode outcomes of episodes `idx` decoded from `readout` (n, E), or from their test view (via_vision)."""
+    kw: dict[str, Any] = {"vision_features": ep.test[idx]} if via_vision else {"memory_readout": readout}
+    generated = greedy_captions(ctx, len(idx), **kw)
+    hits, counts = teacher_forced_accuracy(
+        ctx.model, [ep.seqs[i] for i in idx], pad_id=ctx.tokenizer.pad_token_id, batch_size=ctx.ecfg.batch_size,
+        device=ctx.device, **kw,
+    )  # fmt: skip
+    logp, _ = score_sequences(
+        ctx.model, [ep.seqs[i] for i in idx], pad_id=ctx.tokenizer.pad_token_id, batch_size=ctx.ecfg.batch_size,
+        device=ctx.device, **kw,
+    )  # fmt: skip
+    return {
+        "generated": generated,
+        "logp": logp.tolist(),
+        "exact": [normalize(g) == normalize(ep.captions[i]) for g, i in zip(generated, idx, strict=True)],
+        "nonce": [all(w in g.split() for w in ep.nonce[i]) for g, i in zip(generated, idx, strict=True)],
+        "hits": hits.tolist(),
+        "counts": counts.tolist(),
+        "choice": None if via_vision else _choice_hits(ctx, ep, idx, readout),
+        # how close the readout is to the episode's written value: memory fidelity, independent of the decoder
+        "cosine": None if via_vision else F.cosine_similarity(readout.float(), ep.values[idx], dim=-1).tolist(),
+    }
+
+
+def summarize(per: dict[str, list], positions: list[int] | None = None) -> dict[str, Any]:
+    """Means over `positions` (indices into the per-episode lists; default all)."""
+    pos = list(range(len(per["exact"]))) if positions is None else positions
+    if not pos:
+        return {"episodes": 0}
+    out = {
+        "episodes": len(pos),
+        "exact_match": float(np.mean([per["exact"][p] for p in pos])),
+        "nonce_word_recall": float(np.mean([per["nonce"][p] for p in pos])),
+        "token_accuracy": sum(per["hits"][p] for p in pos) / max(1, sum(per["counts"][p] for p in pos)),
+        "nll_per_token": -sum(per["logp"][p] for p in pos) / max(1, sum(per["counts"][p] for p in pos)),
+    }
+    if per["choice"] is not None:
+        out["choice_accuracy"] = float(np.mean([per["choice"][p] for p in pos]))
+    if per["cosine"] is not None:
+        out["readout_cosine"] = float(np.mean([per["cosine"][p] for p in pos]))
+    return out
+
+
+def resolve_recall_sizes(requested: list[int], memory_size: int, episode_dim: int, available: int) -> list[dict]:
+    """Each requested N (-1 = memory_size) with the N actually written: min(N, available, min(K, C))."""
+    bound = min(memory_size, episode_dim)
+    sizes = []
+    for req in requested:
+        n = memory_size if req == -1 else req
+        written = min(n, available, bound)
+        reason = None
+        if written < n:
+            reason = "episodes available" if available <= bound and available < n else "exact-recall bound min(K, C)"
+        sizes.append({"requested": req, "resolved": n, "written": written, "capped_by": reason})
+    return sizes
+
+
+@torch.no_grad()
+def evaluate_episodic_recall(ctx: EvalContext) -> dict[str, Any]:
+    if not ctx.has_memory:
+        raise TaskSkipped("model.use_memory=false: the model has no episodic memory")
+    if not ctx.has_vision:
+        raise TaskSkipped("model.use_vision=false: episodes are keyed by their picture, which this model cannot see")
+    ep = _Episodes(ctx)
+    model, mcfg = ctx.model, ctx.cfg.model
+    total = len(ep)
+    sizes = resolve_recall_sizes(list(ctx.ecfg.recall_sizes), mcfg.memory_size, mcfg.episode_dim, total)
+    everything = list(range(total))
+
+    empty_readout, _ = model.read_memory(model.memory.empty_state(), key=ep.queries)  # (N, E): no episode held
+    empty = per_episode(ctx, ep, everything, empty_readout)
+    vision_only = per_episode(ctx, ep, everything, None, via_vision=True)
+    oracle = per_episode(ctx, ep, everything, ep.values)  # a perfect memory: decode the written value itself
+
+    per_size: dict[int, dict[str, Any]] = {}
+    for n in sorted({s["written"] for s in sizes if s["written"] > 0}):
+        state = model.write_memory(ep.keys[:n], ep.values[:n])  # one shot, no gradient step
+        readout, _ = model.read_memory(state, key=ep.queries[:n])
+        per_size[n] = per_episode(ctx, ep, list(range(n)), readout)
+    results = []
+    for s in sizes:
+        n = s["written"]
+        memory = summarize(per_size[n]) if n > 0 else {"episodes": 0}
+        results.append({**s, "memory": memory, "empty_memory": summarize(empty, list(range(n)))})
+
+    largest = max(per_size) if per_size else 0
+    forgetting = _forgetting(ctx, ep, largest) if largest >= 2 else None
+    lru = _lru(ctx, ep, min(total, mcfg.memory_size, mcfg.episode_dim))
+
+    examples = [
+        {
+            "caption": ep.captions[i],
+            "memory": per_size[largest]["generated"][i],
+            "empty_memory": empty["generated"][i],
+            "vision_only": vision_only["generated"][i],
+        }
+        for i in range(min(NUM_EXAMPLES, largest))
+    ]
+    metrics = {
+        "episodes_available": total,
+        "memory_size": mcfg.memory_size,
+        "episode_dim": mcfg.episode_dim,
+        "exact_recall_bound": min(mcfg.memory_size, mcfg.episode_dim),
+        "sizes": results,
+        "vision_only_no_memory": summarize(vision_only),
+        "empty_memory_all": summarize(empty),
+        "oracle_written_value": summarize(oracle),
+        "forgetting": forgetting,
+        "lru_eviction": lru,
+        "examples": examples,
+    }
+    headline = _headline(results, per_size, empty, oracle, forgetting, lru)
+    return {
+        "metrics": metrics,
+        "headline": headline,
+        "notes": [
+            f"{total} novel-word episodes; written once (no gradient), queried with a second view of the picture; "
+            "reference column = the same decoding with an empty memory (editing rows: the exact outcome); "
+            "readout cosine = cos(readout, written value): memory fidelity, independent of the decoder"
+        ],
+    }
+
+
+def _row(metric: str, value: Any, reference: Any) -> dict[str, Any]:
+    return {"metric": metric, "value": value, "reference": reference}
+
+
+def _headline(
+    results: list[dict[str, Any]],
+    per_size: dict[int, dict[str, list]],
+    empty: dict[str, list],
+    oracle: dict[str, list],
+    forgetting: dict[str, Any] | None,
+    lru: dict[str, Any] | None,
+) -> list[dict[str, Any]]:
+    rows = []
+    for r in results:
+        n = r["written"]
+        if n == 0:
+            continue
+        asked = f" (asked {r['requested']})" if n != r["requested"] else ""
+        mem, base = r["memory"], r["empty_memory"]
+        rows.append(_row(f"N={n}{asked}: exact match", mem["exact_match"], base["exact_match"]))
+        rows.append(_row(f"N={n}: readout cosine to its value", mem["readout_cosine"], base["readout_cosine"]))
+    if per_size:
+        largest = max(per_size)
+        mem, base = summarize(per_size[largest]), summarize(empty, list(range(largest)))
+        rows.append(_row(f"N={largest}: nonce-word recall", mem["nonce_word_recall"], base["nonce_word_recall"]))
+        rows.append(_row(f"N={largest}: teacher-forced token accuracy", mem["token_accuracy"], base["token_accuracy"]))
+        rows.append(_row(f"N={largest}: caption NLL/token", mem["nll_per_token"], base["nll_per_token"]))
+        if "choice_accuracy" in mem:
+            rows.append(_row(f"N={largest}: caption beats 3 foils", mem["choice_accuracy"], base["choice_accuracy"]))
+    best = summarize(oracle)
+    rows.append(_row("decoding the written value itself: exact match", best["exact_match"], None))
+    rows.append(_row("decoding the written value itself: nonce-word recall", best["nonce_word_recall"], None))
+    if forgetting is not None:
+        rows.append(
+            _row(
+                f"forget {forgetting['forgotten']} of {forgetting['written']}: readout error vs never written",
+                forgetting["relative_readout_difference_vs_fresh_write"],
+                0.0,
+            )
+        )
+    if lru is not None:
+        rows.append(_row(f"LRU store (capacity {lru['capacity']}): evicts the least recently used",
+                         lru["evicted_as_expected"], True))  # fmt: skip
+        rows.append(_row("LRU store: readout error vs a fresh write of the held episodes",
+                         lru["relative_readout_difference_vs_fresh_write"], 0.0))  # fmt: skip
+    return rows
+
+
+def _relative_difference(ctx: EvalContext, ep: _Episodes, held: list[int], readout: Tensor) -> float:
+    """max |readout - fresh| / max |fresh|, fresh = the same queries read from a memory written with `held` only."""
+    fresh_state = ctx.model.write_memory(ep.keys[held], ep.values[held])
+    fresh, _ = ctx.model.read_memory(fresh_state, key=ep.queries[held])
+    return float((readout - fresh).abs().max()) / float(fresh.abs().max().clamp(min=1e-12))
+
+
+def _forgetting(ctx: EvalContext, ep: _Episodes, n: int) -> dict[str, Any]:
+    store = EpisodicStore(ctx.model.memory, capacity=n, device=ctx.device)
+    ids = [store.write(ep.keys[i], ep.values[i]) for i in range(n)]
+    forget = list(range(n // 2))
+    for i in forget:
+        store.forget(ids[i])
+    kept = list(range(n // 2, n))
+    readout = store.read(ep.queries[kept])  # (n - n//2, E)
+    return {
+        "written": n,
+        "forgotten": len(forget),
+        "kept": summarize(per_episode(ctx, ep, kept, readout)),
+        "forgotten_episodes": summarize(per_episode(ctx, ep, forget, store.read(ep.queries[forget]))),
+        "relative_readout_difference_vs_fresh_write": _relative_difference(ctx, ep, kept, readout),
+    }
+
+
+def _lru(ctx: EvalContext, ep: _Episodes, limit: int) -> dict[str, Any] | None:
+    capacity = limit * 2 // 3  # room for capacity + capacity/2 episodes in the eval set
+    if capacity < 4:
+        return None
+    store = EpisodicStore(ctx.model.memory, capacity=capacity, device=ctx.device)
+    episode_of: dict[int, int] = {}
+    for i in range(capacity):
+        episode_of[store.write(ep.keys[i], ep.values[i])] = i
+    touched = list(range(capacity // 4))
+    store.read(ep.keys[touched])  # reading marks these as recently used
+    extra = list(range(capacity, capacity + capacity // 2))
+    for i in extra:
+        episode_of[store.write(ep.keys[i], ep.values[i])] = i
+    held = sorted(episode_of[eid] for eid in store.episode_ids)
+    evicted = sorted(set(range(capacity + len(extra))) - set(held))
+    expected_evicted = list(range(capacity // 4, capacity // 4 + len(extra)))
+    readout = store.read(ep.queries[held])
+    return {
+        "capacity": capacity,
+        "written": capacity + len(extra),
+        "read_before_overflow": len(touched),
+        "evicted_as_expected": evicted == expected_evicted,
+        "relative_readout_difference_vs_fresh_write": _relative_difference(ctx, ep, held, readout),
+        "held": summarize(per_episode(ctx, ep, held, readout)),
+        "evicted": summarize(per_episode(ctx, ep, evicted, store.read(ep.queries[evicted]))),
+    }

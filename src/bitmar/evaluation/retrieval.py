@@ -1,0 +1,86 @@
+"""Image-text retrieval over a held-out gallery: Recall@k in both directions from latent cosine similarity.
+
+The gallery is `evaluation.retrieval_gallery_size` items of the caption VALIDATION split (the split `build_data`
+trains without), chosen with a fixed seed and with pairwise distinct captions. Each image's DINOv2 feature gives the
+vision latent z_v, each caption (BOS + tokens + EOS) the text latent z_t; similarity is cos(z_t, z_v), the quantity the
+contrastive loss trains. Ties count against the model (the true item ranks below every item scoring the same).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from bitmar.evaluation.context import EvalContext, TaskSkipped, caption_token_ids, pad_sequences
+
+RECALL_KS = (1, 5, 10)
+
+
+def ranks_of_diagonal(scores: Tensor) -> Tensor:
+    """scores (Q, G) with the correct item of query q at column q -> its 0-based rank (Q,), ties pessimistic."""
+    if scores.dim() != 2 or scores.shape[0] > scores.shape[1]:
+        raise ValueError(f"scores must be (Q, G) with Q <= G, got {tuple(scores.shape)}")
+    q = torch.arange(scores.shape[0])
+    true = scores[q, q][:, None]  # (Q, 1)
+    others = torch.ones_like(scores, dtype=torch.bool)
+    others[q, q] = False
+    return ((scores >= true) & others).sum(dim=1)  # (Q,)
+
+
+def recall_at_k(scores: Tensor, ks: Sequence[int] = RECALL_KS) -> dict[str, float]:
+    """Share of queries whose correct item (column q of row q) is in the top k; plus the median rank (1-based)."""
+    ranks = ranks_of_diagonal(scores.float().cpu())
+    out = {f"R@{k}": float((ranks < k).float().mean()) for k in ks}
+    out["median_rank"] = float(ranks.float().median()) + 1.0
+    return out
+
+
+@torch.no_grad()
+def latents(ctx: EvalContext, captions: list[str], features: Tensor) -> tuple[Tensor, Tensor]:
+    """Text latents (N, L) and vision latents (N, L) of paired captions and features."""
+    model, bs = ctx.model, ctx.ecfg.batch_size
+    seqs = caption_token_ids(ctx.tokenizer, captions, ctx.max_len)
+    text = []
+    for start in range(0, len(seqs), bs):
+        ids, mask = pad_sequences(seqs[start : start + bs], ctx.tokenizer.pad_token_id)
+        text.append(model.encode_text(ids.to(ctx.device), mask.to(ctx.device))[1].float())
+    vision = [model.encode_vision(features[s : s + bs])[1].float() for s in range(0, features.shape[0], bs)]
+    return torch.cat(text), torch.cat(vision)
+
+
+def evaluate_retrieval(ctx: EvalContext) -> dict[str, Any]:
+    if not ctx.has_vision:
+        raise TaskSkipped("model.use_vision=false: the model has no vision latent to retrieve images with")
+    split = ctx.captions()
+    requested = ctx.ecfg.retrieval_gallery_size
+    positions = split.subset(requested)
+    n = int(positions.size)
+    if n < 2:
+        raise TaskSkipped(f"the validation split has {n} distinct caption(s); retrieval needs at least 2")
+    text, vision = latents(ctx, split.captions(positions), ctx.tensor(split.features(positions)))
+    sim = F.normalize(text, dim=-1) @ F.normalize(vision, dim=-1).T  # (N texts, N images)
+    ks = [k for k in RECALL_KS if k <= n]
+    image_to_text = recall_at_k(sim.T, ks)
+    text_to_image = recall_at_k(sim, ks)
+    chance = {f"R@{k}": k / n for k in ks}
+    headline = []
+    for direction, values in (("image→text", image_to_text), ("text→image", text_to_image)):
+        for k in ks:
+            headline.append({"metric": f"{direction} R@{k}", "value": values[f"R@{k}"], "reference": chance[f"R@{k}"]})
+    return {
+        "metrics": {
+            "gallery_size": n,
+            "gallery_size_requested": requested,
+            "image_to_text": image_to_text,
+            "text_to_image": text_to_image,
+            "chance": chance,
+            "mean_matched_cosine": float(sim.diagonal().mean()),
+            "mean_unmatched_cosine": float((sim.sum() - sim.diagonal().sum()) / (n * n - n)),
+        },
+        "headline": headline,
+        "notes": [f"gallery: {n} validation pairs with distinct captions; reference column = chance k/N"],
+    }

@@ -1,0 +1,232 @@
+"""Zero-shot log-likelihood tasks in the BabyLM style: minimal pairs (BLiMP), Winoground and VQA.
+
+minimal_pairs: every `*.jsonl` under `evaluation.blimp_dir` (default `<data_dir>/eval/blimp`; the official BLiMP
+    files work as they are) with `sentence_good` / `sentence_bad` and optional `UID` (default: the file name) and
+    `field`. A sentence scores the summed float32 log-probability of its tokens after BOS (BOS + tokens as the
+    tokenizer returns them, no EOS: the convention of `bitmar.export.hf_export.score_sentences` and BabyLM's causal
+    backend). A pair is right when good > bad; a tie counts as wrong. Accuracy per UID, per field, over all pairs
+    (micro) and averaged over UIDs (macro, BabyLM's BLiMP number).
+winoground: two captions with the same words in another order and their two images. s(c, i) = log p(c | i), the
+    caption (BOS + tokens + EOS) scored with the image's features as the decoder prefix. Scores exactly as Thrush et
+    al. 2022: text = s(c0,i0) > s(c1,i0) and s(c1,i1) > s(c0,i1); image = s(c0,i0) > s(c0,i1) and s(c1,i1) > s(c1,i0);
+    group = text and image (chance 1/4, 1/4, 1/6; ties fail).
+vqa: a question about an image, the answer among 7 distractors. Each candidate scores log p(" answer" | BOS question,
+    image), summed over the answer tokens (lm-eval's multiple-choice `acc`); also per-token mean (`acc_norm` style)
+    and the blind model (no image). Accuracy; chance 1/8; ties fail.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from bitmar.data import layout
+from bitmar.data.sample import VQA_FEATURES, WINOGROUND_FEATURES
+from bitmar.evaluation.context import (
+    EvalContext,
+    EvaluationError,
+    TaskSkipped,
+    caption_token_ids,
+    read_features,
+    read_jsonl,
+    score_sequences,
+    sentence_token_ids,
+)
+
+# ----------------------------------------------------------------------------------------------------------------
+# Minimal pairs
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def load_minimal_pairs(directory: Path, configured: bool) -> list[dict[str, str]]:
+    """All pairs of the `*.jsonl` files under `directory` (sorted, recursive): {"good", "bad", "uid", "field"}."""
+    if not directory.is_dir():
+        message = f"minimal-pair directory {directory} does not exist"
+        if configured:
+            raise EvaluationError(f"{message}; fix evaluation.blimp_dir (a folder of BLiMP-format .jsonl files)")
+        raise TaskSkipped(f"{message} (set evaluation.blimp_dir to a folder of BLiMP .jsonl files)", True)
+    files = sorted(directory.rglob("*.jsonl"))
+    if not files:
+        raise EvaluationError(f"{directory} holds no .jsonl files; point evaluation.blimp_dir at BLiMP-format files")
+    pairs = []
+    for path in files:
+        for record in read_jsonl(path, ("sentence_good", "sentence_bad")):
+            pairs.append(
+                {
+                    "good": str(record["sentence_good"]),
+                    "bad": str(record["sentence_bad"]),
+                    "uid": str(record.get("UID") or path.stem),
+                    "field": str(record.get("field") or "unknown"),
+                }
+            )
+    return pairs
+
+
+@torch.no_grad()
+def minimal_pair_accuracy(
+    model: nn.Module, tokenizer: Any, pairs: Sequence[dict[str, str]], batch_size: int, device: torch.device
+) -> dict[str, Any]:
+    """Score every pair (see the module docstring); works with any model exposing `forward(...).logits`."""
+    good = score_sequences(
+        model, sentence_token_ids(tokenizer, [p["good"] for p in pairs]),
+        pad_id=tokenizer.pad_token_id, batch_size=batch_size, device=device,
+    )[0]  # fmt: skip
+    bad = score_sequences(
+        model, sentence_token_ids(tokenizer, [p["bad"] for p in pairs]),
+        pad_id=tokenizer.pad_token_id, batch_size=batch_size, device=device,
+    )[0]  # fmt: skip
+    correct = (good > bad).tolist()  # strict: a tie is wrong
+    by_uid: dict[str, list[bool]] = defaultdict(list)
+    by_field: dict[str, list[bool]] = defaultdict(list)
+    for pair, ok in zip(pairs, correct, strict=True):
+        by_uid[pair["uid"]].append(ok)
+        by_field[pair["field"]].append(ok)
+    per_uid = {uid: float(np.mean(v)) for uid, v in sorted(by_uid.items())}
+    return {
+        "pairs": len(pairs),
+        "accuracy": float(np.mean(correct)),
+        "macro_accuracy": float(np.mean(list(per_uid.values()))),
+        "ties": int((good == bad).sum()),
+        "per_uid": per_uid,
+        "per_uid_pairs": {uid: len(v) for uid, v in sorted(by_uid.items())},
+        "per_field": {f: float(np.mean(v)) for f, v in sorted(by_field.items())},
+    }
+
+
+def evaluate_minimal_pairs(ctx: EvalContext) -> dict[str, Any]:
+    configured = ctx.ecfg.blimp_dir is not None
+    directory = Path(ctx.ecfg.blimp_dir) if configured else ctx.eval_path(layout.BLIMP_DIR)
+    pairs = load_minimal_pairs(directory, configured)
+    metrics = minimal_pair_accuracy(ctx.model, ctx.tokenizer, pairs, ctx.ecfg.batch_size, ctx.device)
+    metrics["directory"] = str(directory)
+    headline = [{"metric": "accuracy (macro over UIDs)", "value": metrics["macro_accuracy"], "reference": 0.5}]
+    headline += [{"metric": f"UID {uid}", "value": acc, "reference": 0.5} for uid, acc in metrics["per_uid"].items()]
+    return {
+        "metrics": metrics,
+        "headline": headline,
+        "notes": [f"{metrics['pairs']} pairs from {directory}; summed log-prob after BOS, ties wrong; chance 0.5"],
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Winoground
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def winoground_outcomes(s: Tensor) -> dict[str, Tensor]:
+    """s (N, 2, 2) with s[n, c, i] = score of caption c with image i -> boolean text/image/group outcomes (N,)."""
+    text = (s[:, 0, 0] > s[:, 1, 0]) & (s[:, 1, 1] > s[:, 0, 1])
+    image = (s[:, 0, 0] > s[:, 0, 1]) & (s[:, 1, 1] > s[:, 1, 0])
+    return {"text": text, "image": image, "group": text & image}
+
+
+def evaluate_winoground(ctx: EvalContext) -> dict[str, Any]:
+    records = read_jsonl(
+        ctx.eval_path(layout.WINOGROUND_FILE), ("caption_0", "caption_1", "image_0", "image_1")
+    )
+    rows = max(max(int(r["image_0"]), int(r["image_1"])) for r in records) + 1
+    features = read_features(ctx.eval_path(WINOGROUND_FEATURES), ctx.cfg.model.vision_encoder_dim, rows)
+    captions, images = [], []
+    for r in records:
+        for c in (0, 1):
+            for i in (0, 1):
+                captions.append(str(r[f"caption_{c}"]))
+                images.append(int(r[f"image_{i}"]))
+    seqs = caption_token_ids(ctx.tokenizer, captions, ctx.max_len)
+    vf = ctx.tensor(features[np.asarray(images)]) if ctx.has_vision else None
+    scores, _ = score_sequences(
+        ctx.model, seqs, pad_id=ctx.tokenizer.pad_token_id, batch_size=ctx.ecfg.batch_size, device=ctx.device,
+        vision_features=vf,
+    )  # fmt: skip
+    outcome = winoground_outcomes(scores.view(-1, 2, 2))
+    metrics: dict[str, Any] = {"items": len(records), "conditioned_on_image": ctx.has_vision}
+    for name, hits in outcome.items():
+        metrics[f"{name}_score"] = float(hits.float().mean())
+    tags: dict[str, list[int]] = defaultdict(list)
+    for n, r in enumerate(records):
+        tags[str(r.get("tag", "all"))].append(n)
+    metrics["per_tag"] = {
+        tag: {name: float(hits[idx].float().mean()) for name, hits in outcome.items()}
+        for tag, idx in sorted(tags.items())
+    }
+    chance = {"text": 0.25, "image": 0.25, "group": 1 / 6}
+    metrics["chance"] = chance
+    return {
+        "metrics": metrics,
+        "headline": [
+            {"metric": f"{name} score", "value": metrics[f"{name}_score"], "reference": chance[name]}
+            for name in ("text", "image", "group")
+        ],
+        "notes": [
+            f"{len(records)} items; s(c, i) = log p(caption | image); reference column = chance"
+            + ("" if ctx.has_vision else " (no vision input: every image scores the same, so image/group fail)")
+        ],
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# VQA
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def multiple_choice_accuracy(scores: Tensor) -> Tensor:
+    """scores (N, C) with the right answer in column 0 -> (N,) bool: strictly above every distractor (ties fail)."""
+    return scores[:, 0] > scores[:, 1:].max(dim=1).values
+
+
+def evaluate_vqa(ctx: EvalContext) -> dict[str, Any]:
+    records = read_jsonl(ctx.eval_path(layout.VQA_FILE), ("question", "answer", "distractors", "image"))
+    choices = {len(r["distractors"]) for r in records}
+    if len(choices) != 1:
+        raise EvaluationError(f"{ctx.eval_path(layout.VQA_FILE)}: every question needs the same number of distractors")
+    n_choices = choices.pop() + 1
+    rows = max(int(r["image"]) for r in records) + 1
+    features = read_features(ctx.eval_path(VQA_FEATURES), ctx.cfg.model.vision_encoder_dim, rows)
+    tok = ctx.tokenizer
+    question_ids = sentence_token_ids(tok, [str(r["question"]) for r in records])
+    seqs, starts, images = [], [], []
+    for r, q_ids in zip(records, question_ids, strict=True):
+        for answer in [r["answer"], *r["distractors"]]:
+            a_ids = tok(" " + str(answer).strip(), add_special_tokens=False)["input_ids"]
+            seqs.append([*q_ids, *a_ids])
+            starts.append(len(q_ids))  # score the answer tokens only
+            images.append(int(r["image"]))
+    kw = {"pad_id": tok.pad_token_id, "batch_size": ctx.ecfg.batch_size, "device": ctx.device, "score_from": starts}
+    blind, counts = score_sequences(ctx.model, seqs, **kw)
+    if ctx.has_vision:
+        seen, _ = score_sequences(ctx.model, seqs, vision_features=ctx.tensor(features[np.asarray(images)]), **kw)
+    else:
+        seen = blind
+    shape = (len(records), n_choices)
+    correct = multiple_choice_accuracy(seen.view(shape))
+    correct_norm = multiple_choice_accuracy((seen / counts.clamp(min=1)).view(shape))
+    correct_blind = multiple_choice_accuracy(blind.view(shape))
+    types: dict[str, list[int]] = defaultdict(list)
+    for n, r in enumerate(records):
+        types[str(r.get("question_type", "all"))].append(n)
+    metrics = {
+        "questions": len(records),
+        "choices": n_choices,
+        "conditioned_on_image": ctx.has_vision,
+        "accuracy": float(correct.float().mean()),
+        "accuracy_per_token": float(correct_norm.float().mean()),
+        "accuracy_no_image": float(correct_blind.float().mean()),
+        "chance": 1.0 / n_choices,
+        "per_question_type": {t: float(correct[idx].float().mean()) for t, idx in sorted(types.items())},
+    }
+    return {
+        "metrics": metrics,
+        "headline": [
+            {"metric": "accuracy", "value": metrics["accuracy"], "reference": metrics["chance"]},
+            {"metric": "accuracy without image", "value": metrics["accuracy_no_image"], "reference": metrics["chance"]},
+        ],
+        "notes": [
+            f"{len(records)} questions, {n_choices} candidates; log p(answer | question, image); reference = chance"
+        ],
+    }
