@@ -12,9 +12,10 @@ bytes and runs inference with int8 activations; `pack_model` swaps every quantiz
 
 On CPU the ternary matmuls of both BitLinear and PackedBitLinear run as exact int8 GEMMs (oneDNN) when the
 torch build has them (`int8_gemm_available()`) and the input has enough rows to amortise oneDNN's fixed cost
-(`INT8_GEMM_MIN_ROWS`); float32 GEMMs of the integer codes give the same bits elsewhere. In eval mode a BitLinear
-keeps its quantized weight between calls (invalidated when the weight changes or on `train()`), so inference and
-KV-cache decoding do not re-quantize every matrix at every step.
+(`INT8_GEMM_MIN_ROWS`); float32 GEMMs of the integer codes give the same bits elsewhere. A float32 BitLinear keeps
+its quantized weight between calls until the weight changes (its version counter) or the mode switches, so KV-cache
+decoding does not re-quantize every matrix for every token, and a training step that calls a layer several times
+quantizes it once (into reused buffers). The cache costs 4 bytes per weight (8 in training, plus the int8 copy).
 """
 
 from __future__ import annotations
@@ -247,24 +248,73 @@ def _bitlinear_forward(
 
 
 class _QuantizedWeightCache:
-    """An eval-mode BitLinear's quantized weight, kept between calls.
+    """A BitLinear's quantized weight, kept between calls while the weight is unchanged.
 
     Valid while the weight tensor is the same one with the same contents: the key holds its storage pointer, its
     autograd version counter (bumped by every in-place update: optimizer steps, `load_state_dict`, `copy_` under
-    no_grad), device and dtype. `BitLinear.train()` / `.eval()` drop it. Edits through `.data` bypass the version
-    counter: call `layer.clear_weight_cache()` after them.
+    no_grad), device, dtype and shape. Edits through `.data` bypass the version counter: call
+    `layer.clear_weight_cache()` after them.
+
+    In training the weight changes once per optimizer step, but one step may call a layer several times (phase 3
+    runs the decoder three times) and every call used to quantize the weight afresh into newly allocated
+    weight-sized tensors: fresh pages cost more than the arithmetic on CPU. After an optimizer step (same storage,
+    new version) the buffers are refilled in place. A graph whose backward still needs the old buffers saved the
+    weight itself, so autograd refuses that backward after the in-place update instead of using stale values.
     """
 
-    def __init__(self, weight: Tensor) -> None:
-        self.key = self.key_of(weight)
+    def __init__(self) -> None:
+        self.key: tuple[Any, ...] | None = None
         self.ternary: Tensor | None = None  # (out, in) float32 W_t in {-1, 0, 1} (fused path)
         self.gamma: Tensor | None = None  # 0-dim float32
         self.int8: Tensor | None = None  # prepacked oneDNN copy of W_t, built on the first large-batch call
-        self.dequantized: Tensor | None = None  # (out, in) W_t * gamma in the weight's dtype (reference path)
+        self.dequantized: Tensor | None = None  # (out, in) float32 W_t * gamma (fused backward)
+        self.reference: Tensor | None = None  # (out, in) W_t * gamma in the weight's dtype (reference path, eval)
+        self._spare: tuple[Tensor | None, Tensor | None] = (None, None)  # buffers to refill after an update
 
     @staticmethod
     def key_of(weight: Tensor) -> tuple[Any, ...]:
         return (weight.data_ptr(), weight._version, weight.device, weight.dtype, tuple(weight.shape))
+
+    def _sync(self, weight: Tensor) -> None:
+        key = self.key_of(weight)
+        if key == self.key:
+            return
+        # Same storage, dtype, device and shape: only the values changed, so the buffers can be refilled.
+        refill = self.key is not None and key[0] == self.key[0] and key[2:] == self.key[2:]
+        self._spare = (self.ternary, self.dequantized) if refill else (None, None)
+        self.ternary = self.gamma = self.int8 = self.dequantized = self.reference = None
+        self.key = key
+
+    def ternary_weight(self, weight: Tensor) -> tuple[Tensor, Tensor]:  # float32 W_t (out, in), 0-dim gamma
+        """Same values as `_ternary_weight(weight)` (same ops on the same data), without new weight-sized tensors."""
+        self._sync(weight)
+        if self.ternary is None:
+            w32 = weight.detach().float()
+            buf = self._spare[0] if self._spare[0] is not None else torch.empty_like(w32)
+            gamma = torch.abs(w32, out=buf).mean().clamp(min=WEIGHT_EPS)  # = _weight_scale(w32), bit for bit
+            self.ternary, self.gamma = torch.div(w32, gamma, out=buf).round_().clamp_(-1, 1), gamma
+            self._spare = (None, self._spare[1])
+        return self.ternary, self.gamma
+
+    def int8_weight(self, weight: Tensor) -> Tensor:
+        w_t, _ = self.ternary_weight(weight)
+        if self.int8 is None:
+            self.int8 = _pack_int8_weight(w_t.to(torch.int8))
+        return self.int8
+
+    def dequantized_weight(self, weight: Tensor) -> Tensor:  # float32 W_t * gamma, (out, in)
+        w_t, gamma = self.ternary_weight(weight)
+        if self.dequantized is None:
+            buf = self._spare[1] if self._spare[1] is not None else torch.empty_like(w_t)
+            self.dequantized = torch.mul(w_t, gamma, out=buf)
+            self._spare = (self._spare[0], None)
+        return self.dequantized
+
+    def reference_weight(self, weight: Tensor) -> Tensor:  # fake-quantized weight in weight.dtype, no graph
+        self._sync(weight)
+        if self.reference is None:
+            self.reference = _dequantized_weights(weight.detach().float()).to(weight.dtype)
+        return self.reference
 
 
 class _BitLinearFunction(torch.autograd.Function):
@@ -286,19 +336,29 @@ class _BitLinearFunction(torch.autograd.Function):
         bias: Tensor | None,  # (C_out,)
         eps: float,
         q_max: int,
+        cache: _QuantizedWeightCache | None = None,
     ) -> Tensor:  # (..., C_out)
         x2 = x.reshape(-1, x.shape[-1])  # (N, C_in)
-        out, codes, scale, w_t, gamma, rstd = _bitlinear_forward(x2, norm_weight, weight, bias, eps, q_max)
-        ctx.save_for_backward(x, norm_weight)  # x itself, not the view x2: autograd then reports in-place edits
+        if cache is None:
+            out, codes, scale, w_t, gamma, rstd = _bitlinear_forward(x2, norm_weight, weight, bias, eps, q_max)
+            w_deq = w_t.mul_(gamma)  # dequantized in place
+        else:
+            codes, scale, rstd = _activation_codes(x2, norm_weight, eps, q_max)
+            w_t, gamma = cache.ternary_weight(weight)
+            packed = cache.int8_weight(weight) if _use_int8_gemm(x2.device, x2.shape[0]) else None
+            out = _ternary_matmul(codes, w_t, scale * gamma, bias, packed)
+            w_deq = cache.dequantized_weight(weight)  # shared by every call until the weight changes
+        # x itself, not the view x2, and the weight: autograd then reports in-place edits of either before backward
+        ctx.save_for_backward(x, norm_weight, weight)
         # Intermediates live on ctx (not save_for_backward) so the backward may recycle x_deq's buffer.
-        ctx.x_deq, ctx.rstd, ctx.w_deq = codes.mul_(scale), rstd, w_t.mul_(gamma)  # dequantized, in place
+        ctx.x_deq, ctx.rstd, ctx.w_deq = codes.mul_(scale), rstd, w_deq
         ctx.eps, ctx.q_max, ctx.has_bias, ctx.x_shape = eps, q_max, bias is not None, x.shape
         return out.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        x, norm_weight = ctx.saved_tensors
+        x, norm_weight, _ = ctx.saved_tensors  # unpacking checks that no input was modified in place
         x2 = x.reshape(-1, x.shape[-1])  # (N, C_in)
         x_deq, rstd, w_deq = ctx.x_deq, ctx.rstd, ctx.w_deq
         if x_deq is None:  # a second backward (retain_graph=True): the first one recycled the buffer
@@ -328,7 +388,17 @@ class _BitLinearFunction(torch.autograd.Function):
                     grad_x = grad_y.mul_(norm_weight).mul_(rstd).addcmul_(x2, coeff)
             if grad_x is not None:
                 grad_x = grad_x.view(ctx.x_shape)
-        return grad_x, grad_norm, grad_w, grad_b, None, None
+        return grad_x, grad_norm, grad_w, grad_b, None, None, None
+
+
+def _compiling() -> bool:
+    """Inside torch.compile tracing the Python-side weight cache is bypassed (it is state the tracer cannot follow)."""
+    return torch.compiler.is_compiling()
+
+
+def _cacheable(weight: Tensor) -> bool:
+    """The weight cache needs real storage (its key is the storage pointer) and eager execution."""
+    return not _compiling() and weight.device.type != "meta"
 
 
 def _check_width(x: Tensor, in_features: int, name: str) -> None:
@@ -365,14 +435,14 @@ class BitLinear(nn.Linear):
         self.quantize = quantize
         self.activation_bits = activation_bits
         self.fused = fused
-        self._weight_cache: _QuantizedWeightCache | None = None  # eval mode only; never saved or moved
+        self._weight_cache: _QuantizedWeightCache | None = None  # quantized weight; never saved or moved
 
     def train(self, mode: bool = True) -> BitLinear:
-        self._weight_cache = None  # training updates the weight every step: quantize afresh
+        self._weight_cache = None  # switching modes frees the cached copies (eval ones can be large after packing)
         return super().train(mode)
 
     def clear_weight_cache(self) -> None:
-        """Drop the eval-mode quantized weight (needed only after editing the weight through `.data`)."""
+        """Drop the cached quantized weight (needed only after editing the weight through `.data`)."""
         self._weight_cache = None
 
     def __getstate__(self) -> dict[str, Any]:
@@ -385,33 +455,17 @@ class BitLinear(nn.Linear):
         self._weight_cache = None
         super()._load_from_state_dict(*args, **kwargs)
 
-    def _eval_cache(self) -> _QuantizedWeightCache:
-        cache = self._weight_cache
-        if cache is None or cache.key != _QuantizedWeightCache.key_of(self.weight):
-            cache = self._weight_cache = _QuantizedWeightCache(self.weight)
-        return cache
-
-    def _cached_ternary(self, rows: int) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Eval mode: W_t (float32), gamma and, for large batches on CPU, the prepacked int8 W_t, from the cache."""
-        cache = self._eval_cache()
-        if cache.ternary is None:
-            cache.ternary, cache.gamma = _ternary_weight(self.weight)
-        packed = None
-        if _use_int8_gemm(self.weight.device, rows):
-            if cache.int8 is None:
-                cache.int8 = _pack_int8_weight(cache.ternary.to(torch.int8))
-            packed = cache.int8
-        return cache.ternary, cache.gamma, packed
+    def _cache(self) -> _QuantizedWeightCache:
+        if self._weight_cache is None:
+            self._weight_cache = _QuantizedWeightCache()
+        return self._weight_cache
 
     def _quantized_weight(self) -> Tensor:
         """Fake-quantized weight for the reference path; cached in eval mode when no gradient reaches the weight."""
-        if self.training or (torch.is_grad_enabled() and self.weight.requires_grad):
+        if self.training or (torch.is_grad_enabled() and self.weight.requires_grad) or not _cacheable(self.weight):
             return fake_quantize_weights(self.weight)
-        cache = self._eval_cache()
-        if cache.dequantized is None:
-            # Same value as fake_quantize_weights (its straight-through term adds w - w = 0), without the graph.
-            cache.dequantized = _dequantized_weights(self.weight.detach().float()).to(self.weight.dtype)
-        return cache.dequantized
+        # Same value as fake_quantize_weights (its straight-through term adds w - w = 0), without the graph.
+        return self._cache().reference_weight(self.weight)
 
     def _can_fuse(self, x: Tensor) -> bool:
         """The fused node covers float32 everywhere, outside autocast, with an affine norm (or none)."""
@@ -439,15 +493,17 @@ class BitLinear(nn.Linear):
             eps = self.norm.eps if self.norm is not None and self.norm.eps is not None else torch.finfo(x.dtype).eps
             q_max = 2 ** (self.activation_bits - 1) - 1
             params = (self.weight, self.bias, norm_weight)
+            cache = self._cache() if _cacheable(self.weight) else None  # quantized once per weight update
             if torch.is_grad_enabled() and (x.requires_grad or any(p is not None and p.requires_grad for p in params)):
-                return _BitLinearFunction.apply(x, norm_weight, self.weight, self.bias, eps, q_max)
+                return _BitLinearFunction.apply(x, norm_weight, self.weight, self.bias, eps, q_max, cache)
             with torch.no_grad():  # inference: no dequantized copies for a backward
                 x2 = x.reshape(-1, x.shape[-1])  # (N, C_in)
-                if self.training:
+                if cache is None:
                     out = _bitlinear_forward(x2, norm_weight, self.weight, self.bias, eps, q_max)[0]
-                else:  # eval: the weight is quantized once, not at every call (decoding calls once per token)
+                else:  # eval and no-grad calls: decoding calls every layer once per token
                     codes, scale, _ = _activation_codes(x2, norm_weight, eps, q_max)
-                    w_t, gamma, packed = self._cached_ternary(x2.shape[0])
+                    w_t, gamma = cache.ternary_weight(self.weight)
+                    packed = cache.int8_weight(self.weight) if _use_int8_gemm(x2.device, x2.shape[0]) else None
                     out = _ternary_matmul(codes, w_t, scale * gamma, self.bias, packed)
             return out.view(*x.shape[:-1], self.out_features)
         if self.norm is not None:
@@ -676,8 +732,14 @@ class PackedBitLinear(nn.Module):
         with torch.no_grad():
             # Norm and scales in float32 whatever the input dtype (the buffers are float32).
             x32 = x.reshape(-1, self.in_features).float()  # (N, in)
-            y = self.norm(x32) if self.norm is not None else x32.clone()
-            codes, scale = _quantize_rows_(y, self.q_max)  # (N, in) integer-valued, (N, 1)
+            if self.norm is None:
+                codes, scale = _quantize_rows_(x32.clone(), self.q_max)  # (N, in) integer-valued, (N, 1)
+            elif self.norm.weight is not None and self.norm.weight.dtype == torch.float32:
+                # BitLinear's norm kernel: bit-identical to nn.RMSNorm on CPU with fewer temporaries (faster)
+                eps = self.norm.eps if self.norm.eps is not None else torch.finfo(torch.float32).eps
+                codes, scale, _ = _activation_codes(x32, self.norm.weight, eps, self.q_max)
+            else:
+                codes, scale = _quantize_rows_(self.norm(x32), self.q_max)
             w, w_int8 = self._matmul_weights(x.device, x32.shape[0])
             out = _ternary_matmul(codes, w, scale * self.weight_scale, self.bias, w_int8)  # (N, out)
         return out.view(*x.shape[:-1], self.out_features).to(x.dtype)
