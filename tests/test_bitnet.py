@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import pickle
 
 import pytest
 import torch
@@ -384,8 +385,7 @@ def test_packed_layer_copies_and_pickles_after_use(tmp_path) -> None:
     x = torch.randn(3, 20)
     out = packed(x)  # fills the caches (an opaque oneDNN weight on CPU), which must not break copying
     assert torch.equal(copy.deepcopy(packed)(x), out)
-    torch.save(packed, tmp_path / "packed.pt")
-    assert torch.equal(torch.load(tmp_path / "packed.pt", weights_only=False)(x), out)
+    assert torch.equal(pickle.loads(pickle.dumps(packed))(x), out)
     assert torch.equal(packed(x), out)  # the original keeps working
 
 

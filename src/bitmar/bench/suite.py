@@ -22,7 +22,6 @@ import math
 import os
 import platform
 import statistics
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -35,6 +34,7 @@ from torch import nn
 
 from bitmar.bench.bitlinear import _quartiles
 from bitmar.bitnet import BitLinear
+from bitmar.fileio import atomic_write_text
 
 NO_DIFFERENCE = "no difference"
 H200_BF16_PEAK_TFLOPS = 790.0  # measured dense bf16 matmul ceiling of an H200 (the datasheet says 989)
@@ -399,21 +399,9 @@ def format_table(result: dict[str, Any]) -> str:
 def write_outputs(result: dict[str, Any], path: Path) -> tuple[Path, Path]:
     """JSON at `path` and the Markdown table beside it (same stem, .md); each written atomically."""
     md_path = path.with_suffix(".md") if path.suffix != ".md" else path.with_suffix(".table.md")
-    _atomic_write(path, json.dumps(result, indent=2) + "\n")
-    _atomic_write(md_path, format_table(result) + "\n")
+    atomic_write_text(path, json.dumps(result, indent=2) + "\n")
+    atomic_write_text(md_path, format_table(result) + "\n")
     return path, md_path
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from bitmar.evaluation.efficiency import evaluate_efficiency
 from bitmar.evaluation.recall import evaluate_episodic_recall
 from bitmar.evaluation.retrieval import evaluate_retrieval
 from bitmar.evaluation.scoring import evaluate_minimal_pairs, evaluate_vqa, evaluate_winoground
+from bitmar.fileio import atomic_write_text
 from bitmar.model import BitMar
 from bitmar.training.checkpoint import CheckpointError, load_checkpoint
 
@@ -333,18 +334,6 @@ def markdown_report(results: dict[str, Any]) -> str:
     if seconds:
         lines += ["", "Time per task: " + ", ".join(f"{n} {s:.1f} s" for n, s in seconds.items())]
     return "\n".join(lines) + "\n"
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _jsonable(value: Any) -> Any:
