@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_model import TINY_MODEL
 
 from bitmar.bitnet import BitLinear, pack_model
 from bitmar.config import load_config
@@ -17,32 +18,10 @@ from bitmar.model import BitMar, BitMarOutput
 from bitmar.model.model_config import ModelConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-CFG = ModelConfig(
-    text_encoder="bitnet-tiny",
-    text_decoder="bitnet-tiny",
-    vocab_size=97,
-    hidden_size=32,
-    text_latent_size=24,
-    vision_encoder_dim=20,
-    vision_latent_size=24,
-    vision_num_tokens=3,
-    vision_layers=1,
-    fusion_layers=1,
-    memory_size=16,
-    episode_dim=24,
-    memory_readout_tokens=2,
-    gqa_group_size=2,
-)
+CFG = TINY_MODEL
 B, T = 3, 7
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # Tiny tensors: extra threads only add synchronisation (and stall badly on a shared, busy CPU).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _model(cfg: ModelConfig = CFG, **overrides) -> BitMar:

@@ -10,36 +10,14 @@ from dataclasses import replace
 
 import pytest
 import torch
+from tiny_model import TINY_MODEL
 
 from bitmar.model import BitMar
-from bitmar.model.model_config import ModelConfig
 
-CFG = ModelConfig(
-    text_encoder="bitnet-tiny",
-    text_decoder="bitnet-tiny",
-    vocab_size=97,
-    hidden_size=32,
-    text_latent_size=24,
-    vision_encoder_dim=20,
-    vision_latent_size=24,
-    vision_num_tokens=3,
-    vision_layers=1,
-    fusion_layers=1,
-    memory_size=16,
-    episode_dim=24,
-    memory_readout_tokens=2,
-    gqa_group_size=2,
-)
+CFG = TINY_MODEL
 B, T = 3, 9
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # Tiny tensors: extra threads only add synchronisation (and stall badly on a shared, busy CPU).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _inputs(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
