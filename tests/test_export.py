@@ -378,6 +378,12 @@ def test_pixel_values_without_backbone_is_a_clear_error(exports: dict[str, Path]
 @pytest.mark.filterwarnings("ignore:Creating a tensor from a list of numpy")  # the pipeline's own conversion
 def test_processor_and_stored_dinov2_backbone(vision_export: tuple[Path, Path], tiny_dinov2: Path) -> None:
     checkpoint, out = vision_export
+    # The backbone is stored under the names Dinov2Model.save_pretrained writes (4.x layout, which transformers 5.x
+    # converts on load), not its 5.x state_dict names: transformers 4.51.3 (BabyLM 2025) would leave those random.
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        stored = {k.removeprefix("vision_backbone.") for k in f.keys() if k.startswith("vision_backbone.")}  # noqa: SIM118
+    with safe_open(str(tiny_dinov2 / "model.safetensors"), "pt") as f:
+        assert stored == set(f.keys())  # noqa: SIM118
     processor = transformers.AutoProcessor.from_pretrained(out, trust_remote_code=True)
     assert type(processor).__name__ == "BitMarProcessor"
     rng = torch.Generator().manual_seed(0)

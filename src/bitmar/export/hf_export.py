@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 import yaml
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers import GenerationConfig, PreTrainedTokenizerFast
 
@@ -550,8 +550,26 @@ def export_state_dict(model: BitMar, backbone: nn.Module | None, dtype: torch.dt
             value = value.to(dtype)
         tensors[f"model.{key}"] = value.detach().contiguous()
     if backbone is not None:
-        for key, value in backbone.state_dict().items():
+        for key, value in _checkpoint_tensors(backbone).items():
             tensors[f"vision_backbone.{key}"] = (value.to(dtype) if value.is_floating_point() else value).contiguous()
+    return tensors
+
+
+def _checkpoint_tensors(model: nn.Module) -> dict[str, Tensor]:
+    """The tensors `model.save_pretrained` writes, under their on-disk names (which every transformers version loads).
+
+    Not `state_dict()`: transformers 5.x renamed DINOv2's attention modules (`attention.q_proj`; 4.x:
+    `attention.attention.query`) but still writes and reads the 4.x names on disk, converting on load, also for a
+    DINOv2 nested in remote code. transformers 4.51.3 (BabyLM 2025 pipeline) knows only the 4.x names: with 5.x
+    module names its backbone attention stayed randomly initialised.
+    """
+    with tempfile.TemporaryDirectory() as scratch:
+        model.save_pretrained(scratch)
+        tensors: dict[str, Tensor] = {}
+        for file in sorted(Path(scratch).glob("*.safetensors")):
+            tensors.update(load_file(str(file)))
+    if not tensors:
+        raise ExportError(f"{type(model).__name__}.save_pretrained wrote no safetensors file; cannot store it")
     return tensors
 
 
