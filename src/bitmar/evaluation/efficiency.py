@@ -111,8 +111,11 @@ def evaluate_efficiency(ctx: EvalContext) -> dict[str, Any]:
             {"metric": "parameters", "value": metrics["parameters"], "reference": None},
             {"metric": "ternary fraction of parameters", "value": stats["ternary_fraction"], "reference": None},
             {"metric": "model size packed (MiB)", "value": packed_bytes / 2**20, "reference": float_bytes / 2**20},
-            {"metric": "generation tokens/s packed", "value": speed["packed_tokens_per_s"],
-             "reference": speed["unpacked_tokens_per_s"]},  # fmt: skip
+            {
+                "metric": "generation tokens/s packed",
+                "value": speed["packed_tokens_per_s"],
+                "reference": speed["unpacked_tokens_per_s"],
+            },  # fmt: skip
             {"metric": "packed/unpacked greedy token agreement", "value": speed["token_agreement"], "reference": 1.0},
         ],
         "notes": [

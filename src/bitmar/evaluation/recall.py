@@ -53,9 +53,7 @@ class _Episodes:
             ctx.eval_path(layout.NOVEL_EPISODES_FILE), ("caption", "nonce_words", "study_image", "test_image")
         )
         rows = max(max(int(r["study_image"]), int(r["test_image"])) for r in records) + 1
-        features = read_features(
-            ctx.eval_path(layout.NOVEL_EPISODES_FEATURES), ctx.cfg.model.vision_encoder_dim, rows
-        )
+        features = read_features(ctx.eval_path(layout.NOVEL_EPISODES_FEATURES), ctx.cfg.model.vision_encoder_dim, rows)
         self.captions = [str(r["caption"]) for r in records]
         self.nonce = [[str(w) for w in r["nonce_words"]] for r in records]
         self.foils = [[str(f) for f in r.get("foils", [])] for r in records]

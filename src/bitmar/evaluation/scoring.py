@@ -127,9 +127,7 @@ def winoground_outcomes(s: Tensor) -> dict[str, Tensor]:
 
 
 def evaluate_winoground(ctx: EvalContext) -> dict[str, Any]:
-    records = read_jsonl(
-        ctx.eval_path(layout.WINOGROUND_FILE), ("caption_0", "caption_1", "image_0", "image_1")
-    )
+    records = read_jsonl(ctx.eval_path(layout.WINOGROUND_FILE), ("caption_0", "caption_1", "image_0", "image_1"))
     rows = max(max(int(r["image_0"]), int(r["image_1"])) for r in records) + 1
     features = read_features(ctx.eval_path(WINOGROUND_FEATURES), ctx.cfg.model.vision_encoder_dim, rows)
     captions, images = [], []
