@@ -115,7 +115,7 @@ def evaluate_efficiency(ctx: EvalContext) -> dict[str, Any]:
                 "metric": "generation tokens/s packed",
                 "value": speed["packed_tokens_per_s"],
                 "reference": speed["unpacked_tokens_per_s"],
-            },  # fmt: skip
+            },
             {"metric": "packed/unpacked greedy token agreement", "value": speed["token_agreement"], "reference": 1.0},
         ],
         "notes": [
