@@ -23,7 +23,7 @@ from bitmar.training.losses import contrastive_loss, lm_loss, sequence_log_probs
 from bitmar.training.objective import mask_tokens
 from bitmar.training.run_logger import RunLogger, resolve_wandb_mode
 from bitmar.training.schedule import TwoStageSchedule
-from bitmar.training.trainer import effective_phase_epochs
+from bitmar.training.trainer import effective_phase_epochs, make_optimizer
 
 
 def _optimizer() -> torch.optim.Optimizer:
@@ -171,3 +171,28 @@ def test_plots_are_written_for_any_slot_count_and_failures_only_warn(tmp_path, c
         assert plots.safe_plot(plots.plot_curves, [], ["Training/Loss"], tmp_path / "c.png", "t", "y") is None
     assert "could not be drawn" in caplog.text
     assert not (tmp_path / "c.png").exists()
+
+
+def test_optimizer_is_fused_adamw_with_decay_only_on_matrices() -> None:
+    cfg = load_config("configs/bitmar_tiny.yaml")
+    model = torch.nn.ModuleDict({"proj": torch.nn.Linear(4, 3), "embed_tokens": torch.nn.Embedding(5, 4)})
+    opt = make_optimizer(model, cfg.training)
+    assert opt.defaults["fused"] is True  # one kernel for all parameters on CPU, not a Python loop
+    decay, no_decay = opt.param_groups
+    assert [p.shape for p in decay["params"]] == [torch.Size([3, 4])]  # linear matrices only
+    assert decay["weight_decay"] == cfg.training.weight_decay and no_decay["weight_decay"] == 0.0
+    assert len(no_decay["params"]) == 2  # the bias and the embedding
+    # The fused kernel gives AdamW's update: compare one step with torch's reference loop implementation.
+    reference = {name: p.detach().clone().requires_grad_(True) for name, p in model.named_parameters()}
+    loop = torch.optim.AdamW(
+        [{"params": [reference["proj.weight"]], "weight_decay": cfg.training.weight_decay},
+         {"params": [reference["proj.bias"], reference["embed_tokens.weight"]], "weight_decay": 0.0}],
+        lr=cfg.training.learning_rate, betas=tuple(cfg.training.betas), eps=1e-8, foreach=False,
+    )  # fmt: skip
+    for name, p in model.named_parameters():
+        p.grad = torch.full_like(p, 0.5)
+        reference[name].grad = torch.full_like(p, 0.5)
+    opt.step()
+    loop.step()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p, reference[name])

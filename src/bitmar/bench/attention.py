@@ -32,6 +32,7 @@ from bitmar.config import load_config
 from bitmar.model import BitMar
 from bitmar.training.objective import TrainingObjective
 from bitmar.training.run_logger import RunLogger
+from bitmar.training.trainer import make_optimizer
 
 ROOT = Path(__file__).resolve().parents[3]
 DEFAULT_CONFIG = ROOT / "configs" / "bitmar_tiny.yaml"
@@ -61,7 +62,7 @@ def time_phase(phase: int, pairs: int, config_path: Path = DEFAULT_CONFIG, seed:
     model = BitMar(cfg.model)
     objective = TrainingObjective(model, cfg, mask_token_id=3, special_token_ids=[0, 1, 2])
     t = cfg.training
-    optimizer = torch.optim.AdamW(model.parameters(), lr=t.learning_rate, betas=tuple(t.betas))
+    optimizer = make_optimizer(model, t)  # the trainer's AdamW
     kind = "text" if phase == 1 else "caption"
     length = cfg.data.text_block_length if kind == "text" else cfg.data.max_caption_length
     args = (cfg.model.vocab_size, cfg.model.vision_encoder_dim)

@@ -40,7 +40,7 @@ from bitmar.config import BitMarConfig, load_config
 from bitmar.model import BitMar
 from bitmar.model.layers import Attention
 from bitmar.training.objective import TrainingObjective
-from bitmar.training.trainer import _param_groups
+from bitmar.training.trainer import make_optimizer
 
 ROOT = Path(__file__).resolve().parents[3]
 TINY_CONFIG = ROOT / "configs" / "bitmar_tiny.yaml"
@@ -83,19 +83,13 @@ def build_objective(cfg: BitMarConfig, quantize: bool, seed: int = 0, device: st
     return objective.train()
 
 
-def make_optimizer(model: BitMar, cfg: BitMarConfig) -> torch.optim.Optimizer:
-    """AdamW with the trainer's parameter groups and settings."""
-    t = cfg.training
-    return torch.optim.AdamW(_param_groups(model, t.weight_decay), lr=t.learning_rate, betas=tuple(t.betas), eps=1e-8)
-
-
 def make_step(
     objective: nn.Module, model: BitMar, cfg: BitMarConfig, batch: dict[str, Any], phase: int,
     autocast_dtype: torch.dtype | None = None, optimizer: torch.optim.Optimizer | None = None,
 ) -> Callable[[], None]:  # fmt: skip
     """The trainer's step on a fixed batch: forward, backward, clip, AdamW step, zero_grad."""
     t = cfg.training
-    optimizer = optimizer or make_optimizer(model, cfg)
+    optimizer = optimizer or make_optimizer(model, cfg.training)  # the trainer's AdamW
     device_type = batch["input_ids"].device.type
     params = [p for p in model.parameters() if p.requires_grad]
 
@@ -289,7 +283,7 @@ def gpu_training_rows(settings: Settings) -> list[Row | Unavailable]:
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 objective(batch, phase)
         compiled = torch.compile(objective)
-        optimizer = make_optimizer(objective.model, cfg)  # one optimizer state: peak memory counts it once
+        optimizer = make_optimizer(objective.model, cfg.training)  # one optimizer state: peak memory counts it once
         steps = {
             "eager": make_step(objective, objective.model, cfg, batch, phase, torch.bfloat16, optimizer),
             "torch.compile": make_step(compiled, objective.model, cfg, batch, phase, torch.bfloat16, optimizer),
