@@ -43,9 +43,17 @@ def _check_bits(bits: int) -> int:
     return 2 ** (bits - 1) - 1
 
 
+# Up to this many rows |x| is materialised for the absmax (2 ops, the fewest dispatches for decoding); above it
+# amax and amin avoid the (N, C) temporary (same value, bit for bit).
+_SMALL_ROWS = 64
+
+
 def _absmax_scale(x32: Tensor, q_max: int) -> Tensor:  # (..., C) -> (..., 1)
-    """Per-token scale max(max|x|, eps) / q_max; amax and amin avoid materialising |x| (same value, bit for bit)."""
-    absmax = torch.maximum(x32.amax(dim=-1, keepdim=True), x32.amin(dim=-1, keepdim=True).neg_())
+    """Per-token scale max(max|x|, eps) / q_max."""
+    if x32.numel() <= _SMALL_ROWS * x32.shape[-1]:
+        absmax = x32.abs().amax(dim=-1, keepdim=True)
+    else:
+        absmax = torch.maximum(x32.amax(dim=-1, keepdim=True), x32.amin(dim=-1, keepdim=True).neg_())
     # The eps floor keeps an all-zero row at scale 1e-5/127 instead of 0 (0/0 wrote NaN into earlier models).
     return absmax.clamp_(min=ACTIVATION_EPS).div_(q_max)
 

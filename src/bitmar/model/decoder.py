@@ -29,8 +29,11 @@ def causal_attention_mask(
     total = past + num_queries
     if key_mask is not None:
         key_mask = key_mask.bool()
-        full, right_padded = torch.stack([key_mask.all(), (key_mask[:, 1:] <= key_mask[:, :-1]).all()]).tolist()
-        if full or (past == 0 and right_padded):  # one host sync for both tests
+        if past == 0:
+            full, right_padded = torch.stack([key_mask.all(), (key_mask[:, 1:] <= key_mask[:, :-1]).all()]).tolist()
+            if full or right_padded:  # one host sync for both tests
+                key_mask = None
+        elif bool(key_mask.all()):  # decoding: only the padding test (one reduction per token)
             key_mask = None
     if key_mask is None:
         if past == 0:
@@ -116,6 +119,9 @@ class TextDecoder(nn.Module):
         if positions is None:
             positions = torch.arange(past, past + length, device=x.device).expand(bsz, length)
         attn_mask, is_causal = causal_attention_mask(key_mask, length, past, x.device)
+        # Every layer rotates by the same angles: compute them once (decoding pays this per token and layer).
+        rotary = self.blocks[0].attn.rotary if len(self.blocks) else None
+        rope = rotary(positions) if rotary is not None else None
         attentions: list[Tensor] = []
         for i, block in enumerate(self.blocks):
             x, weights = block(
@@ -126,6 +132,7 @@ class TextDecoder(nn.Module):
                 cache=cache,
                 layer=i,
                 need_weights=need_weights,
+                rope=rope,
             )
             if weights is not None:
                 attentions.append(weights)

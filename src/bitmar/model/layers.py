@@ -148,6 +148,7 @@ class Attention(nn.Module):
         cache: KVCache | None = None,
         layer: int = 0,
         need_weights: bool = False,
+        rope: tuple[Tensor, Tensor] | None = None,  # cos, sin (B, 1, Tq, D) of `positions`, computed once per stack
     ) -> tuple[Tensor, Tensor | None]:
         bsz, tq, _ = x.shape
         hd = self.head_dim
@@ -162,10 +163,11 @@ class Attention(nn.Module):
         k = k.view(bsz, k.shape[1], self.num_kv_heads, hd).transpose(1, 2)  # (B, Hkv, Tk, D)
         v = v.view(bsz, v.shape[1], self.num_kv_heads, hd).transpose(1, 2)
         if self.rotary is not None:
-            if positions is None:
-                positions = torch.arange(tq, device=x.device).expand(bsz, tq)
-            cos, sin = self.rotary(positions)
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            if rope is None:
+                if positions is None:
+                    positions = torch.arange(tq, device=x.device).expand(bsz, tq)
+                rope = self.rotary(positions)
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if cache is not None:
             k, v = cache.update(layer, k, v)
         dropout_p = self.dropout if self.training else 0.0
@@ -193,7 +195,7 @@ class Attention(nn.Module):
                 is_causal=is_causal and attn_mask is None,
                 enable_gqa=self.num_kv_heads != self.num_heads,
             )
-        out = out * self.head_gates.to(out.dtype)[None, :, None, None]
+        out = out * self.head_gates.to(out.dtype).view(1, -1, 1, 1)
         out = out.transpose(1, 2).reshape(bsz, tq, self.num_heads * hd)  # (B, Tq, C)
         return self.o_proj(out), weights
 
@@ -244,8 +246,9 @@ class TransformerBlock(nn.Module):
         cache: KVCache | None = None,
         layer: int = 0,
         need_weights: bool = False,
+        rope: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, Tensor | None]:
-        attn_out, weights = self.attn(x, context, attn_mask, is_causal, positions, cache, layer, need_weights)
+        attn_out, weights = self.attn(x, context, attn_mask, is_causal, positions, cache, layer, need_weights, rope)
         x = x + self.resid_dropout(attn_out)
         x = x + self.resid_dropout(self.mlp(x))
         return x, weights
