@@ -10,8 +10,10 @@ import copy
 import json
 import math
 import pickle
+import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -215,6 +217,37 @@ def test_cuda_request_without_a_gpu_fails_with_a_clear_message(
         from bitmar.bench.training import gpu_training_rows
 
         gpu_training_rows(suite.Settings(device="cuda"))
+
+
+def test_gpu_training_logic_runs_on_cpu_with_compile_forced_eager() -> None:
+    """The body of `--device cuda` (bf16 steps, eager vs torch.compile, FLOPs, MFU) on CPU, tiny config: a GPU session
+    should not be the first to run it. Compilation itself is skipped (force_eager): on CPU it takes minutes."""
+    from bitmar.bench.training import TINY_CONFIG, compiled_training_rows
+
+    seconds: list[float] = []
+
+    def cpu_timer(step, device: torch.device) -> tuple[float, float]:
+        assert device.type == "cpu"
+        start = time.perf_counter()
+        step()
+        seconds.append(time.perf_counter() - start)
+        return seconds[-1], 0.5
+
+    with torch.compiler.set_stance("force_eager"):
+        rows = compiled_training_rows(TINY_CONFIG, torch.device("cpu"), 2, 2, 1, 790.0, cpu_timer)
+    assert len(seconds) == 2 * (1 + 2) * 2  # 2 phases x (1 warm-up + 2 repeats) x 2 variants
+    per_phase = ["tokens/s A / tokens/s B"] + ["model FLOPs utilisation", "torch.cuda.max_memory_allocated"] * 2
+    assert [r.metric for r in rows] == per_phase * 2
+    assert all(math.isfinite(r.median) and r.median > 0 for r in rows)
+    mfu = [r for r in rows if r.metric == "model FLOPs utilisation"]
+    assert [r.variant_a for r in mfu] == ["eager", "torch.compile"] * 2 and all(r.goal is not None for r in mfu)
+    # Phase 2's calls: warm-up (eager, compile), repeat 0 (eager, compile), repeat 1 (compile, eager).
+    eager_s = [seconds[2], seconds[5]]
+    flops = rows[0].details["train_flops_per_step"]
+    assert flops > 0
+    expected = statistics.median(100 * flops / s / 790e12 for s in eager_s)
+    assert mfu[0].median == pytest.approx(expected)
+    assert [r.median for r in rows if r.metric == "torch.cuda.max_memory_allocated"] == [0.5] * 4
 
 
 def test_bad_selection_fails_before_running(capsys: pytest.CaptureFixture[str]) -> None:
