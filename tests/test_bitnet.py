@@ -14,6 +14,7 @@ from torch import nn
 
 from bitmar.bench import bitlinear as bench
 from bitmar.bitnet import (
+    INT8_GEMM_MIN_ROWS,
     BitLinear,
     PackedBitLinear,
     fake_quantize_activations,
@@ -77,12 +78,12 @@ def test_int8_and_float_gemm_routes_give_the_same_bits() -> None:
     outputs = []
     try:
         for enabled in (True, False):
-            set_int8_gemm(enabled)
+            set_int8_gemm(enabled, min_rows=1)  # 51 rows: below the default threshold the int8 route never runs
             with torch.no_grad():
                 outputs += [layer(x), packed(x)]
             outputs.append(layer(x.requires_grad_(True)).detach())
     finally:
-        set_int8_gemm(True)
+        set_int8_gemm(True, min_rows=INT8_GEMM_MIN_ROWS)
     assert all(torch.equal(o, outputs[0]) for o in outputs[1:])
     assert isinstance(int8_gemm_available(), bool)
 
