@@ -87,6 +87,8 @@ def worker(config: Path, global_batch: int, steps: int, warmup: int, phase: int,
     }
     if info.is_main and output is not None:
         output.write_text(json.dumps(result), encoding="utf-8")
+    if info.distributed:
+        dist.barrier()  # both ranks are done with every collective before either tears its connections down
     cleanup(info)
     return result
 
@@ -101,8 +103,15 @@ def launch(nproc: int, args: Sequence[str], tmp: Path, index: int) -> dict[str, 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     if proc.returncode != 0 or not out.exists():
-        tail = (proc.stdout + proc.stderr)[-2000:]
-        raise RuntimeError(f"torchrun with {nproc} process(es) failed (exit {proc.returncode}):\n{tail}")
+        text = proc.stdout + proc.stderr
+        # A rank's own error can sit far above torchrun's closing report: quote the error lines from the whole log.
+        keys = ("error", "exception", "terminate", "what()", "abort", "signal")
+        errors = [line for line in text.splitlines() if any(k in line.lower() for k in keys)][:25]
+        raise RuntimeError(
+            f"torchrun with {nproc} process(es) failed (exit {proc.returncode}). Error lines:\n"
+            + "\n".join(errors)
+            + f"\n--- last lines ---\n{text[-1500:]}"
+        )
     return json.loads(out.read_text(encoding="utf-8"))
 
 
