@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from bitmar.bitnet import BitLinear
 from bitmar.config import load_config
 from bitmar.training import plots
 from bitmar.training.checkpoint import (
@@ -173,16 +174,16 @@ def test_plots_are_written_for_any_slot_count_and_failures_only_warn(tmp_path, c
     assert not (tmp_path / "c.png").exists()
 
 
-def test_optimizer_is_fused_adamw_with_decay_only_on_matrices() -> None:
+def test_optimizer_is_adamw_with_decay_only_on_matrices() -> None:
     cfg = load_config("configs/bitmar_tiny.yaml")
     model = torch.nn.ModuleDict({"proj": torch.nn.Linear(4, 3), "embed_tokens": torch.nn.Embedding(5, 4)})
     opt = make_optimizer(model, cfg.training)
-    assert opt.defaults["fused"] is True  # one kernel for all parameters on CPU, not a Python loop
+    assert not opt.defaults["fused"]  # the fused kernel skips version counters: BitLinear's cache would go stale
     decay, no_decay = opt.param_groups
     assert [p.shape for p in decay["params"]] == [torch.Size([3, 4])]  # linear matrices only
     assert decay["weight_decay"] == cfg.training.weight_decay and no_decay["weight_decay"] == 0.0
     assert len(no_decay["params"]) == 2  # the bias and the embedding
-    # The fused kernel gives AdamW's update: compare one step with torch's reference loop implementation.
+    # AdamW's update: compare one step with torch's reference loop implementation.
     reference = {name: p.detach().clone().requires_grad_(True) for name, p in model.named_parameters()}
     loop = torch.optim.AdamW(
         [{"params": [reference["proj.weight"]], "weight_decay": cfg.training.weight_decay},
@@ -196,3 +197,21 @@ def test_optimizer_is_fused_adamw_with_decay_only_on_matrices() -> None:
     loop.step()
     for name, p in model.named_parameters():
         torch.testing.assert_close(p, reference[name])
+
+
+def test_optimizer_steps_refresh_the_bitlinear_weight_cache() -> None:
+    """BitLinear's cache keys on version counters: every step must bump them (torch's fused AdamW kernel does not)."""
+    cfg = load_config("configs/bitmar_tiny.yaml")
+    torch.manual_seed(0)
+    layer = BitLinear(16, 8)
+    opt = make_optimizer(layer, cfg.training)
+    x = torch.randn(4, 16)
+    for _ in range(3):
+        version = layer.weight._version
+        layer(x).square().sum().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        assert layer.weight._version > version
+        cached = layer(x).detach()  # served from the cache when it believes the weight unchanged
+        layer.clear_weight_cache()
+        torch.testing.assert_close(cached, layer(x).detach(), rtol=0, atol=0)

@@ -260,8 +260,9 @@ class _QuantizedWeightCache:
 
     Valid while the weight tensor is the same one with the same contents: the key holds its storage pointer, its
     autograd version counter (bumped by every in-place update: optimizer steps, `load_state_dict`, `copy_` under
-    no_grad), device, dtype and shape. Edits through `.data` bypass the version counter: call
-    `layer.clear_weight_cache()` after them.
+    no_grad), device, dtype and shape. Edits through `.data` bypass the version counter, and so does torch's fused
+    AdamW kernel (`fused=True`, torch 2.13; the trainer does not use it): after such updates call
+    `layer.clear_weight_cache()` or `torch.autograd.graph.increment_version(params)`.
 
     In training the weight changes once per optimizer step, but one step may call a layer several times (phase 3
     runs the decoder three times) and every call used to quantize the weight afresh into newly allocated
