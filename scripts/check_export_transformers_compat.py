@@ -49,30 +49,14 @@ def export_and_reference(workdir: Path) -> None:
     import torch
     import transformers
 
-    from bitmar.config import config_to_dict, load_config
-    from bitmar.data.tokenizer import train_tokenizer
     from bitmar.export import export_checkpoint
-    from bitmar.model import BitMar
-    from bitmar.training.checkpoint import save_checkpoint
 
     repo = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(repo / "tests"))
+    from test_export import make_checkpoint, training_model  # the checkpoint the export tests use
 
-    def make_checkpoint(root: Path, overrides: tuple[str, ...] = ()) -> tuple[Path, BitMar]:
-        torch.manual_seed(0)
-        tokenizer = train_tokenizer(SENTENCES * 10, 300, root / "tokenizer")
-        cfg = load_config(repo / "configs" / "bitmar_tiny.yaml", [f"model.vocab_size={len(tokenizer)}", *overrides])
-        model = BitMar(cfg.model).eval()
-        path = root / "checkpoints" / "last.pt"
-        payload = {
-            "model": model.state_dict(),
-            "config": config_to_dict(cfg),
-            "tokenizer": tokenizer.backend_tokenizer.to_str(),
-            "progress": {"phase": 3, "epoch": 9, "global_step": 1234},
-        }
-        save_checkpoint(payload, path)
-        return path, model
-
-    ckpt, reference = make_checkpoint(workdir / "run")
+    ckpt = make_checkpoint(workdir / "run")
+    reference = training_model(ckpt)
     exports = {
         "f32": export_checkpoint(ckpt, workdir / "f32", dtype="float32"),
         "f32_packed": export_checkpoint(ckpt, workdir / "f32_packed", packed=True, dtype="float32"),
@@ -85,7 +69,8 @@ def export_and_reference(workdir: Path) -> None:
             hidden_size=32, num_hidden_layers=1, num_attention_heads=2, mlp_ratio=2, image_size=224, patch_size=14
         )
     ).save_pretrained(dinov2)
-    vision_ckpt, vision_reference = make_checkpoint(workdir / "run_vision", ("model.vision_encoder_dim=32",))
+    vision_ckpt = make_checkpoint(workdir / "run_vision", ("model.vision_encoder_dim=32",))
+    vision_reference = training_model(vision_ckpt)
     exports["vision"] = export_checkpoint(
         vision_ckpt, workdir / "vision", packed=True, vision_backbone=str(dinov2), dtype="float32"
     )
