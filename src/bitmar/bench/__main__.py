@@ -14,26 +14,7 @@ from pathlib import Path
 import torch
 
 from bitmar.bench import suite
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
-    return value
+from bitmar.bench.cli_args import positive_float, positive_int
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,11 +28,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--only", nargs="+", metavar="NAME", default=None, help=f"run only these: {', '.join(suite.benchmark_names())}"
     )
-    parser.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument(
         "--peak_tflops",
         "--peak-tflops",
-        type=_positive_float,
+        type=positive_float,
         default=suite.H200_BF16_PEAK_TFLOPS,
         help=f"GPU peak for MFU (default {suite.H200_BF16_PEAK_TFLOPS:g}: measured H200 bf16 dense ceiling)",
     )

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from bitmar.analysis.heads import HeadImportanceTracker
+from bitmar.bench.cli_args import positive_int
 from bitmar.config import load_config
 from bitmar.model import BitMar
 from bitmar.training.objective import TrainingObjective
@@ -169,22 +170,12 @@ def format_report(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bitmar.bench.attention", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="phase 2 only, 2 pairs of blocks (~1 min on 1 core)")
     parser.add_argument("--phases", type=int, nargs="+", choices=[1, 2, 3], default=None, help="default: 1 2 3")
-    parser.add_argument("--pairs", type=_positive_int, default=None, help="off/on block pairs per phase (default 3)")
-    parser.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--pairs", type=positive_int, default=None, help="off/on block pairs per phase (default 3)")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results as JSON to this file")
     args = parser.parse_args(argv)
     if args.threads is not None:

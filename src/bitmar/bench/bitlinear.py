@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -24,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from bitmar.bench.cli_args import positive_int
 from bitmar.bitnet import (
     _INT8_GEMM,
     BitLinear,
@@ -35,6 +34,7 @@ from bitmar.bitnet import (
     quantize_weights,
     set_int8_gemm,
 )
+from bitmar.fileio import atomic_write_text
 
 TRAIN_VARIANTS = (
     "nn.Linear",
@@ -266,34 +266,12 @@ def format_report(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bitmar.bench.bitlinear", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tokens", type=_positive_int, default=None, help="rows of the input (default 8192)")
-    parser.add_argument("--repeats", type=_positive_int, default=None, help="timed repeats per variant (default 15)")
-    parser.add_argument("--dims", type=_positive_int, nargs="+", default=[256, 768], help="layer widths d")
-    parser.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--tokens", type=positive_int, default=None, help="rows of the input (default 8192)")
+    parser.add_argument("--repeats", type=positive_int, default=None, help="timed repeats per variant (default 15)")
+    parser.add_argument("--dims", type=positive_int, nargs="+", default=[256, 768], help="layer widths d")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--quick", action="store_true", help="small run (< 20 s): 512 tokens, 3 repeats, 1 warm-up")
     parser.add_argument("--json", type=Path, default=None, help="also write the results as JSON to this file")
     args = parser.parse_args(argv)
@@ -304,7 +282,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = run_benchmark(tokens, repeats, args.dims, warmup=1 if args.quick else 2)
     print(format_report(result))
     if args.json is not None:
-        _write_json(args.json, result)
+        atomic_write_text(args.json, json.dumps(result, indent=2))
         print(f"\nwrote {args.json}")
     return 0
 
