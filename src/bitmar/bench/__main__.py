@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from bitmar.bench import suite
-from bitmar.bench.cli_args import positive_float, positive_int
+from bitmar.cli_args import positive_float, positive_int
 
 
 def build_parser() -> argparse.ArgumentParser:

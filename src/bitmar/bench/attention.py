@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from bitmar.analysis.heads import HeadImportanceTracker
-from bitmar.bench.cli_args import positive_int
+from bitmar.cli_args import positive_int
 from bitmar.config import load_config
 from bitmar.model import BitMar
 from bitmar.training.objective import TrainingObjective

@@ -22,7 +22,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from bitmar.bench.cli_args import positive_int
 from bitmar.bitnet import (
     _INT8_GEMM,
     BitLinear,
@@ -34,6 +33,7 @@ from bitmar.bitnet import (
     quantize_weights,
     set_int8_gemm,
 )
+from bitmar.cli_args import positive_int
 from bitmar.fileio import atomic_write_text
 
 TRAIN_VARIANTS = (

@@ -34,6 +34,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from bitmar.cli_args import non_negative_int, positive_int
 from bitmar.data import layout
 from bitmar.data.errors import DataError
 
@@ -443,26 +444,6 @@ def write_sample(
     return generate_sample_dataset(data_dir, cfg, feature_dim=feature_dim, dtype=np.dtype(dtype), overwrite=overwrite)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected zero or more, got {value}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="download_babylm_data.py",
@@ -475,17 +456,17 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--test", action="store_true", help="write the small sample data set (seconds, no network)")
     p.add_argument("--only", nargs="+", metavar="NAME", help="download only these files (names as in --list)")
     p.add_argument("--base_url", default=layout.OSF_API_BASE, help="OSF API base URL (default: %(default)s)")
-    p.add_argument("--retries", type=_non_negative_int, default=4, help="retries per file on transient errors")
+    p.add_argument("--retries", type=non_negative_int, default=4, help="retries per file on transient errors")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds without data before a request fails")
     p.add_argument("--backoff", type=float, default=2.0, help="first retry delay in seconds (doubles each retry)")
     p.add_argument("--no_progress", action="store_true", help="no progress bars")
     s = p.add_argument_group("sample data set (--test)")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--num_cc3m", type=_positive_int, help="CC3M-style image-caption pairs (default: config default)")
-    s.add_argument("--num_local_narratives", type=_positive_int, help="Localized-Narratives-style pairs")
-    s.add_argument("--num_text_lines", type=_positive_int, help="lines over the six text-only .train files")
-    s.add_argument("--num_novel_episodes", type=_positive_int, help="held-out one-shot episodes")
-    s.add_argument("--feature_dim", type=_positive_int, default=layout.FEATURE_DIM, help="image feature width")
+    s.add_argument("--num_cc3m", type=positive_int, help="CC3M-style image-caption pairs (default: config default)")
+    s.add_argument("--num_local_narratives", type=positive_int, help="Localized-Narratives-style pairs")
+    s.add_argument("--num_text_lines", type=positive_int, help="lines over the six text-only .train files")
+    s.add_argument("--num_novel_episodes", type=positive_int, help="held-out one-shot episodes")
+    s.add_argument("--feature_dim", type=positive_int, default=layout.FEATURE_DIM, help="image feature width")
     s.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="feature dtype")
     s.add_argument("--overwrite", action="store_true", help="replace BabyLM files already in --data_dir")
     return p

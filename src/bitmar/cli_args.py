@@ -1,4 +1,4 @@
-"""Argument types shared by the benchmark command lines (argparse turns their errors into usage messages)."""
+"""Argument types shared by the command lines (argparse turns their errors into usage messages)."""
 
 from __future__ import annotations
 
@@ -22,4 +22,14 @@ def positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
     if not value > 0:
         raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected zero or more, got {value}")
     return value
