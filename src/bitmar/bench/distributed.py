@@ -87,9 +87,7 @@ def worker(config: Path, global_batch: int, steps: int, warmup: int, phase: int,
     }
     if info.is_main and output is not None:
         output.write_text(json.dumps(result), encoding="utf-8")
-    if info.distributed:
-        dist.barrier()  # both ranks are done with every collective before either tears its connections down
-    cleanup(info)
+    cleanup(info, wait_for_all=True)
     return result
 
 

@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if dist_info.is_main:
         print_summary(summary, output_dir)
-    cleanup(dist_info)
+    cleanup(dist_info, wait_for_all=True)
     return 0
 
 

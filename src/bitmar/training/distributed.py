@@ -72,6 +72,11 @@ def broadcast_tensors(tensors: list[torch.Tensor], info: DistInfo, src: int = 0)
         dist.broadcast(tensor, src=src)
 
 
-def cleanup(info: DistInfo) -> None:
+def cleanup(info: DistInfo, wait_for_all: bool = False) -> None:
+    """Tear the process group down. `wait_for_all` (the normal end of a run): first meet the other ranks at a barrier,
+    so no rank closes its connections while a peer still uses them (gloo can abort a peer that sees them vanish).
+    Error paths skip it: a rank that failed alone would leave the others waiting at the barrier."""
     if info.distributed and dist.is_initialized():
+        if wait_for_all:
+            dist.barrier()
         dist.destroy_process_group()
