@@ -606,13 +606,32 @@ def _stale_sample(data_dir: Path, sample_cfg: Any, cfg: BitMarConfig) -> bool:
     return any(written.get(k) != v for k, v in wanted.items())
 
 
+def data_cache_dir(cfg: BitMarConfig, data_dir: Path) -> Path:
+    """Where feature indexes and token caches live: `data.cache_dir`, else `<data_dir>/.bitmar_cache`."""
+    return Path(cfg.data.cache_dir) if cfg.data.cache_dir else data_dir / ".bitmar_cache"
+
+
+def open_caption_store(cfg: BitMarConfig, data_dir: Path) -> CaptionFeatureStore:
+    """The caption/feature store of `cfg.data` (training and evaluation must see the very same rows)."""
+    d = cfg.data
+    return CaptionFeatureStore.from_data_dir(
+        data_dir,
+        use_cc3m=d.use_cc3m,
+        use_local_narratives=d.use_local_narratives,
+        feature_dim=cfg.model.vision_encoder_dim,
+        nonfinite=d.nonfinite_features,
+        cache_dir=data_cache_dir(cfg, data_dir),
+        max_samples=d.max_caption_samples,
+    )
+
+
 def build_data(cfg: BitMarConfig, output_dir: str | os.PathLike, *, rank: int = 0, world_size: int = 1) -> BabyLMData:
     """Everything the trainer needs from `cfg.data` (see the module docstring). Safe to call on every rank at once:
     the sample world, the tokenizer and the token caches are built under file locks by whichever rank comes first."""
     d = cfg.data
     data_dir = Path(d.data_dir)
     output_dir = Path(output_dir)
-    cache_dir = Path(d.cache_dir) if d.cache_dir else data_dir / ".bitmar_cache"
+    cache_dir = data_cache_dir(cfg, data_dir)
     if d.sample.generate_if_missing and (_missing_required(data_dir) or _stale_sample(data_dir, d.sample, cfg)):
         data_dir.mkdir(parents=True, exist_ok=True)
         with file_lock(data_dir / ".sample.lock"):
@@ -629,15 +648,7 @@ def build_data(cfg: BitMarConfig, output_dir: str | os.PathLike, *, rank: int = 
     text_files = locate_text_files(data_dir, d.text_sources)
     store = None
     if d.use_cc3m or d.use_local_narratives:
-        store = CaptionFeatureStore.from_data_dir(
-            data_dir,
-            use_cc3m=d.use_cc3m,
-            use_local_narratives=d.use_local_narratives,
-            feature_dim=cfg.model.vision_encoder_dim,
-            nonfinite=d.nonfinite_features,
-            cache_dir=cache_dir,
-            max_samples=d.max_caption_samples,
-        )
+        store = open_caption_store(cfg, data_dir)
     cap_train, cap_val = split_indices(0 if store is None else len(store), d.validation_fraction, SPLIT_SEED)
     tokenizer, tok_dir = _get_tokenizer(cfg, output_dir, data_dir, text_files, store, cap_train)
 

@@ -20,9 +20,9 @@ import torch
 from torch import Tensor, nn
 
 from bitmar.config import BitMarConfig
-from bitmar.data.datasets import SPLIT_SEED, split_indices
+from bitmar.data.datasets import SPLIT_SEED, open_caption_store, split_indices
 from bitmar.data.errors import DataError
-from bitmar.data.features import CaptionFeatureStore, open_feature_file
+from bitmar.data.features import open_feature_file
 from bitmar.data.tokenizer import encode_batch
 from bitmar.training.losses import sequence_log_probs
 
@@ -116,17 +116,8 @@ class CaptionSplit:
         d = cfg.data
         if not (d.use_cc3m or d.use_local_narratives):
             raise TaskSkipped("the run used no caption data (data.use_cc3m and data.use_local_narratives are false)")
-        cache_dir = Path(d.cache_dir) if d.cache_dir else data_dir / ".bitmar_cache"
         try:
-            store = CaptionFeatureStore.from_data_dir(
-                data_dir,
-                use_cc3m=d.use_cc3m,
-                use_local_narratives=d.use_local_narratives,
-                feature_dim=cfg.model.vision_encoder_dim,
-                nonfinite=d.nonfinite_features,
-                cache_dir=cache_dir,
-                max_samples=d.max_caption_samples,
-            )
+            store = open_caption_store(cfg, data_dir)
         except DataError as err:
             raise EvaluationError(f"{err} (evaluation reads the captions of data_dir={data_dir})") from None
         _, val = split_indices(len(store), d.validation_fraction, SPLIT_SEED)
