@@ -452,3 +452,82 @@ def test_store_state_dict_round_trip(tmp_path) -> None:
     store.write(new)
     fresh.write(new)
     assert fresh.episode_ids == store.episode_ids
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# forgetting across scales, non-finite input
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _scaled_episodes(base: float, ratio: float, seed: int = 30) -> tuple[torch.Tensor, ...]:
+    """Six key-value episodes of norm ~base, one (big) of norm ~base * ratio, and queries of norm ~base."""
+    g = torch.Generator().manual_seed(seed)
+    keys, values = base * torch.randn(6, 32, generator=g), base * torch.randn(6, 32, generator=g)
+    big_key, big_value = base * ratio * torch.randn(32, generator=g), base * ratio * torch.randn(32, generator=g)
+    queries = base * torch.randn(8, 32, generator=g)  # mostly outside the span of the held keys
+    return keys, values, big_key, big_value, queries
+
+
+@pytest.mark.parametrize("base", [1e-3, 1.0, 1e3])
+@pytest.mark.parametrize("ratio", [1e2, 1e3, 1e4])
+def test_store_forgets_a_much_larger_episode_exactly(base: float, ratio: float) -> None:
+    mem = make(64, 32, seed=30)
+    keys, values, big_key, big_value, queries = _scaled_episodes(base, ratio)
+    never = EpisodicStore(mem)  # the same episodes without the big one
+    for k, v in zip(keys, values, strict=True):
+        never.write(k, v)
+    store = EpisodicStore(mem)
+    for k, v in zip(keys[:3], values[:3], strict=True):
+        store.write(k, v)
+    big = store.write(big_key, big_value)
+    for k, v in zip(keys[3:], values[3:], strict=True):
+        store.write(k, v)
+    store.forget(big)
+    assert rel(store.read(keys), values) <= TOL
+    assert rel(store.read(keys), never.read(keys)) <= TOL
+    assert rel(store.read(queries), never.read(queries)) <= TOL  # was 2-50x off for ratios >= 1e3
+    assert rel(store.state.precision, never.state.precision) <= TOL
+    # the rebuilt statistics carry on exactly: write another episode into both
+    extra_key, extra_value = base * torch.randn(32), base * torch.randn(32)
+    store.write(extra_key, extra_value)
+    never.write(extra_key, extra_value)
+    assert rel(store.read(queries), never.read(queries)) <= TOL
+
+
+@pytest.mark.parametrize("base", [1e-3, 1.0, 1e3])
+@pytest.mark.parametrize("ratio", [1e2, 1e3, 1e4])
+def test_update_forgets_a_much_larger_episode_exactly(base: float, ratio: float) -> None:
+    mem = make(64, 32, seed=31)
+    keys, values, big_key, big_value, queries = _scaled_episodes(base, ratio, seed=31)
+    W_big = mem.address(big_key[None])
+    never = mem.update(mem.write_kv(keys[:3], values[:3]), values[3:], W=mem.address(keys[3:]))
+    state = mem.update(mem.write_kv(keys[:3], values[:3]), big_value[None], W=W_big)
+    state = mem.update(state, values[3:], W=mem.address(keys[3:]))
+    state = mem.update(state, big_value[None], alpha=-1.0, W=W_big)
+    assert state.num_episodes == 6
+    assert rel(mem.read_kv(keys, state)[0], values) <= TOL
+    assert rel(mem.read_kv(queries, state)[0], mem.read_kv(queries, never)[0]) <= TOL
+    # the cleaned statistics carry on exactly too
+    extra_key, extra_value = base * torch.randn(2, 32), base * torch.randn(2, 32)
+    after = mem.update(state, extra_value, W=mem.address(extra_key))
+    never_after = mem.update(never, extra_value, W=mem.address(extra_key))
+    assert rel(mem.read_kv(queries, after)[0], mem.read_kv(queries, never_after)[0]) <= TOL
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("where", ["key", "value"])
+def test_store_refuses_non_finite_episodes_and_stays_unchanged(bad: float, where: str) -> None:
+    mem = make(64, 32, seed=32)
+    store = EpisodicStore(mem, capacity=3)
+    keys = torch.randn(4, 32)
+    for k in keys[:3]:
+        store.write(k)  # full: a write would evict first
+    before = store.state_dict()
+    poisoned = torch.randn(32)
+    poisoned[5] = bad
+    key, value = (poisoned, None) if where == "key" else (keys[3], poisoned)
+    with pytest.raises(ValueError, match="non-finite"):
+        store.write(key, value)
+    after = store.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    assert bool(torch.isfinite(store.read(keys[:3])).all()) and rel(store.read(keys[:3]), keys[:3]) <= TOL

@@ -27,6 +27,19 @@ exactness does not depend on it.  Sequential updates keep the sufficient statist
 B = sum a W^T Z (float64) and re-solve M = C^+ B: algebraically identical to Larimar's recursion
 (C_i M_i = C_{i-1} M_{i-1} + a W^T Z), but without the 0 * inf cancellation that makes the recursion forget inexactly.
 
+Forgetting across scales.  Subtracting an episode leaves the float64 rounding residue of everything C and B held while
+it was there: about eps * ||C_before||_F (measured <= 0.4 eps ||C_before||_F).  When the forgotten episode is >= 1000x
+larger (in norm) than the ones held, that residue lies above the relative cutoff of the remaining statistics and the
+truncated inverse would read it back as data (readout several times off).  So:
+    * EpisodicStore keeps every held episode and rebuilds C and B from them before solving after a forget: exact at
+      any scale (equal, to float64 rounding, to a store where the episode was never written).
+    * update(alpha < 0) solves with an absolute noise floor of 64 eps ||C_before||_F besides the relative cutoff and
+      returns statistics with the directions below it removed.  Exact (to TOL) while the held episodes' statistics stay
+      above that floor, e.g. a forgotten episode up to ~1e6x the norm of the others (tested 1e-3..1e3 with ratios up
+      to 1e4); beyond, the weakest held directions are dropped (read as not stored), never garbage.
+    * accumulate(alpha < 0) alone cannot tell the residue from data: after it, solve() is exact only while the
+      forgotten episodes are < ~100x the norm of the others.  Use update() or EpisodicStore to forget at any scale.
+
 Gradients flow through write / write_kv / read / read_kv to the episodes, the queries and the prior.  Note that with
 N <= min(K, C) the deterministic read is a projection onto span(Z), which does not depend on M0: the prior learns
 through the addressing noise and the KL term (as in Larimar).  update() is an editing operation, not differentiable.
@@ -72,6 +85,25 @@ def _gram_pinv(G: Tensor, rcond: float) -> Tensor:
     if G.dtype != torch.float64:  # float32 fallback (MPS): never cut below the rounding noise of the Gram matrix
         rtol = max(rtol, torch.finfo(G.dtype).eps * G.shape[-1])
     return torch.linalg.pinv(G, rtol=rtol, hermitian=True)
+
+
+_FORGET_NOISE = 64.0  # noise floor of a forget, in eps * ||C_before||_F (the residue measures <= 0.4 of that)
+
+
+def _clean_solve(C: Tensor, B: Tensor, rcond: float, floor: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(M = C^+ B, C, B) with C's eigen-directions below max(rcond^2 lambda_max, floor) removed from all three.
+
+    Used after forgetting: those directions hold only the rounding residue of what was subtracted, and keeping them in
+    the statistics would bring it back at the next solve.  Masks instead of indexing: no host sync."""
+    G = 0.5 * (C + C.mT)  # (K, K)
+    lam, V = torch.linalg.eigh(G)  # ascending
+    cut = torch.maximum(rcond * rcond * lam[-1].clamp_min(0.0), floor)
+    keep = lam > cut  # (K,)
+    Vk = V * keep.to(V.dtype)  # (K, K) kept eigenvectors, zero columns elsewhere
+    VtB = Vk.mT @ B  # (K, C)
+    inv = torch.where(keep, 1.0 / torch.where(keep, lam, torch.ones_like(lam)), torch.zeros_like(lam))
+    memory = Vk @ (inv[:, None] * VtB)  # (K, C) = C^+ B
+    return memory, (Vk * lam) @ Vk.mT, Vk @ VtB
 
 
 def _svd_rcond(A: Tensor, rcond: float) -> float:
@@ -351,8 +383,27 @@ class EpisodicMemory(nn.Module):
         M_i = M_{i-1} + alpha C_i^+ W^T (Z - W M_{i-1}) and is the batch least-squares solution over the episodes held,
         each weighted by its alpha.  W (N, K) defaults to Z M0^+ (addressing against the prior, as in write(); pass the
         W of write_kv for key-value episodes).  Forget an episode with the negative of the alpha and the same W it was
-        written with.  When the last episode is forgotten the memory returns to the prior.  Not differentiable."""
-        return self.solve(self.accumulate(state, Z, alpha, W))
+        written with.  When the last episode is forgotten the memory returns to the prior.  Not differentiable.
+
+        Forgetting (alpha < 0) also drops the rounding residue of what was removed (module docstring), so it stays
+        exact when the forgotten episode is orders of magnitude larger than the ones held."""
+        new = self.accumulate(state, Z, alpha, W)
+        if alpha >= 0.0 or new.num_episodes == 0:
+            return self.solve(new)
+        self._check_state(new)
+        device = new.precision.device
+        with _no_autocast(device):
+            before = torch.linalg.matrix_norm(state.precision.detach().to(new.precision.dtype))
+            floor = _FORGET_NOISE * torch.finfo(new.precision.dtype).eps * before
+            memory, precision, moment = _clean_solve(new.precision, new.moment, self.ridge, floor)
+        return MemoryState(
+            memory=memory.to(self._memory_dtype(new.memory.dtype)),
+            precision=precision,
+            moment=moment,
+            usage=new.usage,
+            age=new.age,
+            num_episodes=new.num_episodes,
+        )
 
     @torch.no_grad()
     def accumulate(self, state: MemoryState, Z: Tensor, alpha: float = 1.0, W: Tensor | None = None) -> MemoryState:
@@ -490,6 +541,7 @@ class EpisodicStore:
         self.device = torch.device(device) if device is not None else memory.prior.device
         self._state = memory.empty_state().to(self.device)
         self._stale = False  # statistics changed since the memory matrix was last solved
+        self._forgot = False  # an episode was forgotten since: rebuild C and B from the held episodes before solving
         self._keys: dict[int, Tensor] = {}  # id -> (C,)
         self._values: dict[int, Tensor] = {}  # id -> (C,)
         self._addresses: dict[int, Tensor] = {}  # id -> (K,) work dtype, exactly what was added to the statistics
@@ -511,15 +563,40 @@ class EpisodicStore:
     def state(self) -> MemoryState:
         """The MemoryState over the held episodes (solved lazily: writes and evictions only add statistics)."""
         if self._stale:
+            if self._forgot:
+                self._state = self._rebuilt_statistics()
+                self._forgot = False
             self._state = self.memory.solve(self._state)
             self._stale = False
         return self._state
+
+    def _rebuilt_statistics(self) -> MemoryState:
+        """C, B and usage summed afresh over the held episodes: subtracting a forgotten episode leaves the rounding
+        residue of its own size, which an episode 1000x larger than the rest makes larger than the others' data."""
+        state = self._state
+        if not self._keys:
+            return state  # accumulate() already zeroed everything when the last episode went
+        ids = self.episode_ids
+        W = torch.stack([self._addresses[i] for i in ids]).to(state.precision.dtype)  # (E, K) as added
+        V = torch.stack([self._values[i] for i in ids]).to(state.precision.dtype)  # (E, C)
+        return MemoryState(
+            memory=state.memory,
+            precision=W.mT @ W,  # (K, K)
+            moment=W.mT @ V,  # (K, C)
+            usage=W.abs().sum(0).to(torch.float32),  # (K,)
+            age=state.age,
+            num_episodes=state.num_episodes,
+        )
 
     def _vector(self, x: Tensor, name: str) -> Tensor:
         C = self.memory.episode_dim
         if x.dim() != 1 or x.shape[0] != C:
             raise ValueError(f"{name} must have shape ({C},), got {tuple(x.shape)}")
-        return x.detach().to(device=self.device, dtype=torch.float32)
+        out = x.detach().to(device=self.device, dtype=torch.float32)
+        if not bool(torch.isfinite(out).all()):  # one NaN would turn every slot of the memory into NaN
+            bad = int((~torch.isfinite(out)).sum())
+            raise ValueError(f"{name} holds {bad} non-finite value(s) (NaN or inf); the store is unchanged")
+        return out
 
     def _address(self, keys: Tensor) -> Tensor:
         wd = self._state.precision.dtype
@@ -530,7 +607,9 @@ class EpisodicStore:
     # ---------------------------------------------------------------------------------------------------- editing
 
     def write(self, key: Tensor, value: Tensor | None = None) -> int:
-        """Store one episode: key (C,), value (C,) or None (= key).  Returns its id.  Evicts the LRU episode if full."""
+        """Store one episode: key (C,), value (C,) or None (= key).  Returns its id.  Evicts the LRU episode if full.
+
+        A key or value holding NaN or inf raises ValueError before anything changes (it would poison every slot)."""
         k = self._vector(key, "key")
         v = k.clone() if value is None else self._vector(value, "value")
         while len(self) >= self.capacity:
@@ -552,7 +631,7 @@ class EpisodicStore:
             raise KeyError(f"no episode {episode_id} in the store (held: {self.episode_ids})")
         w = self._addresses[episode_id][None]  # (1, K)
         self._state = self.memory.accumulate(self._state, self._values[episode_id][None], alpha=-1.0, W=w)
-        self._stale = True
+        self._stale = self._forgot = True
         for table in (self._keys, self._values, self._addresses, self._last_used, self._written_at):
             del table[episode_id]
 
@@ -608,7 +687,7 @@ class EpisodicStore:
         state = MemoryState.from_state_dict({k[len("state.") :]: v for k, v in d.items() if k.startswith("state.")})
         self.memory._check_state(state)
         self._state = state.to(self.device)
-        self._stale = False
+        self._stale = self._forgot = False
         ids = [int(i) for i in d["episode_ids"].tolist()]
         self._keys = {i: d["keys"][j].to(self.device) for j, i in enumerate(ids)}
         self._values = {i: d["values"][j].to(self.device) for j, i in enumerate(ids)}
