@@ -163,6 +163,59 @@ def test_impossible_values_fail_clearly(overrides: list[str], message: str) -> N
         load_config(None, overrides)
 
 
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["training.seed=-1"], r"training.seed=-1 is outside 0..4294967295 \(2\*\*32 - 1\).*NumPy"),
+        (["training.seed=18446744073709551616"], r"training.seed=18446744073709551616 is outside 0..4294967295"),
+        (["training.seed=4294967296"], r"training.seed=4294967296 is outside"),
+        (["data.sample.seed=-3"], r"data.sample.seed=-3 is outside"),
+        (["data.max_caption_length=1"], r"data.max_caption_length=1 is too small: a caption needs BOS.*>= 3"),
+        (["data.max_caption_length=2"], r"data.max_caption_length=2 is too small"),
+        (["data.text_block_length=1"], r"data.text_block_length=1 is too small.*L=1 trains nothing \(text loss 0\)"),
+        (["data.validation_fraction=0"], r"data.validation_fraction must be in \(0, 1\), got 0.0.*best.pt"),
+        (["data.validation_fraction=1"], r"data.validation_fraction must be in \(0, 1\)"),
+        (["model.max_seq_len=32"], r"data.text_block_length=128 exceeds model.max_seq_len=32.*at least 128"),
+        (
+            ["model.max_seq_len=100", "data.text_block_length=100", "data.max_caption_length=101"],
+            r"data.max_caption_length=101 exceeds model.max_seq_len=100",
+        ),
+        (
+            ["evaluation.tasks=[retrieval,captionning]"],
+            r"evaluation.tasks\[1\]='captionning'.*did you mean 'captioning'",
+        ),
+        (["evaluation.tasks=[bleu]"], r"'bleu' is not an evaluation task \(valid: retrieval, captioning, grounding"),
+    ],
+)
+def test_values_that_would_break_the_run_later_fail_at_load(overrides: list[str], message: str) -> None:
+    # Each of these used to be accepted: a traceback later in training, a silently useless loss, or an unknown
+    # evaluation task reported only after the whole training.
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_boundary_values_are_accepted() -> None:
+    cfg = load_config(
+        None,
+        [
+            "training.seed=4294967295",
+            "data.sample.seed=0",
+            "data.max_caption_length=3",
+            "data.text_block_length=2",
+            "model.max_seq_len=3",
+            "data.validation_fraction=0.001",
+            "evaluation.tasks=[minimal_pairs,minimal_pairs]",
+        ],
+    )
+    assert cfg.training.seed == 2**32 - 1 and cfg.model.max_seq_len == 3
+
+
+def test_a_bad_seed_in_a_file_names_the_file(tmp_path: Path) -> None:
+    path = write_yaml(tmp_path / "seed.yaml", {"training": {"seed": 2**64}})
+    with pytest.raises(ConfigError, match=r"training.seed=18446744073709551616 is outside .*\(in .*seed.yaml\)"):
+        load_config(path)
+
+
 def test_gpt2_preset_in_a_file_names_the_babylm_rule(tmp_path: Path) -> None:
     path = write_yaml(tmp_path / "seed.yaml", {"model": {"text_encoder": "gpt2"}})
     with pytest.raises(ConfigError) as info:

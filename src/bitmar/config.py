@@ -25,6 +25,23 @@ from bitmar.fileio import atomic_write_text
 from bitmar.model.model_config import ARCHITECTURE_PRESETS, ModelConfig
 
 BABYLM_MAX_EPOCHS = 10  # BabyLM rule: at most 10 passes over the 100M-word budget
+# Seeds must suit every seeder: NumPy's legacy seeding (np.random.seed, RandomState) takes 32 bits, torch 64 bits,
+# and the data order derives seed * 1000 + epoch; the 32-bit range satisfies all of them.
+MAX_SEED = 2**32 - 1
+MIN_CAPTION_LENGTH = 3  # BOS + at least one word token + EOS
+MIN_TEXT_BLOCK_LENGTH = 2  # a block of L tokens gives L - 1 next-token targets
+# The tasks of bitmar.evaluation.runner.TASKS (kept here so a config is checked without importing the evaluation code;
+# tests/test_evaluation.py checks the two agree).
+EVALUATION_TASKS = (
+    "retrieval",
+    "captioning",
+    "grounding",
+    "minimal_pairs",
+    "winoground",
+    "vqa",
+    "episodic_recall",
+    "efficiency",
+)
 
 
 class ConfigError(ValueError):
@@ -142,18 +159,7 @@ class AttentionAnalysisConfig:
 
 @dataclass
 class EvaluationConfig:
-    tasks: list[str] = field(
-        default_factory=lambda: [
-            "retrieval",
-            "captioning",
-            "grounding",
-            "minimal_pairs",
-            "winoground",
-            "vqa",
-            "episodic_recall",
-            "efficiency",
-        ]
-    )
+    tasks: list[str] = field(default_factory=lambda: list(EVALUATION_TASKS))  # names: EVALUATION_TASKS
     run_after_training: bool = True
     retrieval_gallery_size: int = 100
     caption_samples: int = 100
@@ -434,8 +440,45 @@ def validate_config(cfg: BitMarConfig) -> None:
         raise ConfigError(f"model.memory_alpha must be in (0, 1], got {m.memory_alpha}")
     if not 0.0 <= m.dropout < 1.0:
         raise ConfigError(f"model.dropout must be in [0, 1), got {m.dropout}")
-    if not 0.0 <= d.validation_fraction < 1.0:
-        raise ConfigError(f"data.validation_fraction must be in [0, 1), got {d.validation_fraction}")
+    if not 0.0 < d.validation_fraction < 1.0:
+        raise ConfigError(
+            f"data.validation_fraction must be in (0, 1), got {d.validation_fraction}: the validation split picks "
+            "checkpoints/best.pt and drives evaluation; with 0 the validation loss is 0.0 and best.pt meaningless "
+            "(the shipped configs use 0.01-0.1)"
+        )
+    for key, seed in (("training.seed", t.seed), ("data.sample.seed", d.sample.seed)):
+        if not 0 <= seed <= MAX_SEED:
+            raise ConfigError(
+                f"{key}={seed} is outside 0..{MAX_SEED} (2**32 - 1): every seeder must accept it (NumPy's take "
+                "32-bit seeds, and the data order derives seed * 1000 + epoch); pick a seed in that range, e.g. 42"
+            )
+    if d.max_caption_length < MIN_CAPTION_LENGTH:
+        raise ConfigError(
+            f"data.max_caption_length={d.max_caption_length} is too small: a caption needs BOS, at least one word "
+            f"token and EOS (>= {MIN_CAPTION_LENGTH}); the shipped configs use 40-64"
+        )
+    if d.text_block_length < MIN_TEXT_BLOCK_LENGTH:
+        raise ConfigError(
+            f"data.text_block_length={d.text_block_length} is too small: a block of L tokens gives L - 1 next-token "
+            f"targets, so L=1 trains nothing (text loss 0); use >= {MIN_TEXT_BLOCK_LENGTH}, in practice 64 or more"
+        )
+    for key, length in (
+        ("data.text_block_length", d.text_block_length),
+        ("data.max_caption_length", d.max_caption_length),
+    ):
+        if length > m.max_seq_len:
+            raise ConfigError(
+                f"{key}={length} exceeds model.max_seq_len={m.max_seq_len}: max_seq_len is the longest text the "
+                "model is trained and evaluated on (exported as max_position_embeddings; the vision and memory prefix "
+                f"tokens come on top); raise model.max_seq_len to at least {length} or shorten {key}"
+            )
+    for i, task in enumerate(cfg.evaluation.tasks):
+        if task not in EVALUATION_TASKS:
+            close = difflib.get_close_matches(task, EVALUATION_TASKS, n=1, cutoff=0.5)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(
+                f"evaluation.tasks[{i}]={task!r} is not an evaluation task{hint} (valid: {', '.join(EVALUATION_TASKS)})"
+            )
     if not 0.0 <= d.text_ratio <= 1.0:
         raise ConfigError(f"data.text_ratio must be in [0, 1], got {d.text_ratio}")
     if not 0.0 < t.min_learning_rate_ratio <= 1.0:
