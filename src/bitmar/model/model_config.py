@@ -26,7 +26,7 @@ class ModelConfig:
     text_decoder: str = "bitnet-base"  # preset for the causal decoder
     vocab_size: int = 16384  # overwritten with the trained tokenizer's size at run time
     hidden_size: int = 768  # C: width of every transformer stream
-    max_seq_len: int = 128  # text tokens (prefix tokens come on top)
+    max_seq_len: int = 128  # longest text in tokens: text blocks and captions must fit (prefix tokens come on top)
     mlp_ratio: float = 4.0
     gqa_group_size: int = 4  # query heads per key/value head (grouped-query attention, as BitNet b1.58 2B4T); 1 = MHA
     dropout: float = 0.0
