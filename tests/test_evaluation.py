@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -18,10 +19,10 @@ from rouge_score import rouge_scorer
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
-from bitmar.config import SampleDataConfig, config_from_dict, config_to_dict, load_config
+from bitmar.config import EVALUATION_TASKS, SampleDataConfig, config_from_dict, config_to_dict, load_config
 from bitmar.data.datasets import build_data
 from bitmar.data.sample import generate_sample_dataset
-from bitmar.evaluation import TASKS, CaptionSplit, EvaluationError, evaluate_after_training, run_evaluation
+from bitmar.evaluation import TASKS, CaptionSplit, EvaluationError, evaluate_after_training, run_evaluation, runner
 from bitmar.evaluation.captioning import caption_metrics
 from bitmar.evaluation.context import read_jsonl, score_sequences, sentence_token_ids
 from bitmar.evaluation.recall import resolve_recall_sizes
@@ -178,6 +179,60 @@ def test_cli_missing_checkpoint_and_unknown_task_exit_2(tmp_path: Path, capsys: 
     assert all(name in err for name in TASKS)
 
 
+def test_task_names_of_the_config_and_the_registry_agree() -> None:
+    assert tuple(TASKS) == EVALUATION_TASKS  # config validation checks names against EVALUATION_TASKS
+
+
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [
+        ("tpu", r"--device 'tpu' is not a device name; use --device auto, cpu, cuda or cuda:N"),
+        ("gpu0", r"--device 'gpu0' is not a device name"),
+        ("meta", r"--device meta: BitMar evaluates on CPU or CUDA GPUs, not meta"),
+    ],
+)
+def test_cli_unknown_device_exits_2(device: str, message: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["--checkpoint", str(tmp_path / "nope.pt"), "--device", device]) == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_cli_cuda_device_that_is_not_there_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    args = ["--checkpoint", str(tmp_path / "nope.pt"), "--device"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main([*args, "cuda"]) == 2
+    assert "CUDA is not available on this machine; use --device cpu" in capsys.readouterr().err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert main([*args, "cuda:3"]) == 2
+    assert "this machine has 1 CUDA device(s) (cuda:0..cuda:0)" in capsys.readouterr().err
+
+
+def test_cli_unwritable_output_exits_2_before_loading_anything(
+    tmp_path: Path, unwritable_dir: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    checkpoint = tmp_path / "last.pt"
+    checkpoint.write_bytes(b"never read: the output is checked first")
+    loaded: list[str] = []
+    monkeypatch.setattr(runner, "load_run", lambda *a, **k: loaded.append("load_run"))
+    out = unwritable_dir / "eval" / "results.json"
+    assert main(["--checkpoint", str(checkpoint), "--output", str(out), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write the evaluation results to {out}" in err and "cannot create files in" in err
+    assert "pass --output PATH.json in a directory you can write to" in err and not loaded
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    assert main(["--checkpoint", str(checkpoint), "--output", str(a_file / "r.json"), "--device", "cpu"]) == 2
+    assert "is a file, not a directory" in capsys.readouterr().err and not loaded
+
+
+def test_evaluation_after_training_checks_the_run_directory_first(unwritable_dir: Path) -> None:
+    cfg = load_config(None, ["evaluation.run_after_training=true"])
+    with pytest.raises(EvaluationError, match=r"cannot write the evaluation results to .*results.json"):
+        evaluate_after_training(None, None, cfg, data_dir=unwritable_dir, output_dir=unwritable_dir / "run")  # type: ignore[arg-type]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # One tiny model, trained once
 # ----------------------------------------------------------------------------------------------------------------
@@ -314,7 +369,7 @@ def test_one_shot_recall_from_memory_is_far_above_the_empty_memory(trained: Simp
 
 @pytest.mark.slow
 def test_cli_evaluates_the_saved_checkpoint_like_the_in_process_model(
-    trained: SimpleNamespace, tmp_path: Path, capsys: pytest.CaptureFixture
+    trained: SimpleNamespace, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     out = tmp_path / "eval" / "results.json"
     args = ["--checkpoint", str(trained.run_dir), "--data_dir", str(trained.data_dir), "--device", "cpu"]
@@ -332,6 +387,15 @@ def test_cli_evaluates_the_saved_checkpoint_like_the_in_process_model(
     capsys.readouterr()
     assert main([*args, "--tasks", "vqa", "--output", str(tmp_path / "x.txt")]) == 2
     assert "must end in .json" in capsys.readouterr().err
+
+    def disk_full(*_: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(runner, "write_results", disk_full)  # a write that fails after the work: numbers kept
+    assert main([*args, "--tasks", "minimal_pairs", "--output", str(tmp_path / "full" / "results.json")]) == 2
+    captured = capsys.readouterr()
+    assert "| minimal_pairs | accuracy (macro over UIDs) |" in captured.out
+    assert "No space left on device" in captured.err and "the report is printed above" in captured.err
 
 
 @pytest.mark.slow

@@ -4,7 +4,8 @@
         [--output FILE] [--wandb disabled|offline|online|auto] [--device auto|cpu|cuda] [--set evaluation.key=value]
 
 Results go to `<run_dir>/evaluation/results.json` (default) and `results.md` next to it, both written atomically.
-User mistakes (missing checkpoint, unknown task, missing data) print one message and exit with status 2.
+User mistakes (missing checkpoint, unknown task, missing data, a device that is not there, an output directory that
+cannot be written: checked before any task runs) print one message and exit with status 2.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from bitmar.evaluation.efficiency import evaluate_efficiency
 from bitmar.evaluation.recall import evaluate_episodic_recall
 from bitmar.evaluation.retrieval import evaluate_retrieval
 from bitmar.evaluation.scoring import evaluate_minimal_pairs, evaluate_vqa, evaluate_winoground
-from bitmar.fileio import atomic_write_text
+from bitmar.fileio import atomic_write_text, check_writable_dir
 from bitmar.model import BitMar
 from bitmar.training.checkpoint import CheckpointError, load_checkpoint
 
@@ -224,11 +225,13 @@ def evaluate_after_training(
     run's wandb). `caption_val` is `BabyLMData.caption_val` (the validation split the run trained without)."""
     if not cfg.evaluation.run_after_training:
         return None
+    json_path = Path(output_dir) / "evaluation" / "results.json"
+    check_results_writable(json_path, "make the run directory writable and run evaluate_bitmar.py on the checkpoint")
     split = CaptionSplit.from_dataset(caption_val) if caption_val is not None else None
     results = run_evaluation(
         model, tokenizer, cfg, data_dir=data_dir, caption_split=split, info={"output_dir": str(output_dir)}
     )
-    path = write_results(results, Path(output_dir) / "evaluation" / "results.json")
+    path = write_results(results, json_path)
     log.info("evaluation results: %s (and %s)", path, path.with_suffix(".md"))
     if run_logger is not None:
         run_logger.log_metrics(flat_metrics(results), step=step or 0)
@@ -399,12 +402,36 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _device(name: str) -> torch.device:
+    """--device as a torch.device; EvaluationError (exit 2) for a name torch does not know or a device not here."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise EvaluationError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    usage = "use --device auto, cpu, cuda or cuda:N"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise EvaluationError(f"--device {name!r} is not a device name; {usage}") from None
+    if device.type == "mps" and torch.backends.mps.is_available():
+        return device
+    if device.type not in ("cpu", "cuda"):
+        raise EvaluationError(f"--device {name}: BitMar evaluates on CPU or CUDA GPUs, not {device.type}; {usage}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise EvaluationError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise EvaluationError(
+                f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s) "
+                f"(cuda:0..cuda:{torch.cuda.device_count() - 1})"
+            )
     return device
+
+
+def check_results_writable(json_path: str | os.PathLike, hint: str) -> None:
+    """EvaluationError unless the results (`json_path` and its `.md`) can be written: checked before the tasks run,
+    so a read-only run directory costs no evaluation time."""
+    try:
+        check_writable_dir(Path(json_path).parent)
+    except OSError as err:
+        raise EvaluationError(f"cannot write the evaluation results to {json_path}: {err}; {hint}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -419,6 +446,7 @@ def main(argv: list[str] | None = None) -> int:
         output = Path(args.output) if args.output else run_dir_of(checkpoint) / "evaluation" / "results.json"
         if output.suffix != ".json":
             raise EvaluationError(f"--output {output} must end in .json (the Markdown report goes beside it as .md)")
+        check_results_writable(output, "pass --output PATH.json in a directory you can write to")
         model, tokenizer, cfg, payload = load_run(checkpoint, device, args.overrides)
         data_dir = Path(args.data_dir) if args.data_dir else Path(cfg.data.data_dir)
         if not data_dir.is_dir():
@@ -432,9 +460,17 @@ def main(argv: list[str] | None = None) -> int:
         results = run_evaluation(
             model, tokenizer, cfg, data_dir=data_dir, tasks=tasks, strict=tasks is not None, info=info
         )
-        write_results(results, output)
     except (ConfigError, CheckpointError, EvaluationError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    try:
+        write_results(results, output)
+    except OSError as err:  # the directory changed since the check, or the disk is full: keep the numbers on screen
+        print(markdown_report(results))
+        print(
+            f"error: cannot write the evaluation results to {output} ({err}); the report is printed above",
+            file=sys.stderr,
+        )
         return 2
     log_to_wandb(results, cfg, args.wandb, output.parent, f"eval-{run_dir_of(checkpoint).name}")
     print(markdown_report(results))
