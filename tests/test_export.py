@@ -22,8 +22,9 @@ from safetensors import safe_open
 from bitmar.bitnet import BitLinear
 from bitmar.config import config_from_dict, config_to_dict, load_config
 from bitmar.data.tokenizer import train_tokenizer
-from bitmar.export import ExportError, build_remote_code, export_checkpoint, flatten_sources, score_sentences
+from bitmar.export import ExportError, build_remote_code, export_checkpoint, flatten_sources, hf_export, score_sentences
 from bitmar.export.__main__ import main as export_main
+from bitmar.export.hf_export import EXPORT_MANIFEST, LEGACY_EXPORT_FILES
 from bitmar.model import BitMar
 from bitmar.training.checkpoint import load_checkpoint, save_checkpoint
 from bitmar.training.losses import sequence_log_probs
@@ -203,6 +204,9 @@ def test_export_directory_layout_and_configs(exports: dict[str, Path], ckpt: Pat
     }  # fmt: skip
     assert expected <= {p.name for p in out.iterdir()}
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temp dirs left behind
+    manifest = json.loads((out / EXPORT_MANIFEST).read_text())
+    assert set(manifest["files"]) == {p.name for p in out.iterdir()}  # lists exactly what the export wrote
+    assert set(manifest["files"]) - {EXPORT_MANIFEST} <= LEGACY_EXPORT_FILES  # older exports are recognised too
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "bitmar" and config["architectures"] == ["BitMarForCausalLM"]
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_bitmar.BitMarForCausalLM"
@@ -436,13 +440,31 @@ def test_missing_and_corrupt_checkpoints_exit_2_without_output(
     assert [p.name for p in tmp_path.iterdir()] == ["corrupt.pt"]  # no temp dir left behind
 
 
-def test_reexport_replaces_an_export_and_refuses_other_directories(ckpt: Path, tmp_path: Path) -> None:
+def test_reexport_replaces_an_export_and_refuses_other_directories(
+    ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "out"
     export_checkpoint(ckpt, out, dtype="float32")
-    (out / "stale.txt").write_text("from an older export")
+    (out / "__pycache__").mkdir()  # what Python leaves after importing the remote code from the folder
     export_checkpoint(ckpt, out, packed=True)
-    assert not (out / "stale.txt").exists() and json.loads((out / "config.json").read_text())["packed"] is True
+    assert json.loads((out / "config.json").read_text())["packed"] is True and not (out / "__pycache__").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    # A file the user put into an export would be deleted by the replacement: refused, everything kept.
+    (out / "notes.txt").write_text("my evaluation notes")
+    (out / "plots").mkdir()
+    with pytest.raises(ExportError, match=r"holds a BitMar export and files it did not write \(notes.txt, plots\)"):
+        export_checkpoint(ckpt, out, dtype="float32")
+    assert export_main(["--checkpoint", str(ckpt), "--output_dir", str(out)]) == 2
+    assert "would delete them; refusing" in capsys.readouterr().err
+    assert (out / "notes.txt").read_text() == "my evaluation notes" and (out / "plots").is_dir()
+    assert json.loads((out / "config.json").read_text())["packed"] is True  # the export is untouched too
+    (out / "notes.txt").unlink()
+    (out / "plots").rmdir()
+    # An export from before the manifest: recognised by the names an export writes.
+    (out / EXPORT_MANIFEST).unlink()
+    (out / "special_tokens_map.json").write_text("{}")  # written by transformers 4.x tokenizers
+    export_checkpoint(ckpt, out, packed=True)
+    assert (out / EXPORT_MANIFEST).is_file() and not (out / "special_tokens_map.json").exists()
     foreign = tmp_path / "notes"
     foreign.mkdir()
     (foreign / "todo.txt").write_text("keep me")
@@ -452,6 +474,33 @@ def test_reexport_replaces_an_export_and_refuses_other_directories(ckpt: Path, t
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
     assert export_main(["--checkpoint", str(tmp_path / "bad.pt"), "--output_dir", str(out)]) == 2
     assert json.loads((out / "config.json").read_text())["packed"] is True  # the previous export is untouched
+
+
+def test_unwritable_output_is_refused_before_the_checkpoint_is_read(
+    ckpt: Path, unwritable_dir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    read: list[Path] = []
+    monkeypatch.setattr(hf_export, "load_checkpoint", lambda path, *a, **k: read.append(path))
+    out = unwritable_dir / "export"
+    assert export_main(["--checkpoint", str(ckpt), "--output_dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write the export to {out}" in err and "choose an --output_dir you can write to" in err
+    assert not read and not out.exists()
+
+
+def test_a_failed_write_keeps_the_previous_export(ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "out"
+    export_checkpoint(ckpt, out, dtype="float32")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def disk_full(*_: object, **__: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(hf_export, "save_file", disk_full)
+    with pytest.raises(ExportError, match=r"No space left on device.*nothing was changed there"):
+        export_checkpoint(ckpt, out, packed=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary directory left
 
 
 def test_model_card_includes_the_run_evaluation(ckpt: Path, tmp_path: Path) -> None:

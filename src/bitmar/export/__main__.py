@@ -19,7 +19,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--checkpoint", required=True, help="checkpoint written by train_bitmar.py (e.g. run/checkpoints/best.pt)"
     )
-    parser.add_argument("--output_dir", required=True, help="export directory (created or replaced atomically)")
+    parser.add_argument(
+        "--output_dir",
+        required=True,
+        help="export directory: created, or replaced atomically if it holds a previous BitMar export and nothing else",
+    )
     parser.add_argument("--packed", action="store_true", help="store ternary layers at 2 bits per weight")
     parser.add_argument(
         "--vision_backbone",

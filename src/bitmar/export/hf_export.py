@@ -48,6 +48,7 @@ from bitmar.config import BitMarConfig as RunConfig
 from bitmar.config import ConfigError, config_from_dict
 from bitmar.data.errors import DataError
 from bitmar.data.tokenizer import load_tokenizer
+from bitmar.fileio import check_writable_dir
 from bitmar.model.bitmar import BitMar
 from bitmar.training.checkpoint import load_checkpoint
 
@@ -70,6 +71,26 @@ TEMPLATE_LIBRARIES = frozenset({"torch", "transformers"})
 GENERATED_MODULES = ("configuration_bitmar", "modeling_bitmar", "processing_bitmar")
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 WEIGHTS_NAME = "model.safetensors"
+# Lists the files an export wrote: a re-export replaces the directory only when it holds nothing else.
+EXPORT_MANIFEST = "bitmar_export.json"
+# What an export written before the manifest existed may hold (tokenizer files vary between transformers versions).
+LEGACY_EXPORT_FILES = frozenset(
+    {
+        *(f"{name}.py" for name in ("configuration_bitmar", "modeling_bitmar", "processing_bitmar")),
+        WEIGHTS_NAME,
+        "config.json",
+        "generation_config.json",
+        "preprocessor_config.json",
+        "processor_config.json",
+        "README.md",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "added_tokens.json",
+        "chat_template.jinja",
+    }
+)
+REGENERATED_FILES = frozenset({"__pycache__"})  # Python writes it when the remote code is imported from the folder
 
 AUTO_MAP = {
     "AutoConfig": "configuration_bitmar.BitMarConfig",
@@ -678,22 +699,53 @@ def model_card(info: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def _read_json(path: Path) -> Any:
+    """The JSON in `path`, or None when it is missing or unreadable."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+
+
+def _export_files(output_dir: Path) -> frozenset[str]:
+    """Names a previous export in `output_dir` owns: those its manifest lists, else every name an export may write."""
+    manifest = _read_json(output_dir / EXPORT_MANIFEST)
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if isinstance(files, list) and all(isinstance(f, str) for f in files):
+        return frozenset({*files, EXPORT_MANIFEST})
+    return LEGACY_EXPORT_FILES
+
+
 def _check_output_dir(output_dir: Path) -> None:
+    """Refuse, before any work, a target that is not a directory, a non-empty directory that is not a previous
+    BitMar export or holds files besides one (a re-export replaces the whole directory), or one we cannot write."""
     if output_dir.exists() and not output_dir.is_dir():
         raise ExportError(f"--output_dir {output_dir} exists and is not a directory; choose another path")
     if output_dir.is_dir() and any(output_dir.iterdir()):
-        config = output_dir / "config.json"
-        model_type = None
-        if config.is_file():
-            try:
-                model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
-            except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-                model_type = None
-        if model_type != "bitmar":
+        config = _read_json(output_dir / "config.json")
+        if not isinstance(config, dict) or config.get("model_type") != "bitmar":
             raise ExportError(
                 f"--output_dir {output_dir} is not empty and holds no BitMar export; refusing to replace it — choose "
                 "a new directory or empty this one"
             )
+        foreign = sorted(
+            p.name for p in output_dir.iterdir() if p.name not in _export_files(output_dir) | REGENERATED_FILES
+        )
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+            raise ExportError(
+                f"--output_dir {output_dir} holds a BitMar export and files it did not write ({shown}); a re-export "
+                "replaces the whole directory and would delete them; refusing — move them out or choose another "
+                "--output_dir"
+            )
+    try:  # the parent gets the temporary directory; an existing export is renamed away (it needs write access too)
+        check_writable_dir(output_dir.parent)
+        if output_dir.is_dir():
+            check_writable_dir(output_dir)
+    except OSError as err:
+        raise ExportError(
+            f"cannot write the export to {output_dir}: {err}; choose an --output_dir you can write to"
+        ) from None
 
 
 def _swap_into_place(tmp: Path, output_dir: Path) -> None:
@@ -806,9 +858,13 @@ def export_checkpoint(
             }
         )
         (tmp / "README.md").write_text(card, encoding="utf-8")
+        written = sorted(p.name for p in tmp.iterdir())
+        _write_json(tmp / EXPORT_MANIFEST, {"format": 1, "files": sorted([*written, EXPORT_MANIFEST])})
         _swap_into_place(tmp, output_dir)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written export behind
+        if isinstance(err, OSError):  # e.g. the disk filled up: the previous export (if any) is still in place
+            raise ExportError(f"writing the export to {output_dir} failed ({err}); nothing was changed there") from err
         raise
     return output_dir
 
