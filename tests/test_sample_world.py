@@ -15,9 +15,9 @@ import pytest
 from bitmar.config import SampleDataConfig
 from bitmar.data import layout, sample
 from bitmar.data.errors import DataError
+from bitmar.data.pseudowords import plural_of, pseudo_word_pool, split_of
 from bitmar.data.sample import (
     COLOURS,
-    NONCE_NOUNS,
     SampleWorld,
     Scene,
     generate_sample_dataset,
@@ -203,10 +203,13 @@ def test_winoground_vqa_and_novel_episode_files(world: tuple[Path, dict]) -> Non
     training_words = {w for line in _training_lines(root) for w in re.findall(r"[a-z]+", line.lower())}
     for name in (layout.CC3M_CAPTIONS, layout.LOCAL_NARR_CAPTIONS):
         training_words |= {w for c in json.loads((root / name).read_text()) for w in re.findall(r"[a-z]+", c.lower())}
-    nonce = set(NONCE_NOUNS) | set(NONCE_NOUNS.values())
-    assert not training_words & nonce  # nonce names never occur in any training text
+    nonce = {w for ep in novel for w in ep["nonce_words"]}
+    assert len(nonce) == len(novel)  # one distinct held-out pseudo-word per episode
+    assert all(split_of(w) == "eval" for w in nonce)  # from the evaluation pool, disjoint from phase 3's pool
+    assert not nonce & set(pseudo_word_pool("train", 4000, 0))
+    assert not training_words & (nonce | {plural_of(w) for w in nonce})  # never in any training text
     for ep in novel:
-        assert set(ep["nonce_words"]) <= nonce and ep["nonce_words"][0] in ep["caption"].split()
+        assert ep["nonce_words"][0] in ep["caption"].split()
         assert len(ep["foils"]) == 3 and ep["caption"] not in ep["foils"]
         study, test = novel_x[ep["study_image"]].astype(np.float32), novel_x[ep["test_image"]].astype(np.float32)
         assert not np.array_equal(study, test)  # two views, independent noise

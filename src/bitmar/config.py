@@ -61,6 +61,17 @@ class SampleDataConfig:
 
 
 @dataclass
+class PseudoWordConfig:
+    """Phase-3 fast-mapping augmentation (`bitmar.data.pseudowords`): one noun of an episode's caption is renamed by a
+    pseudo-word from the TRAINING pool, so the episode must carry a word that no picture predicts."""
+
+    enabled: bool = True
+    probability: float = 0.75  # share of phase-3 memory episodes whose caption is renamed
+    pool_size: int = 4000  # training pseudo-words (the evaluation pool is disjoint by construction)
+    seed: int = 0
+
+
+@dataclass
 class DataConfig:
     data_dir: str = "../babylm_dataset"
     use_cc3m: bool = True
@@ -81,6 +92,7 @@ class DataConfig:
     text_ratio: float = 0.3  # phases 2-3: fraction of batches that are text-only
     num_workers: int = 0
     sample: SampleDataConfig = field(default_factory=SampleDataConfig)
+    pseudo_words: PseudoWordConfig = field(default_factory=PseudoWordConfig)
 
 
 @dataclass
@@ -98,6 +110,7 @@ class LossWeights:
     memory_reconstruction: float = 1.0  # caption decoded from the memory readout (Larimar)
     memory_autoencoding: float = 0.5  # caption decoded from its own episode latent
     memory_kl: float = 0.01  # beta * KL(q(W) || N(0, I)) on the addressing weights
+    memory_slots: float = 0.5  # episode token slots decode their caption tokens (model.episode_tokens > 1)
 
 
 @dataclass
@@ -487,6 +500,18 @@ def validate_config(cfg: BitMarConfig) -> None:
         raise ConfigError(f"training.betas must be two numbers in [0, 1), got {t.betas}")
     if not 0.0 < t.mlm_probability < 1.0:
         raise ConfigError(f"training.mlm_probability must be in (0, 1), got {t.mlm_probability}")
+    pw = d.pseudo_words
+    if not 0.0 <= pw.probability <= 1.0:
+        raise ConfigError(f"data.pseudo_words.probability must be in [0, 1], got {pw.probability}")
+    if pw.enabled and pw.pool_size < 1:
+        raise ConfigError(f"data.pseudo_words.pool_size must be >= 1 when enabled, got {pw.pool_size}")
+    if m.episode_tokens < 1:
+        raise ConfigError(f"model.episode_tokens must be >= 1, got {m.episode_tokens}")
+    if m.episode_tokens > 1 and m.episode_dim != m.hidden_size:
+        raise ConfigError(
+            f"model.episode_tokens={m.episode_tokens} stores token embeddings in the episode slots, so "
+            f"model.episode_dim ({m.episode_dim}) must equal model.hidden_size ({m.hidden_size})"
+        )
     if t.memory_query_noise < 0:
         raise ConfigError(f"training.memory_query_noise must be >= 0, got {t.memory_query_noise}")
     if t.contrastive_temperature <= 0:

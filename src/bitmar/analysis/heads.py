@@ -440,7 +440,7 @@ class HeadImportanceTracker:
                 ids, mask, vision_features=vision, memory_readout=readout, return_latents=False, output_attentions=True
             )
             decoder_maps, prefix = recalled.attentions["decoder"], recalled.prefix_length
-            readout_tokens = int(model.config.memory_readout_tokens)
+            readout_tokens = int(model.config.memory_prefix_tokens)
         if prefix > 0 and decoder_maps:
             stats = [prefix_statistics(w, prefix, mask, readout_tokens) for w in decoder_maps]
             observed["memory"] = _Observation(

@@ -47,6 +47,7 @@ Everything is deterministic given `sample_cfg.seed`: the same seed writes byte-i
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
@@ -65,6 +66,7 @@ import numpy as np
 from bitmar.config import SampleDataConfig
 from bitmar.data import layout
 from bitmar.data.errors import DataError
+from bitmar.data.pseudowords import plural_of, pseudo_word_pool
 
 WINOGROUND_FEATURES = "eval/winoground_features.npy"
 VQA_FEATURES = "eval/vqa_features.npy"
@@ -119,7 +121,7 @@ class SceneObject:
     def noun_form(self) -> str:
         if not self.plural:
             return self.noun
-        return NOUNS.get(self.noun) or NONCE_NOUNS[self.noun]
+        return NOUNS.get(self.noun) or NONCE_NOUNS.get(self.noun) or plural_of(self.noun)
 
 
 @dataclass(frozen=True)
@@ -144,6 +146,7 @@ class SampleWorld:
     UNBOUND = 0.2  # weight of an attribute's object-independent embedding (the rest is bound to the noun)
 
     def __init__(self, seed: int, feature_dim: int = layout.FEATURE_DIM) -> None:
+        self.seed = seed
         self.feature_dim = feature_dim
         rng = np.random.default_rng([seed, 0x5EED])
         L = self.LATENT
@@ -182,10 +185,19 @@ class SampleWorld:
         self._mu = z.mean(axis=0)
         self._sd = z.std(axis=0) + 1e-6
 
+    def _noun_embedding(self, slot: int, noun: str) -> np.ndarray:
+        """Known and nonce nouns have fixed embeddings; a pseudo-word (a novel kind of object) gets its own, drawn
+        from a stream keyed by the word, so adding one never changes the rest of the world."""
+        key = ("noun", slot, noun)
+        if key not in self._emb:
+            digest = int.from_bytes(hashlib.sha256(noun.encode("utf-8")).digest()[:8], "little")
+            self._emb[key] = np.random.default_rng([self.seed, 0xD0D0, slot, digest]).standard_normal(self.LATENT)
+        return self._emb[key]
+
     def _latent(self, scene: Scene) -> np.ndarray:
         h = np.zeros(self.LATENT)
         for slot, obj in enumerate(scene.objects):
-            noun = self._emb[("noun", slot, obj.noun)]
+            noun = self._noun_embedding(slot, obj.noun)
             h += noun + self._emb[("count", slot, obj.count)]
             # Attributes are mostly bound to their object (elementwise product with the noun's embedding), so a
             # "red" object looks different on a ball and on a dog: linearly decodable only in part.
@@ -549,11 +561,19 @@ def canonical_caption(scene: Scene) -> str:
     return text
 
 
+def held_out_pseudo_words(n: int, seed: int) -> list[str]:
+    """The evaluation pseudo-words of a sample world: from the EVALUATION pool (`bitmar.data.pseudowords`), disjoint
+    from the training pool that phase 3 draws from, and never in any training file of the world."""
+    return pseudo_word_pool("eval", n, seed, exclude=[*NOUNS, *NOUNS.values(), *NONCE_NOUNS, *NONCE_NOUNS.values()])
+
+
 def _novel_episodes(world: SampleWorld, n: int, rng: np.random.Generator) -> tuple[list[dict[str, Any]], np.ndarray]:
+    """Held-out fast-mapping episodes: a NOVEL kind of object (its own feature embedding) named by a held-out
+    pseudo-word, one word per episode (distinct words, so recall of N episodes needs N different words)."""
     items, scenes = [], []
-    nonce = tuple(NONCE_NOUNS)
+    nonce = held_out_pseudo_words(n + 8, world.seed)  # 8 spare words for the foils of the last episodes
     for k in range(n):
-        o0 = SceneObject(_pick(rng, nonce), _pick(rng, COLOURS), _pick(rng, SIZES) if rng.random() < 0.3 else None)
+        o0 = SceneObject(nonce[k], _pick(rng, COLOURS), _pick(rng, SIZES) if rng.random() < 0.3 else None)
         if rng.random() < 0.6:
             o1 = SceneObject(_pick(rng, NOUNS), _pick(rng, COLOURS) if rng.random() < 0.5 else None, None)
             scene = Scene((o0, o1), _pick(rng, RELATIONS))

@@ -20,6 +20,8 @@ C episodes, C/4 of them are read, then C/2 more arrive: the C/2 least recently u
 
 from __future__ import annotations
 
+import copy
+import time
 from typing import Any
 
 import numpy as np
@@ -41,8 +43,11 @@ from bitmar.evaluation.context import (
     teacher_forced_accuracy,
 )
 from bitmar.memory import EpisodicStore
+from bitmar.training.losses import lm_loss
 
 NUM_EXAMPLES = 3
+SLOW_LEARNING_STEPS = (1, 10)  # the gradient-step baseline a reader asks for: fine-tune the decoder on the study set
+SLOW_LEARNING_SIZES = (1, 16)  # episodes learned by gradient steps (the largest that fits is used too)
 
 
 class _Episodes:
@@ -58,7 +63,7 @@ class _Episodes:
         self.nonce = [[str(w) for w in r["nonce_words"]] for r in records]
         self.foils = [[str(f) for f in r.get("foils", [])] for r in records]
         self.seqs = caption_token_ids(ctx.tokenizer, self.captions, ctx.max_len)
-        study = ctx.tensor(features[[int(r["study_image"]) for r in records]])  # (N, D)
+        self.study = study = ctx.tensor(features[[int(r["study_image"]) for r in records]])  # (N, D)
         self.test = ctx.tensor(features[[int(r["test_image"]) for r in records]])  # (N, D)
         model, bs = ctx.model, ctx.ecfg.batch_size
         keys, values, queries = [], [], []
@@ -161,7 +166,7 @@ def evaluate_episodic_recall(ctx: EvalContext) -> dict[str, Any]:
     ep = _Episodes(ctx)
     model, mcfg = ctx.model, ctx.cfg.model
     total = len(ep)
-    sizes = resolve_recall_sizes(list(ctx.ecfg.recall_sizes), mcfg.memory_size, mcfg.episode_dim, total)
+    sizes = resolve_recall_sizes(list(ctx.ecfg.recall_sizes), mcfg.memory_size, mcfg.memory_width, total)
     everything = list(range(total))
 
     empty_readout, _ = model.read_memory(model.memory.empty_state(), key=ep.queries)  # (N, E): no episode held
@@ -174,15 +179,28 @@ def evaluate_episodic_recall(ctx: EvalContext) -> dict[str, Any]:
         state = model.write_memory(ep.keys[:n], ep.values[:n])  # one shot, no gradient step
         readout, _ = model.read_memory(state, key=ep.queries[:n])
         per_size[n] = per_episode(ctx, ep, list(range(n)), readout)
+    write_seconds = {n: _memory_write_seconds(ctx, ep, n) for n in per_size}
     results = []
     for s in sizes:
         n = s["written"]
         memory = summarize(per_size[n]) if n > 0 else {"episodes": 0}
-        results.append({**s, "memory": memory, "empty_memory": summarize(empty, list(range(n)))})
+        results.append(
+            {
+                **s,
+                "memory": memory,
+                "empty_memory": summarize(empty, list(range(n))),
+                "write_seconds": write_seconds.get(n) if n > 0 else None,
+            }
+        )
 
     largest = max(per_size) if per_size else 0
+    slow = [
+        _slow_learning(ctx, ep, n, steps)
+        for n in sorted({min(n, largest) for n in SLOW_LEARNING_SIZES if largest})
+        for steps in SLOW_LEARNING_STEPS
+    ]
     forgetting = _forgetting(ctx, ep, largest) if largest >= 2 else None
-    lru = _lru(ctx, ep, min(total, mcfg.memory_size, mcfg.episode_dim))
+    lru = _lru(ctx, ep, min(total, mcfg.memory_size, mcfg.memory_width))
 
     examples = [
         {
@@ -197,16 +215,17 @@ def evaluate_episodic_recall(ctx: EvalContext) -> dict[str, Any]:
         "episodes_available": total,
         "memory_size": mcfg.memory_size,
         "episode_dim": mcfg.episode_dim,
-        "exact_recall_bound": min(mcfg.memory_size, mcfg.episode_dim),
+        "exact_recall_bound": min(mcfg.memory_size, mcfg.memory_width),
         "sizes": results,
         "vision_only_no_memory": summarize(vision_only),
         "empty_memory_all": summarize(empty),
         "oracle_written_value": summarize(oracle),
         "forgetting": forgetting,
         "lru_eviction": lru,
+        "slow_learning": slow,
         "examples": examples,
     }
-    headline = _headline(results, per_size, empty, oracle, forgetting, lru)
+    headline = _headline(results, per_size, empty, oracle, forgetting, lru, slow)
     return {
         "metrics": metrics,
         "headline": headline,
@@ -229,6 +248,7 @@ def _headline(
     oracle: dict[str, list],
     forgetting: dict[str, Any] | None,
     lru: dict[str, Any] | None,
+    slow: list[dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
     rows = []
     for r in results:
@@ -237,6 +257,7 @@ def _headline(
             continue
         asked = f" (asked {r['requested']})" if n != r["requested"] else ""
         mem, base = r["memory"], r["empty_memory"]
+        rows.append(_row(f"N={n}{asked}: nonce-word recall", mem["nonce_word_recall"], base["nonce_word_recall"]))
         rows.append(_row(f"N={n}{asked}: exact match", mem["exact_match"], base["exact_match"]))
         rows.append(_row(f"N={n}: readout cosine to its value", mem["readout_cosine"], base["readout_cosine"]))
     if per_size:
@@ -250,7 +271,21 @@ def _headline(
     best = summarize(oracle)
     rows.append(_row("decoding the written value itself: exact match", best["exact_match"], None))
     rows.append(_row("decoding the written value itself: nonce-word recall", best["nonce_word_recall"], None))
+    for sl in slow or []:
+        rows.append(
+            _row(
+                f"slow learning, N={sl['episodes']}, {sl['steps']} decoder step(s): nonce-word recall "
+                f"({sl['seconds']:.2f} s vs memory write {sl['memory_write_seconds']:.3f} s)",
+                sl["nonce_word_recall"],
+                sl["before"]["nonce_word_recall"],
+            )
+        )
     if forgetting is not None:
+        rows.append(_row("forgetting: forgotten episodes, nonce-word recall",
+                         forgetting["forgotten_episodes"]["nonce_word_recall"], 0.0))  # fmt: skip
+        kept, kept_before = forgetting["kept"], forgetting["kept_before"]
+        rows.append(_row("forgetting: kept episodes, nonce-word recall (reference: before forgetting)",
+                         kept["nonce_word_recall"], kept_before["nonce_word_recall"]))  # fmt: skip
         rows.append(
             _row(
                 f"forget {forgetting['forgotten']} of {forgetting['written']}: readout error vs never written",
@@ -281,9 +316,12 @@ def _forgetting(ctx: EvalContext, ep: _Episodes, n: int) -> dict[str, Any]:
         store.forget(ids[i])
     kept = list(range(n // 2, n))
     readout = store.read(ep.queries[kept])  # (n - n//2, E)
+    before_state = ctx.model.write_memory(ep.keys[:n], ep.values[:n])
+    before, _ = ctx.model.read_memory(before_state, key=ep.queries[kept])
     return {
         "written": n,
         "forgotten": len(forget),
+        "kept_before": summarize(per_episode(ctx, ep, kept, before)),
         "kept": summarize(per_episode(ctx, ep, kept, readout)),
         "forgotten_episodes": summarize(per_episode(ctx, ep, forget, store.read(ep.queries[forget]))),
         "relative_readout_difference_vs_fresh_write": _relative_difference(ctx, ep, kept, readout),
@@ -315,4 +353,55 @@ def _lru(ctx: EvalContext, ep: _Episodes, limit: int) -> dict[str, Any] | None:
         "relative_readout_difference_vs_fresh_write": _relative_difference(ctx, ep, held, readout),
         "held": summarize(per_episode(ctx, ep, held, readout)),
         "evicted": summarize(per_episode(ctx, ep, evicted, store.read(ep.queries[evicted]))),
+    }
+
+
+def _memory_write_seconds(ctx: EvalContext, ep: _Episodes, n: int) -> float:
+    """Wall time of learning n episodes with the memory: encode key and value of each, one least-squares write."""
+    seqs = ep.seqs[:n]
+    start = time.perf_counter()
+    ids, mask = pad_sequences(seqs, ctx.tokenizer.pad_token_id)
+    ids, mask = ids.to(ctx.device), mask.to(ctx.device)
+    study = ep.study[:n]
+    keys = ctx.model.memory_key(study).float()
+    values = ctx.model.episode_latent(ids, mask, study).float()
+    ctx.model.write_memory(keys, values)
+    return time.perf_counter() - start
+
+
+def _slow_learning(ctx: EvalContext, ep: _Episodes, n: int, steps: int) -> dict[str, Any]:
+    """Baseline: learn the same n study episodes by `steps` AdamW steps on the decoder (caption loss conditioned on
+    the study view, the phase-2 objective), then caption the TEST view without memory. A copy of the model is
+    trained; the evaluated model is untouched."""
+    idx = list(range(n))
+    model = copy.deepcopy(ctx.model)
+    params = [p for p in model.decoder.parameters() if p.requires_grad]
+    lr = float(ctx.cfg.training.learning_rate)
+    optimizer = torch.optim.AdamW(params, lr=lr, betas=tuple(ctx.cfg.training.betas), weight_decay=0.0)
+    ids, mask = pad_sequences(ep.seqs[:n], ctx.tokenizer.pad_token_id)
+    ids, mask = ids.to(ctx.device), mask.to(ctx.device)
+    study = ep.study[:n]
+    sub = copy.copy(ctx)
+    sub.model = model
+    model.eval()
+    before = summarize(per_episode(sub, ep, idx, None, via_vision=True))
+    start = time.perf_counter()
+    model.train()
+    with torch.enable_grad():
+        for _ in range(steps):
+            optimizer.zero_grad(set_to_none=True)
+            out = model(ids, mask, vision_features=study, return_latents=False)
+            lm_loss(out.logits, ids, mask).backward()
+            optimizer.step()
+    seconds = time.perf_counter() - start
+    model.eval()
+    after = summarize(per_episode(sub, ep, idx, None, via_vision=True))
+    return {
+        "episodes": n,
+        "steps": steps,
+        "learning_rate": lr,
+        "seconds": seconds,
+        "memory_write_seconds": _memory_write_seconds(ctx, ep, n),
+        "before": before,
+        **after,
     }

@@ -40,8 +40,8 @@ class BitMarOutput:
     logits: Tensor  # (B, T, V), text positions only
     text_latent: Tensor | None = None  # (B, Lt)
     vision_latent: Tensor | None = None  # (B, Lv)
-    multimodal_latent: Tensor | None = None  # (B, E), needs text + vision
-    memory_readout: Tensor | None = None  # (B, E)
+    multimodal_latent: Tensor | None = None  # (B, R * E) the episode value, needs text + vision
+    memory_readout: Tensor | None = None  # (B, R * E)
     memory_weights: Tensor | None = None  # (B, K) addressing weights of the read
     attentions: dict[str, list[Tensor]] | None = None  # per type, per layer (B, H, Tq, Tk)
     prefix_length: int = 0  # decoder positions before the text (readout tokens + vision tokens)
@@ -64,16 +64,21 @@ class BitMar(nn.Module):
         self.memory_key_proj: BitLinear | None = None  # z_v -> episode key
         self.text_key_proj: BitLinear | None = None  # z_t -> key, when z_v's projection cannot be shared
         self.text_value_proj: BitLinear | None = None  # z_t -> episode value, text-only models
+        self.episode_token_proj: BitLinear | None = None  # caption token states -> episode tokens 1..R-1
+        self.slot_head: BitLinear | None = None  # episode token slot -> hidden state read by the LM head (copy path)
         if config.use_memory:
-            self.memory = EpisodicMemory(
-                config.memory_size, config.episode_dim, addressing_noise_std=config.addressing_noise_std
-            )
+            width = config.memory_width  # R episode tokens x E, one memory row
+            self.memory = EpisodicMemory(config.memory_size, width, addressing_noise_std=config.addressing_noise_std)
             if config.use_vision:
-                self.memory_key_proj = BitLinear(config.vision_latent_size, config.episode_dim, quantize=q)
+                self.memory_key_proj = BitLinear(config.vision_latent_size, width, quantize=q)
             if not config.use_vision or config.text_latent_size != config.vision_latent_size:
-                self.text_key_proj = BitLinear(config.text_latent_size, config.episode_dim, quantize=q)
+                self.text_key_proj = BitLinear(config.text_latent_size, width, quantize=q)
             if not config.use_vision:
                 self.text_value_proj = BitLinear(config.text_latent_size, config.episode_dim, quantize=q)
+            if config.episode_tokens > 1:
+                self.episode_token_proj = BitLinear(c, config.episode_dim, quantize=q)
+                # Copy path: each episode token slot i (caption position i) decodes to a token distribution.
+                self.slot_head = BitLinear(config.episode_dim, c, quantize=q)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -103,23 +108,46 @@ class BitMar(nn.Module):
     def episode_latent(
         self, input_ids: Tensor, attention_mask: Tensor | None = None, vision_features: Tensor | None = None
     ) -> Tensor:
-        """The episode VALUE written to memory: z_m (B, E) of text + picture (text-only models: projected z_t)."""
+        """The episode VALUE written to memory (B, R * E): z_m of text + picture (text-only models: projected z_t),
+        then, with model.episode_tokens = R > 1, R - 1 projected caption token states."""
         text_tokens, text_latent = self.encode_text(input_ids, attention_mask)
         if self.fusion is None:
-            return self._memory_part(self.text_value_proj)(text_latent)
+            summary = self._memory_part(self.text_value_proj)(text_latent)
+            return self._episode_value(summary, text_tokens, input_ids, attention_mask)
         if vision_features is None:
             raise ValueError("episode_latent needs vision_features: the episode value z_m fuses caption and picture")
         vision_tokens, _ = self.encode_vision(vision_features)
-        _, z_m, _ = self.fusion(text_tokens, attention_mask, vision_tokens)
-        return z_m
+        fused, z_m, _ = self.fusion(text_tokens, attention_mask, vision_tokens)
+        return self._episode_value(z_m, fused, input_ids, attention_mask)
+
+    def _episode_value(
+        self, summary: Tensor, token_states: Tensor, input_ids: Tensor, attention_mask: Tensor | None
+    ) -> Tensor:
+        """summary (B, E), token states (B, T, C), ids (B, T) -> flattened episode (B, R * E).
+
+        Slot i holds the caption token at position i: its (full-precision) embedding, which names the token as it
+        was heard, plus a ternary projection of its fused state, which adds the context. Padding and positions past
+        the caption give zero slots."""
+        if self.episode_token_proj is None:
+            return summary
+        r = self.config.episode_tokens - 1
+        states = token_states[:, :r]  # (B, <=r, C)
+        if attention_mask is not None:
+            states = states * attention_mask[:, :r, None].to(states.dtype)
+        tokens = self.episode_token_proj(states) + self.embed_tokens(input_ids[:, :r]).to(states.dtype)  # (B, <=r, E)
+        if attention_mask is not None:  # BitLinear's bias-free RMSNorm keeps zero rows zero; be explicit anyway
+            tokens = tokens * attention_mask[:, :r, None].to(tokens.dtype)
+        if tokens.shape[1] < r:
+            tokens = F.pad(tokens, (0, 0, 0, r - tokens.shape[1]))
+        return torch.cat([summary[:, None].to(tokens.dtype), tokens], dim=1).flatten(1)  # (B, R * E)
 
     def memory_key(self, vision_features: Tensor) -> Tensor:
-        """The episode KEY (B, E) from the picture alone, so a picture recalls its episode."""
+        """The episode KEY (B, R * E) from the picture alone, so a picture recalls its episode."""
         _, vision_latent = self.encode_vision(vision_features)
         return self._memory_part(self.memory_key_proj)(vision_latent)
 
     def text_memory_key(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        """A key (B, E) from text (a prompt / question): the vision key projection applied to z_t when the latent
+        """A key (B, R * E) from text (a prompt / question): the vision key projection applied to z_t when the latent
         sizes match (contrastive training aligns z_t with z_v), else a separate text projection."""
         _, text_latent = self.encode_text(input_ids, attention_mask)
         return self._text_key(text_latent)
@@ -127,7 +155,7 @@ class BitMar(nn.Module):
     def read_memory(
         self, memory_state: MemoryState, vision_features: Tensor | None = None, key: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
-        """-> readout (B, E), addressing weights (B, K). The key is given, or computed from vision features."""
+        """-> readout (B, R * E), addressing weights (B, K). The key is given, or computed from vision features."""
         memory = self._memory_part(self.memory)
         if key is None:
             if vision_features is None:
@@ -138,6 +166,30 @@ class BitMar(nn.Module):
     def write_memory(self, keys: Tensor, values: Tensor) -> MemoryState:
         """One-shot key-value write of N episodes: keys (N, E), values (N, E) -> a new MemoryState."""
         return self._memory_part(self.memory).write_kv(keys, values)
+
+    def slot_log_probs(self, memory_readout: Tensor) -> Tensor | None:
+        """Token log-probabilities stored in each caption slot of an episode readout: (B, R * E) -> (B, R - 1, V),
+        slot i for caption position i (BOS at 0). None when episodes are a single latent (model.episode_tokens=1)."""
+        if self.slot_head is None:
+            return None
+        r, e = self.config.episode_tokens, self.config.episode_dim
+        slots = memory_readout.view(memory_readout.shape[0], r, e)[:, 1:]  # (B, R - 1, E)
+        slots = slots.to(self.embed_tokens.weight.dtype)
+        hidden = slots + self.slot_head(slots)  # (B, R - 1, C): a slot is read like the embedding it stores
+        return torch.log_softmax(self.lm_logits(hidden).float(), dim=-1)
+
+    def copy_log_probs(self, memory_readout: Tensor, text_index: Tensor) -> Tensor | None:
+        """Copy path of a memory-conditioned decoder (a pointer to the aligned slot, as in pointer-generator
+        networks): the text token at index t predicts caption position t + 1, which episode slot t + 1 holds.
+        memory_readout (B, R * E), text_index (B, T) -> log-probabilities (B, T, V) to ADD to the decoder's logits
+        (a product of experts); zero where no slot is aligned. None when model.episode_tokens = 1."""
+        slots = self.slot_log_probs(memory_readout)
+        if slots is None:
+            return None
+        target = text_index + 1  # (B, T)
+        valid = (target >= 0) & (target < slots.shape[1])
+        picked = slots.gather(1, target.clamp(0, slots.shape[1] - 1)[..., None].expand(-1, -1, slots.shape[-1]))
+        return picked * valid[..., None].to(picked.dtype)  # (B, T, V)
 
     def lm_logits(self, hidden: Tensor) -> Tensor:  # (B, T, C) -> (B, T, V)
         if self.lm_head is not None:
@@ -164,7 +216,7 @@ class BitMar(nn.Module):
         attention_mask: Tensor | None = None,  # (B, T), 1 = real token
         vision_features: Tensor | None = None,  # (B, D) or (B, P, D)
         memory_state: MemoryState | None = None,
-        memory_readout: Tensor | None = None,  # (B, E), overrides reading memory_state
+        memory_readout: Tensor | None = None,  # (B, R * E), overrides reading memory_state
         output_attentions: bool = False,
         return_latents: bool = True,
         return_memory_diagnostics: bool = False,
@@ -201,7 +253,8 @@ class BitMar(nn.Module):
             if attentions is not None:
                 attentions["encoder"] = att
         if return_latents and vision_tokens is not None:
-            _, multimodal_latent, att = self.fusion(text_tokens, attention_mask, vision_tokens, need_weights)
+            fused, z_m, att = self.fusion(text_tokens, attention_mask, vision_tokens, need_weights)
+            multimodal_latent = self._episode_value(z_m, fused, input_ids, attention_mask)  # (B, R * E)
             if attentions is not None:
                 attentions["cross_modal"] = att
 
@@ -214,10 +267,10 @@ class BitMar(nn.Module):
             memory_readout, memory_weights = self.memory.read_kv(key, memory_state)
             if return_memory_diagnostics:
                 diagnostics = self.memory.diagnostics(memory_state, memory_weights)
-        if memory_readout is not None and memory_readout.shape != (input_ids.shape[0], self.config.episode_dim):
+        if memory_readout is not None and memory_readout.shape != (input_ids.shape[0], self.config.memory_width):
             raise ValueError(
-                f"memory_readout must have shape (batch, episode_dim) = ({input_ids.shape[0]}, "
-                f"{self.config.episode_dim}), got {tuple(memory_readout.shape)}"
+                f"memory_readout must have shape (batch, episode_tokens * episode_dim) = ({input_ids.shape[0]}, "
+                f"{self.config.memory_width}), got {tuple(memory_readout.shape)}"
             )
 
         prefix = self.decoder_prefix(vision_tokens, memory_readout)
@@ -228,8 +281,16 @@ class BitMar(nn.Module):
         hidden, att = self.decoder(embeds, prefix, key_mask, positions, need_weights=need_weights)
         if attentions is not None:
             attentions["decoder"] = att
+        logits = self.lm_logits(hidden)  # (B, T, V)
+        if memory_readout is not None:
+            text_index = positions[:, prefix_length:] - prefix_length if positions is not None else None
+            if text_index is None:
+                text_index = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+            copy = self.copy_log_probs(memory_readout, text_index)
+            if copy is not None:
+                logits = logits.float() + copy
         return BitMarOutput(
-            logits=self.lm_logits(hidden),
+            logits=logits,
             text_latent=text_latent if return_latents else None,
             vision_latent=vision_latent,
             multimodal_latent=multimodal_latent,

@@ -81,7 +81,9 @@ class TextDecoder(nn.Module):
         )
         self.norm = nn.RMSNorm(c, eps=1e-6)
         self.readout_tokens = config.memory_readout_tokens
-        # Memory readout z_r (B, E) -> r prefix tokens (B, r, C).
+        self.episode_tokens = config.episode_tokens
+        self.episode_dim = config.episode_dim
+        # Memory readout (B, R * E) -> R episode tokens (B, R, E) -> R * r prefix tokens (B, R * r, C).
         self.readout_proj = (
             BitLinear(config.episode_dim, config.memory_readout_tokens * c, quantize=config.quantize)
             if config.use_memory
@@ -89,11 +91,12 @@ class TextDecoder(nn.Module):
         )
         self.dropout = nn.Dropout(config.dropout)
 
-    def memory_prefix(self, readout: Tensor) -> Tensor:  # (B, E) -> (B, r, C)
+    def memory_prefix(self, readout: Tensor) -> Tensor:  # (B, R * E) -> (B, R * r, C)
         if self.readout_proj is None:
             raise ValueError("this model was built with model.use_memory=false: it takes no memory readout")
-        tokens = self.readout_proj(readout.to(self.norm.weight.dtype))  # model dtype (memory reads are float32)
-        return tokens.view(readout.shape[0], self.readout_tokens, self.hidden_size)
+        episode = readout.view(readout.shape[0], self.episode_tokens, self.episode_dim)  # (B, R, E)
+        tokens = self.readout_proj(episode.to(self.norm.weight.dtype))  # model dtype (memory reads are float32)
+        return tokens.reshape(readout.shape[0], self.episode_tokens * self.readout_tokens, self.hidden_size)
 
     def new_cache(self, max_length: int) -> KVCache:
         return KVCache(len(self.blocks), max_length)

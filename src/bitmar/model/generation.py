@@ -140,8 +140,13 @@ def generate_tokens(
     hidden, _ = decoder(model.embed_tokens(ids), prefix, key_mask, positions, cache)
     finished = torch.zeros(bsz, dtype=torch.bool, device=device)
     new_tokens: list[Tensor] = []
+    text_index = mask.sum(dim=1, keepdim=True) - 1  # (B, 1) text index of each row's last token
     for step in range(max_new_tokens):
         logits = model.lm_logits(hidden[:, -1])  # (B, V)
+        if memory_readout is not None:
+            copy = model.copy_log_probs(memory_readout, text_index + step)  # (B, 1, V) | None
+            if copy is not None:
+                logits = logits.float() + copy[:, 0]
         token = select_tokens(logits, do_sample, temperature, top_k, top_p, generator)
         token = token.masked_fill(finished, pad_token_id)
         new_tokens.append(token)

@@ -40,12 +40,26 @@ class ModelConfig:
     memory_size: int = 512  # K: episodic memory slots
     episode_dim: int = 768  # latent width written into memory
     memory_alpha: float = 1.0  # weight of a new episode in sequential memory writes (1.0 = Larimar)
-    memory_readout_tokens: int = 1  # decoder prefix tokens made from the memory readout
+    memory_readout_tokens: int = 1  # decoder prefix tokens made from each episode token of the readout
+    # An episode is `episode_tokens` vectors of episode_dim, flattened into one memory row: token 0 is the pooled
+    # multimodal latent z_m, tokens 1.. are the fused caption token states (BOS first), so an episode can carry the
+    # exact words of its caption (new words included). 1 = the single pooled latent.
+    episode_tokens: int = 1
     addressing_noise_std: float = 0.1  # Larimar addressing noise, training only
     use_memory: bool = True  # False: ablation without episodic memory
     use_vision: bool = True  # False: ablation without vision input
     quantize: bool = True  # False: every BitLinear becomes nn.Linear (full-precision ablation / baseline)
     tie_embeddings: bool = True  # LM head shares the (full-precision) token embedding
+
+    @property
+    def memory_width(self) -> int:
+        """Width of one memory row: episode_tokens x episode_dim."""
+        return self.episode_tokens * self.episode_dim
+
+    @property
+    def memory_prefix_tokens(self) -> int:
+        """Decoder prefix tokens made from one memory readout."""
+        return self.episode_tokens * self.memory_readout_tokens
 
     def preset(self, name: str) -> dict[str, int]:
         if name not in ARCHITECTURE_PRESETS:

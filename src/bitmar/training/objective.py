@@ -32,6 +32,15 @@ def mask_tokens(
     return masked, chosen
 
 
+def slot_nll(model: nn.Module, episodes: Tensor, ids: Tensor, mask: Tensor) -> Tensor:
+    """Mean NLL of caption token i under episode slot i, over the caption positions that have a slot."""
+    log_probs = model.slot_log_probs(episodes)  # (N, S, V)
+    n = min(log_probs.shape[1], ids.shape[1])
+    nll = -log_probs[:, :n].gather(-1, ids[:, :n, None]).squeeze(-1)  # (N, n)
+    valid = mask[:, :n].to(nll.dtype)
+    return (nll * valid).sum() / valid.sum().clamp(min=1.0)
+
+
 class TrainingObjective(nn.Module):
     def __init__(self, model: nn.Module, cfg: BitMarConfig, mask_token_id: int, special_token_ids: list[int]) -> None:
         super().__init__()
@@ -89,18 +98,30 @@ class TrainingObjective(nn.Module):
         }
         if phase >= 3 and self.cfg.model.use_memory:
             memory_total, memory_metrics = self._memory_losses(
-                ids, mask, features, out.vision_latent, out.multimodal_latent
+                ids, mask, features, out.vision_latent, out.multimodal_latent, batch
             )
             total = total + memory_total
             metrics.update(memory_metrics)
         return total, metrics
 
     def _memory_losses(
-        self, ids: Tensor, mask: Tensor, features: Tensor, vision_latent: Tensor, episodes: Tensor
+        self,
+        ids: Tensor,
+        mask: Tensor,
+        features: Tensor,
+        vision_latent: Tensor,
+        episodes: Tensor,
+        batch: dict[str, Tensor],
     ) -> tuple[Tensor, dict[str, Tensor]]:
         w = self.cfg.training.loss_weights
         n = min(ids.size(0), self.cfg.training.memory_episodes_per_write)
-        ids, mask, features, values = ids[:n], mask[:n], features[:n], episodes[:n]  # values: (N, E)
+        if "episode_input_ids" in batch:  # fast-mapping episodes: captions with a pseudo-word (data.pseudo_words)
+            ids, mask = batch["episode_input_ids"], batch["episode_attention_mask"]  # (N, T')
+            n = ids.size(0)
+            features = features[:n]
+            values = self.model.episode_latent(ids, mask, features)  # (N, R * E)
+        else:
+            ids, mask, features, values = ids[:n], mask[:n], features[:n], episodes[:n]  # values: (N, R * E)
         keys = self.model.memory_key_proj(vision_latent[:n])  # (N, E) from the image alone (= memory_key(features))
         state = self.model.write_memory(keys, values)
         noise_scale = self.cfg.training.memory_query_noise * features.detach().float().std()
@@ -112,7 +133,14 @@ class TrainingObjective(nn.Module):
         loss_ae = lm_loss(autoenc.logits, ids, mask)
         loss_kl = self.model.memory.kl_divergence(weights)
         total = w.memory_reconstruction * loss_recon + w.memory_autoencoding * loss_ae + w.memory_kl * loss_kl
+        slot_metrics = {}
+        if w.memory_slots > 0 and self.model.slot_head is not None:
+            # Each slot of the read-back episode (and of the written one) must name its caption token directly.
+            loss_slots = 0.5 * (slot_nll(self.model, readout, ids, mask) + slot_nll(self.model, values, ids, mask))
+            total = total + w.memory_slots * loss_slots
+            slot_metrics["Loss_memory_slots"] = loss_slots.detach()
         metrics = {
+            **slot_metrics,
             "Loss_memory_reconstruction": loss_recon.detach(),
             "Loss_memory_autoencoding": loss_ae.detach(),
             "Loss_memory_kl": loss_kl.detach(),
