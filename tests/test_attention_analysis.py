@@ -242,9 +242,9 @@ def test_tracker_writes_histories_top_heads_and_patterns(tracked_run) -> None:
         assert patterns["patterns"].shape[0] == best.shape[0]
         assert np.allclose(patterns["patterns"].sum(-1), 1.0, atol=1e-4)  # rows of attention maps
     memory = HeadHistory.load(out / "history_memory.npz")
-    prefix = CFG.model.vision_num_tokens
-    assert memory.prefix_length.tolist() == [prefix, prefix + 1, prefix + 1]  # readout token from phase 3 on
-    assert memory.readout_tokens.tolist() == [0, 1, 1]
+    prefix, readout = CFG.model.vision_num_tokens, CFG.model.memory_prefix_tokens
+    assert memory.prefix_length.tolist() == [prefix, prefix + readout, prefix + readout]  # readout from phase 3 on
+    assert memory.readout_tokens.tolist() == [0, readout, readout]
     assert np.isnan(memory.readout_mass[0]).all() and np.isfinite(memory.readout_mass[1:]).all()
     assert ((memory.raw_importance > 0) & (memory.raw_importance < 1)).all()
     assert not list(out.glob("*.tmp"))
@@ -406,6 +406,55 @@ def test_cli_bad_inputs_exit_2_with_a_clear_message(tmp_path: Path, capsys) -> N
     with pytest.raises(SystemExit) as exit_info:
         main(["--analysis_dir", str(only_decoder), "--attention_type", "memroy"])
     assert exit_info.value.code == 2 and "invalid choice: 'memroy'" in capsys.readouterr().err
+
+
+def _truncated_copy(history: HeadHistory, path: Path) -> Path:
+    """`history` saved to `path`, then cut in half, as a disk-full or a copy interrupted midway leaves it."""
+    history.save(path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+def test_truncated_history_is_a_clear_error_naming_the_file(tmp_path: Path, capsys) -> None:
+    analysis_dir = tmp_path / "attention_analysis"
+    decoder = HeadHistory("decoder", "gradient", 1, 2)
+    decoder.append(5, 1, np.ones((1, 2)), np.ones((1, 2)), np.ones((1, 2)))
+    decoder.save(analysis_dir / "history_decoder.npz")
+    memory = HeadHistory("memory", "prefix_mass", 1, 2)
+    memory.append(5, 3, np.ones((1, 2)), np.ones((1, 2)), np.ones((1, 2)))
+    damaged = _truncated_copy(memory, analysis_dir / "history_memory.npz")
+    with pytest.raises(ValueError, match=r"history_memory.npz is not a readable head-history file, truncated"):
+        HeadHistory.load(damaged)  # was zipfile.BadZipFile, a traceback in the CLI
+    assert main(["--analysis_dir", str(analysis_dir)]) == 2  # all types asked for: the damaged one is an error
+    err = capsys.readouterr().err
+    assert f"{damaged} is not a readable head-history file, truncated or damaged" in err
+    assert "analyse the other types alone (--attention_type decoder)" in err and "Traceback" not in err
+    assert main(["--analysis_dir", str(analysis_dir), "--attention_type", "memory"]) == 2
+    assert str(damaged) in capsys.readouterr().err
+    # Another type asked for: the damaged file is only a warning.
+    assert (
+        main(["--analysis_dir", str(analysis_dir), "--attention_type", "decoder", "--output_dir", str(tmp_path)]) == 0
+    )
+    captured = capsys.readouterr()
+    assert f"warning: {damaged} is not a readable head-history file" in captured.err and "decoder" in captured.out
+
+
+def test_resumed_tracker_sets_a_damaged_history_aside(tmp_path: Path, caplog) -> None:
+    run_dir = tmp_path / "run"
+    _run_tracker(run_dir)
+    analysis_dir = run_dir / "attention_analysis"
+    damaged = _truncated_copy(
+        HeadHistory.load(analysis_dir / "history_decoder.npz"), analysis_dir / "history_decoder.npz"
+    )
+    kept = damaged.read_bytes()
+    model, objective = _model()
+    tracker = HeadImportanceTracker(model, CFG.attention_analysis, analysis_dir)
+    with caplog.at_level("WARNING", logger="bitmar"):
+        tracker.measure(objective, _batch("text", seed=42), 1, 15, FakeLogger())  # resumed from step 10
+    assert "history_decoder.npz is not a readable head-history file" in caplog.text
+    assert (analysis_dir / "history_decoder.npz.damaged").read_bytes() == kept  # the user's file is kept aside
+    assert HeadHistory.load(analysis_dir / "history_decoder.npz").steps.tolist() == [15]  # a new history
 
 
 @pytest.mark.slow

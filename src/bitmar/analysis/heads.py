@@ -47,6 +47,8 @@ import logging
 import os
 import tempfile
 import time
+import zipfile
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -272,8 +274,8 @@ class HeadHistory:
         try:
             with np.load(path, allow_pickle=False) as data:
                 content = {key: data[key] for key in data.files}
-        except (OSError, ValueError, EOFError) as err:
-            raise ValueError(f"{path} is not a readable head-history file ({err})") from err
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as err:  # a truncated .npz: BadZipFile
+            raise ValueError(f"{path} is not a readable head-history file, truncated or damaged ({err})") from err
         required = {"format", "attention_type", "measure", "steps", "importance", "entropy"}
         missing = sorted(required - set(content))
         if missing:
@@ -481,7 +483,13 @@ class HeadImportanceTracker:
             path = history_path(self.output_dir, kind)
             if not path.is_file():
                 continue
-            history = HeadHistory.load(path)
+            try:
+                history = HeadHistory.load(path)
+            except ValueError as err:  # keep the damaged file for the user; the type starts a new history
+                kept = path.with_name(path.name + ".damaged")
+                os.replace(path, kept)
+                log.warning("attention analysis: %s; moved it to %s and started a new %s history", err, kept, kind)
+                continue
             before = len(history)
             history.truncate_before(step)
             if len(history) < before:  # measurements a resumed run will redo: gone from disk too

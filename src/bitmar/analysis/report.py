@@ -190,8 +190,10 @@ def resolve_analysis_dir(path: Path) -> Path:
     return path
 
 
-def load_histories(analysis_dir: Path) -> dict[str, HeadHistory]:
-    """Every non-empty history in the directory, by type; AnalysisError when there is none or one is unreadable."""
+def load_histories(analysis_dir: Path, required: Sequence[str] = ANALYSIS_TYPES) -> dict[str, HeadHistory]:
+    """Every non-empty history in the directory, by type. An unreadable file of a `required` type is an AnalysisError
+    naming it (and the --attention_type choices that still work); of another type, a warning on stderr. AnalysisError
+    too when there is no history at all."""
     histories = {}
     for kind in ANALYSIS_TYPES:
         path = history_path(analysis_dir, kind)
@@ -200,7 +202,14 @@ def load_histories(analysis_dir: Path) -> dict[str, HeadHistory]:
         try:
             history = HeadHistory.load(path)
         except ValueError as err:
-            raise AnalysisError(f"{err}; delete it or point --analysis_dir at another run") from err
+            if kind not in required:
+                print(f"warning: {err}; left out of the report", file=sys.stderr)
+                continue
+            others = [k for k in ANALYSIS_TYPES if k != kind and history_path(analysis_dir, k).is_file()]
+            hint = f", analyse the other types alone (--attention_type {' / '.join(others)})" if others else ""
+            raise AnalysisError(
+                f"{err}; delete it (training writes a new one on resume){hint}, or point --analysis_dir at another run"
+            ) from err
         if len(history):
             histories[kind] = history
     if not histories:
@@ -413,7 +422,8 @@ def run(args: argparse.Namespace) -> dict[str, Path]:
     if args.top_k is not None and args.top_k < 1:
         raise AnalysisError(f"--top_k must be >= 1, got {args.top_k}")
     analysis_dir = resolve_analysis_dir(Path(args.analysis_dir))
-    histories = load_histories(analysis_dir)
+    required = ANALYSIS_TYPES if args.attention_type == "all" else (args.attention_type,)
+    histories = load_histories(analysis_dir, required)
     if args.attention_type == "all":
         selected = [kind for kind in ANALYSIS_TYPES if kind in histories]
     elif args.attention_type in histories:
