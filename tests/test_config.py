@@ -243,7 +243,7 @@ def test_overrides_nested_lists_null_and_strings() -> None:
             "training.validation_batches=null",
             "data.text_sources=[childes, switchboard]",
             "training.compile=true",
-            "data.data_dir=",  # empty value: the empty string
+            "export.vision_backbone=",  # empty value: the empty string
             "training.batch_size=24",  # later overrides win
         ],
     )
@@ -251,7 +251,7 @@ def test_overrides_nested_lists_null_and_strings() -> None:
     assert t.batch_size == 24 and t.phase2_alignment.epochs == 4 and t.loss_weights.memory_kl == 0.05
     assert t.betas == [0.8, 0.9] and t.validation_batches is None and t.compile is True
     assert cfg.wandb.entity is None and cfg.data.tokenizer_path == "/tmp/tok.json"
-    assert cfg.data.text_sources == ["childes", "switchboard"] and cfg.data.data_dir == ""
+    assert cfg.data.text_sources == ["childes", "switchboard"] and cfg.export.vision_backbone == ""
 
 
 def test_overrides_apply_on_top_of_a_file(tmp_path: Path) -> None:
