@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import time
 import zipfile
 import zlib
@@ -57,6 +56,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
+
+from bitmar import fileio
 
 log = logging.getLogger("bitmar")
 
@@ -306,7 +307,7 @@ class HeadHistory:
 def save_npz_atomic(path: Path, arrays: dict[str, Any]) -> Path:
     """np.savez into a temporary file next to `path`, then os.replace: readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".npz.tmp")
+    fd, tmp = fileio.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".npz.tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
             np.savez(handle, **arrays)
@@ -318,7 +319,7 @@ def save_npz_atomic(path: Path, arrays: dict[str, Any]) -> Path:
 
 def save_npy_atomic(path: Path, array: np.ndarray) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".npy.tmp")
+    fd, tmp = fileio.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".npy.tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
             np.save(handle, array)

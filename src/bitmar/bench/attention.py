@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from bitmar import fileio
 from bitmar.analysis.heads import HeadImportanceTracker
 from bitmar.cli_args import positive_int
 from bitmar.config import load_config
@@ -186,7 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(format_report(result))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=args.json.parent, prefix=f".{args.json.name}.", suffix=".tmp")
+        fd, tmp = fileio.mkstemp(dir=args.json.parent, prefix=f".{args.json.name}.", suffix=".tmp")
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             json.dump(result, handle, indent=2)
         os.replace(tmp, args.json)

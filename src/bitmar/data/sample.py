@@ -54,7 +54,6 @@ import math
 import os
 import re
 import shutil
-import tempfile
 import zipfile
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -63,6 +62,7 @@ from typing import Any
 
 import numpy as np
 
+from bitmar import fileio
 from bitmar.config import SampleDataConfig
 from bitmar.data import layout
 from bitmar.data.errors import DataError
@@ -705,7 +705,7 @@ def generate_sample_dataset(
     }  # fmt: skip
 
     data_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=data_dir, prefix=".sample-tmp-"))
+    tmp = Path(fileio.mkdtemp(dir=data_dir, prefix=".sample-tmp-"))
     try:
         prefix = Path(layout.TEXT_ZIP).stem  # "train_50M": the official zip unpacks into train_50M/<source>.train
         _write_zip(tmp / layout.TEXT_ZIP, {f"{prefix}/{s}.train": "\n".join(lines) + "\n" for s, lines in text.items()})

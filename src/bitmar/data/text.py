@@ -28,7 +28,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 import zipfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from bitmar import fileio
 from bitmar.data import layout
 from bitmar.data.errors import DataError
 from bitmar.data.tokenizer import encode_batch, tokenizer_fingerprint
@@ -272,7 +272,7 @@ def _tokenize_to(
     path.parent.mkdir(parents=True, exist_ok=True)
     sources: dict[str, dict[str, int]] = {}
     total = 0
-    fd, raw_tmp = tempfile.mkstemp(dir=path.parent, prefix=".text_tokens.", suffix=".bin")
+    fd, raw_tmp = fileio.mkstemp(dir=path.parent, prefix=".text_tokens.", suffix=".bin")
     try:
         with os.fdopen(fd, "wb") as raw:
             for file in files:
@@ -294,7 +294,7 @@ def _tokenize_to(
                 sources[file.source] = counts
         if total == 0:
             raise DataError(f"the text corpus ({', '.join(f.display for f in files)}) holds no lines after cleaning")
-        fd, npy_tmp = tempfile.mkstemp(dir=path.parent, prefix=".text_tokens.", suffix=".npy")
+        fd, npy_tmp = fileio.mkstemp(dir=path.parent, prefix=".text_tokens.", suffix=".npy")
         try:
             with os.fdopen(fd, "wb") as out, open(raw_tmp, "rb") as src:
                 header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": (total,)}

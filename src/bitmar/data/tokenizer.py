@@ -14,13 +14,13 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
+from bitmar import fileio
 from bitmar.data.errors import DataError
 
 PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, UNK_TOKEN = "<pad>", "<s>", "</s>", "<unk>"
@@ -70,7 +70,7 @@ def save_tokenizer(tokenizer: PreTrainedTokenizerFast, out_dir: str | os.PathLik
     """`save_pretrained` into a temporary sibling directory, then swap it into place."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
+    tmp = Path(fileio.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
     try:
         tokenizer.save_pretrained(str(tmp))
         config_path = tmp / "tokenizer_config.json"
@@ -79,7 +79,7 @@ def save_tokenizer(tokenizer: PreTrainedTokenizerFast, out_dir: str | os.PathLik
         config["tokenizer_class"] = "PreTrainedTokenizerFast"
         config_path.write_text(json.dumps(config, indent=2), encoding="utf-8")
         if out_dir.exists():
-            old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.old-"))
+            old = Path(fileio.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.old-"))
             os.replace(out_dir, old / "dir")
             os.replace(tmp, out_dir)
             shutil.rmtree(old, ignore_errors=True)

@@ -43,6 +43,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers import GenerationConfig, PreTrainedTokenizerFast
 
+from bitmar import fileio
 from bitmar.bitnet import PackedBitLinear, pack_model, quantization_stats
 from bitmar.config import BitMarConfig as RunConfig
 from bitmar.config import ConfigError, config_from_dict
@@ -753,7 +754,7 @@ def _swap_into_place(tmp: Path, output_dir: Path) -> None:
     if not output_dir.exists():
         os.replace(tmp, output_dir)
         return
-    old = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=f".{output_dir.name}.old-"))
+    old = Path(fileio.mkdtemp(dir=output_dir.parent, prefix=f".{output_dir.name}.old-"))
     os.replace(output_dir, old / "export")
     try:
         os.replace(tmp, output_dir)
@@ -791,7 +792,7 @@ def export_checkpoint(
     parameters = model.num_parameters()
 
     output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=f".{output_dir.name}.tmp-"))
+    tmp = Path(fileio.mkdtemp(dir=output_dir.parent, prefix=f".{output_dir.name}.tmp-"))
     try:
         for name, source in remote_code.items():
             (tmp / name).write_text(source, encoding="utf-8")
