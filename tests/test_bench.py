@@ -25,7 +25,7 @@ from bitmar.bench import suite
 from bitmar.bench.__main__ import main as bench_main
 from bitmar.bench.generation import ternary_weight_bytes
 from bitmar.bench.training import attention_flops, count_flops, linear_flops
-from bitmar.bitnet import BitLinear, PackedBitLinear, pack_model, set_int8_gemm
+from bitmar.bitnet import BitLinear, PackedBitLinear, int8_gemm_decision, int8_gemm_mode, pack_model, set_int8_gemm
 from bitmar.model import BitMar
 from bitmar.model.layers import Attention, mlp_hidden_size
 from bitmar.model.model_config import ModelConfig
@@ -187,15 +187,13 @@ def test_int8_route_threshold_changes_speed_only() -> None:
     layer = BitLinear(32, 24, bias=True).eval()
     packed = PackedBitLinear.from_bitlinear(layer)
     outputs = []
-    try:
-        for min_rows in (bitnet.INT8_GEMM_MIN_ROWS, 1):
-            set_int8_gemm(True, min_rows=min_rows)
+    for min_rows in (bitnet.INT8_GEMM_MIN_ROWS, 1):
+        with int8_gemm_mode("on", min_rows=min_rows):  # forced: the measured route may be float on this CPU
             for rows in (3, 300):
                 x = torch.randn(rows, 32, generator=torch.Generator().manual_seed(rows))
                 with torch.no_grad():
                     outputs.append((layer(x), packed(x)))
-    finally:
-        set_int8_gemm(True, min_rows=bitnet.INT8_GEMM_MIN_ROWS)
+    assert bitnet._INT8_GEMM["min_rows"] == bitnet.INT8_GEMM_MIN_ROWS and bitnet._INT8_GEMM["mode"] is None
     for (a, b), (c, d) in zip(outputs[:2], outputs[2:], strict=True):
         assert torch.equal(a, b) and torch.equal(a, c) and torch.equal(c, d)
     with pytest.raises(ValueError, match="min_rows"):
@@ -259,6 +257,25 @@ def test_bad_selection_fails_before_running(capsys: pytest.CaptureFixture[str]) 
     assert "do not run on --device cpu" in capsys.readouterr().err
 
 
+def test_the_bench_reports_the_route_of_the_ternary_matmuls() -> None:
+    route = int8_gemm_decision()
+    machine = suite.machine_info(suite.Settings(quick=True))
+    assert machine["ternary_matmul_route"] == route and route["route"] in ("int8", "float")
+    header = suite.format_table({"machine": machine, "rows": [], "unavailable": []})
+    assert f"ternary matmuls on CPU (BitLinear, PackedBitLinear): {route['route']} GEMM, {route['reason']}" in header
+    # The BitLinear benchmark: the route in its JSON config and report; its float variant is forced float.
+    from bitmar.bench import bitlinear
+
+    result = bitlinear.run_benchmark(tokens=8, repeats=1, dims=(8,), warmup=0)
+    assert result["config"]["route"] == route["route"] and result["config"]["route_decision"] == route
+    assert f"Route of the ternary matmuls (variant BitLinear): {route['route']} GEMM" in bitlinear.format_report(result)
+    layer, x = BitLinear(4, 4), torch.randn(3, 4, requires_grad=True)
+    with int8_gemm_mode("on"):
+        bitlinear._train_step(layer, x, torch.ones(3, 4), int8_gemm=False)  # the forced float variant ...
+        assert bitnet._INT8_GEMM["mode"] == "on"  # ... gives back the mode in force (it used to leave "allowed")
+    assert bitnet._INT8_GEMM["mode"] is None
+
+
 def test_outputs_are_written_as_json_and_markdown(tmp_path: Path) -> None:
     row = suite.ratio_row("t", "some ratio", "A", "B", "time A / time B", [2.0, 2.2], [1.0, 1.0],
                           suite.Goal("<=", 1.2, "<= 1.2x"))  # fmt: skip
@@ -313,6 +330,8 @@ def test_quick_suite_prints_the_whole_table(tmp_path: Path) -> None:
         assert r["repeats"] >= 1 and r["variant_a"] and r["variant_b"]
     machine = result["machine"]
     assert machine["quick"] is True and machine["torch"] == torch.__version__ and machine["cpu"]
+    route = machine["ternary_matmul_route"]["route"]  # which GEMM the ternary matmuls of this run took
+    assert {r["variant_a"] for r in result["rows"] if r["benchmark"] == "bitlinear"} == {f"BitLinear ({route} GEMM)"}
     table = out.with_suffix(".md").read_text()
     assert proc.stdout.strip().startswith("BitMar benchmarks (--quick)")
     lines = [line for line in table.splitlines() if line.startswith("| ")]

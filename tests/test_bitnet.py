@@ -6,24 +6,34 @@ import copy
 import json
 import math
 import pickle
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+import bitmar.bitnet as bitnet
 from bitmar.bench import bitlinear as bench
 from bitmar.bitnet import (
     INT8_GEMM_MIN_ROWS,
     BitLinear,
     PackedBitLinear,
+    describe_int8_gemm,
     fake_quantize_activations,
     fake_quantize_weights,
     int8_gemm_available,
+    int8_gemm_decision,
+    int8_gemm_mode,
     pack_model,
     pack_ternary,
     pack_ternary_base3,
     packed_bits_per_weight,
+    probe_int8_gemm,
     quantization_stats,
     quantize_activations,
     quantize_weights,
@@ -76,16 +86,244 @@ def test_int8_and_float_gemm_routes_give_the_same_bits() -> None:
     x = torch.randn(3, 17, 64) * 3
     packed = PackedBitLinear.from_bitlinear(layer)
     outputs = []
-    try:
-        for enabled in (True, False):
-            set_int8_gemm(enabled, min_rows=1)  # 51 rows: below the default threshold the int8 route never runs
+    for mode in ("on", "off"):  # forced both ways, whatever the measurement says is faster
+        with int8_gemm_mode(mode, min_rows=1):  # 51 rows: below the default threshold the int8 route never runs
             with torch.no_grad():
                 outputs += [layer(x), packed(x)]
             outputs.append(layer(x.requires_grad_(True)).detach())
-    finally:
-        set_int8_gemm(True, min_rows=INT8_GEMM_MIN_ROWS)
+            assert int8_gemm_decision()["route"] == ("int8" if mode == "on" and int8_gemm_available() else "float")
     assert all(torch.equal(o, outputs[0]) for o in outputs[1:])
-    assert isinstance(int8_gemm_available(), bool)
+    assert isinstance(int8_gemm_available(), bool) and bitnet._INT8_GEMM["min_rows"] == INT8_GEMM_MIN_ROWS
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The measured route: int8 only where it is faster (oneDNN's reference kernel is 130-430x slower on AVX-512 EPYCs)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fresh_route(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Any]]:
+    """The route state as at start-up (nothing decided or measured, BITMAR_INT8_GEMM unset); restored afterwards."""
+    int8_gemm_available()  # the capability self-test (once per process) is not part of any test's count
+    saved = dict(bitnet._INT8_GEMM)
+    monkeypatch.delenv(bitnet.INT8_GEMM_ENV, raising=False)
+    bitnet._INT8_GEMM.update(mode=None, use=None, decision=None, probe=None)
+    yield bitnet._INT8_GEMM
+    bitnet._INT8_GEMM.clear()
+    bitnet._INT8_GEMM.update(saved)
+
+
+class FakeMachine:
+    """Both GEMM routes on a virtual clock: each call costs overhead + seconds per multiply-add, and is recorded."""
+
+    def __init__(self, int8_per_mac: float, int8_overhead: float = 0.0, float_per_mac: float = 1e-10) -> None:
+        self.now = 0.0
+        self.calls: list[tuple[str, int]] = []  # (route, rows)
+        self.int8 = self._route("int8", int8_per_mac, int8_overhead)
+        self.float = self._route("float", float_per_mac, 0.0)
+
+    def clock(self) -> float:
+        return self.now
+
+    def _route(self, name: str, per_mac: float, overhead: float) -> bitnet.GemmRoute:
+        def prepare(w: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+            def call(q: torch.Tensor) -> torch.Tensor:
+                self.calls.append((name, q.shape[0]))
+                self.now += overhead + per_mac * q.shape[0] * w.numel()
+                return q.new_zeros(q.shape[0], w.shape[0])
+
+            return call
+
+        return prepare
+
+    def probe(self) -> dict[str, Any]:
+        return probe_int8_gemm(int8_route=self.int8, float_route=self.float, clock=self.clock)
+
+
+GUARD_ROWS, PROBE_ROWS = bitnet.PROBE_GUARD_SHAPE[0], bitnet.PROBE_SHAPE[0]
+
+
+def test_probe_picks_float_at_once_when_int8_is_400x_slower() -> None:
+    machine = FakeMachine(int8_per_mac=400e-10)  # the AVX-512 EPYC report: 25.9 s against 0.19 s
+    result = machine.probe()
+    assert result["route"] == "float" and "pathologically slow" in result["reason"]
+    assert result["int8_ms"] is None and result["guard_int8_ms"] == pytest.approx(
+        400 * result["guard_float_ms"], rel=1e-3
+    )
+    # Only the guard shape ran (a representative int8 call would cost 12 s here), 3 int8 calls: ~60 ms in all.
+    assert {rows for _, rows in machine.calls} == {GUARD_ROWS} and machine.calls.count(("int8", GUARD_ROWS)) == 3
+    assert result["seconds"] < 0.1
+
+
+def test_probe_picks_int8_when_it_is_faster() -> None:
+    machine = FakeMachine(int8_per_mac=0.6e-10, int8_overhead=50e-6)  # like AVX2: per-call cost, faster loop
+    result = machine.probe()
+    assert result["route"] == "int8" and "int8 GEMMs are faster" in result["reason"]
+    macs = math.prod(bitnet.PROBE_SHAPE)
+    assert result["int8_ms"] == pytest.approx(1e3 * (50e-6 + 0.6e-10 * macs), rel=1e-3)
+    assert result["float_ms"] == pytest.approx(1e3 * 1e-10 * macs, rel=1e-3)
+    assert result["pairs"] == bitnet.PROBE_REPEATS and result["seconds"] < bitnet.PROBE_BUDGET_S
+
+
+@pytest.mark.parametrize(
+    ("int8_per_mac", "reason", "representative_calls"),
+    [
+        (1.2e-10, "float GEMMs are faster", True),  # a bit slower: measured, float wins
+        (20e-10, "per 512x768->768 call", False),  # 20x: passes the guard, its projection stops the probe
+    ],
+)
+def test_probe_picks_float_when_int8_is_slower(int8_per_mac: float, reason: str, representative_calls: bool) -> None:
+    machine = FakeMachine(int8_per_mac=int8_per_mac)
+    result = machine.probe()
+    assert result["route"] == "float" and reason in result["reason"]
+    assert (("int8", PROBE_ROWS) in machine.calls) is representative_calls
+    assert result["seconds"] < 1.0
+
+
+def test_probe_stays_short_in_real_time_when_the_int8_kernel_is_pathological() -> None:
+    def reference_kernel(w: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        def call(q: torch.Tensor) -> torch.Tensor:  # the right result at ~12M multiply-adds/s, like the report
+            time.sleep(q.shape[0] * w.numel() / 12e6)
+            return q.mm(w.t())
+
+        return call
+
+    start = time.perf_counter()
+    result = probe_int8_gemm(int8_route=reference_kernel)
+    elapsed = time.perf_counter() - start
+    assert result["route"] == "float" and "pathologically slow" in result["reason"], result
+    assert elapsed < 1.0  # one int8 call of the representative shape alone would sleep 2.5 s
+
+
+def test_the_real_probe_is_short_and_complete() -> None:
+    start = time.perf_counter()
+    result = probe_int8_gemm()
+    assert time.perf_counter() - start < 2.0 and result["route"] in ("int8", "float")
+    assert result["guard_int8_ms"] > 0 and result["threads"] == torch.get_num_threads()
+
+
+def test_switches_env_and_set_int8_gemm_override_the_measurement(
+    fresh_route: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    probes: list[str] = []
+
+    def fake_probe() -> dict[str, Any]:  # measured once per process, whatever the switches do afterwards
+        probes.append("probe")
+        return {"route": "float", "reason": "injected: int8 400x slower", "int8_ms": None}
+
+    monkeypatch.setattr(bitnet, "probe_int8_gemm", fake_probe)
+    cpu, available = torch.device("cpu"), int8_gemm_available()
+    decision = int8_gemm_decision()
+    assert decision["route"] == "float" and decision["mode"] == "auto" and decision["mode_source"] == "default"
+    assert decision["reason"] == (
+        "injected: int8 400x slower" if available else f"no int8 GEMM: {decision['int8_status']}"
+    )
+    assert not bitnet._use_int8_gemm(cpu, 4096)
+    line = describe_int8_gemm()
+    assert line.startswith("CPU ternary matmuls: float GEMM") and "BITMAR_INT8_GEMM=auto (default)" in line
+    assert "ONEDNN_MAX_CPU_ISA=" in line
+
+    monkeypatch.setenv(bitnet.INT8_GEMM_ENV, "on")
+    set_int8_gemm(None)  # follow the environment again: decided anew at the next use
+    decision = int8_gemm_decision()
+    assert decision["mode"] == "on" and decision["mode_source"] == bitnet.INT8_GEMM_ENV
+    assert bitnet._use_int8_gemm(cpu, 4096) is available and not bitnet._use_int8_gemm(cpu, INT8_GEMM_MIN_ROWS - 1)
+    with int8_gemm_mode("off"):  # set_int8_gemm beats the environment
+        assert int8_gemm_decision()["mode_source"] == "set_int8_gemm" and not bitnet._use_int8_gemm(cpu, 4096)
+    assert bitnet._use_int8_gemm(cpu, 4096) is available  # the environment's "on" again after the block
+
+    monkeypatch.setenv(bitnet.INT8_GEMM_ENV, " OFF ")
+    set_int8_gemm(None)
+    assert int8_gemm_decision()["reason"] == "int8 GEMM switched off (BITMAR_INT8_GEMM)"
+    set_int8_gemm(True)  # True is "auto": the measurement (float here)
+    assert int8_gemm_decision()["mode"] == "auto" and not bitnet._use_int8_gemm(cpu, 4096)
+    assert len(probes) == (1 if available else 0)
+
+    monkeypatch.setenv(bitnet.INT8_GEMM_ENV, "fast")
+    set_int8_gemm(None)
+    with pytest.raises(ValueError, match=r"BITMAR_INT8_GEMM='fast' is not one of auto, on, off"):
+        int8_gemm_decision()
+    with pytest.raises(ValueError, match="set_int8_gemm='sometimes' is not one of auto, on, off"):
+        set_int8_gemm("sometimes")
+
+
+def test_evaluation_logs_the_route_once_and_refuses_a_malformed_switch(
+    fresh_route: dict[str, Any], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    from bitmar.evaluation import runner
+
+    argv = ["--checkpoint", str(tmp_path / "missing.pt"), "--device", "cpu"]
+    monkeypatch.setenv(bitnet.INT8_GEMM_ENV, "off")
+    assert runner.main(argv) == 2  # the missing checkpoint, after the start-up line
+    err = capsys.readouterr().err
+    assert err.count("CPU ternary matmuls: float GEMM (BLAS); int8 GEMM switched off (BITMAR_INT8_GEMM)") == 1
+    monkeypatch.setenv(bitnet.INT8_GEMM_ENV, "yes")
+    set_int8_gemm(None)
+    assert runner.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "error: BITMAR_INT8_GEMM='yes' is not one of auto, on, off" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("route", ["int8", "float"])
+def test_layers_take_the_decided_route(
+    route: str, fresh_route: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[int] = []
+    real_gemm = bitnet._onednn_int8_gemm
+
+    def counting_gemm(q: torch.Tensor, w: torch.Tensor, out_features: int) -> torch.Tensor:
+        calls.append(q.shape[0])
+        return real_gemm(q, w, out_features)
+
+    monkeypatch.setattr(bitnet, "_onednn_int8_gemm", counting_gemm)
+    monkeypatch.setattr(bitnet, "probe_int8_gemm", lambda: {"route": route, "reason": f"injected: {route} faster"})
+    torch.manual_seed(3)
+    layer = BitLinear(32, 16)
+    packed = PackedBitLinear.from_bitlinear(layer)
+    x = torch.randn(300, 32, requires_grad=True)
+    out = layer(x)  # training forward (fused autograd node)
+    out.sum().backward()
+    with torch.no_grad():
+        assert torch.equal(layer.eval()(x), out) and torch.equal(packed(x), out)
+    used = route == "int8" and int8_gemm_available()
+    assert calls == ([300] * 3 if used else [])
+    assert int8_gemm_decision()["route"] == ("int8" if used else "float")
+
+
+def test_the_chosen_route_is_not_much_slower_than_the_other() -> None:
+    """Measured here, side by side: the route the probe chose against the other one, on inputs of the row threshold.
+
+    Choosing by exactness alone took oneDNN's reference kernel on AVX-512 EPYCs, 130-430x slower than float.
+    """
+    with int8_gemm_mode("auto"):  # the measurement, whatever BITMAR_INT8_GEMM says
+        decision = int8_gemm_decision()
+    chosen = decision["route"]
+    if not decision["int8_available"]:
+        assert chosen == "float"  # one route only: nothing to compare
+        return
+    torch.manual_seed(0)
+    layer = BitLinear(256, 256).eval()
+    x = torch.randn(INT8_GEMM_MIN_ROWS, 256)
+
+    def seconds(route: str) -> float:
+        with int8_gemm_mode("on" if route == "int8" else "off"), torch.no_grad():
+            start = time.perf_counter()
+            layer(x)
+            return time.perf_counter() - start
+
+    other = "float" if chosen == "int8" else "int8"
+    seconds(chosen), seconds(other)  # warm-up: weight caches, oneDNN's primitive
+    times: dict[str, list[float]] = {chosen: [], other: []}
+    for k in range(9):
+        for route in (chosen, other) if k % 2 == 0 else (other, chosen):
+            times[route].append(seconds(route))
+        if min(times[other]) > 3 * statistics.median(times[chosen]):
+            break  # the other route is clearly the slow one (on a reference kernel each call takes seconds)
+    t_chosen, t_other = statistics.median(times[chosen]), statistics.median(times[other])
+    assert t_chosen <= 3 * t_other, (
+        f"the {chosen} route was chosen ({decision['reason']}) but takes {t_chosen * 1e3:.2f} ms against "
+        f"{t_other * 1e3:.2f} ms for the {other} route"
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ import transformers
 from PIL import Image
 from safetensors import safe_open
 
+import bitmar.bitnet as bitnet
 from bitmar.bitnet import BitLinear
 from bitmar.config import config_from_dict, config_to_dict, load_config
 from bitmar.data.tokenizer import train_tokenizer
@@ -366,6 +368,52 @@ def test_loss_is_shifted_cross_entropy_ignoring_padding(exports: dict[str, Path]
     torch.testing.assert_close(out.loss, expected)
     assert (targets == -100).sum() > 1 and out.loss > 0
     assert model(input_ids=ids, attention_mask=mask, return_dict=False)[0].shape == out.logits.shape
+
+
+def test_exported_code_measures_its_cpu_route_and_obeys_the_switch(
+    exports: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 14: the export carries bitnet's measured route choice (its own copy, no bitmar import) and its switch;
+    choosing oneDNN's int8 GEMM by exactness alone made BLiMP ~300x too slow on AVX-512 EPYCs."""
+    out = exports["f32_packed"]
+    source = (out / "modeling_bitmar.py").read_text(encoding="utf-8")
+    for needle in ('INT8_GEMM_ENV = "BITMAR_INT8_GEMM"', "def probe_int8_gemm(", "probe_int8_gemm()"):
+        assert needle in source
+    model = hf_load(out).eval()
+    remote = sys.modules[type(model).__module__]
+    assert remote.probe_int8_gemm is not bitnet.probe_int8_gemm and remote._INT8_GEMM is not bitnet._INT8_GEMM
+    available = remote.int8_gemm_available()  # its self-test runs before the count starts
+    calls: list[int] = []
+    real_gemm = remote._onednn_int8_gemm
+
+    def counting_gemm(q: torch.Tensor, w: torch.Tensor, out_features: int) -> torch.Tensor:
+        calls.append(q.shape[0])
+        return real_gemm(q, w, out_features)
+
+    monkeypatch.setattr(remote, "_onednn_int8_gemm", counting_gemm)
+    ids = torch.randint(3, 200, (8, 40))  # 320 rows per ternary matmul: above the int8 row threshold
+    logits = []
+    try:
+        for mode in ("off", "on"):
+            monkeypatch.setenv("BITMAR_INT8_GEMM", mode)
+            remote.set_int8_gemm(None)  # follow the environment, read when the route is next decided
+            calls.clear()
+            with torch.no_grad():
+                logits.append(model(input_ids=ids).logits)
+            decision = remote.int8_gemm_decision()
+            assert decision["mode"] == mode and decision["mode_source"] == "BITMAR_INT8_GEMM"
+            assert bool(calls) is (mode == "on" and available) and all(rows == 320 for rows in calls)
+        assert torch.equal(logits[0], logits[1])  # the route changes speed only
+        monkeypatch.delenv("BITMAR_INT8_GEMM")
+        remote.set_int8_gemm(None)
+        decision = remote.int8_gemm_decision()  # auto: measured on this machine by the export's own probe
+        assert decision["mode"] == "auto" and (decision["probe"] is not None) is available
+        pathological = remote.probe_int8_gemm(  # the same guard as the package: a 400x slower kernel is refused
+            int8_route=lambda w: lambda q: time.sleep(q.shape[0] * w.numel() / 12e6) or q.mm(w.t())
+        )
+        assert pathological["route"] == "float" and "pathologically slow" in pathological["reason"]
+    finally:
+        remote.set_int8_gemm(None)
 
 
 def test_pixel_values_without_backbone_is_a_clear_error(exports: dict[str, Path]) -> None:

@@ -11,6 +11,7 @@ gets the same float32 input (tokens, d) with requires_grad=True, as inside a net
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -23,15 +24,15 @@ import torch
 from torch import Tensor, nn
 
 from bitmar.bitnet import (
-    _INT8_GEMM,
     BitLinear,
     PackedBitLinear,
     int8_gemm_available,
+    int8_gemm_decision,
+    int8_gemm_mode,
     pack_ternary,
     pack_ternary_base3,
     packed_bits_per_weight,
     quantize_weights,
-    set_int8_gemm,
 )
 from bitmar.cli_args import positive_int
 from bitmar.fileio import atomic_write_text
@@ -115,14 +116,13 @@ def _train_modules(d: int, seed: int) -> dict[str, nn.Module]:
 
 
 def _train_step(module: nn.Module, x: Tensor, grad: Tensor, int8_gemm: bool = True) -> None:
+    """One forward+backward; `int8_gemm=False` forces float GEMMs, True keeps the route in force (measured by
+    default: a forced int8 route could run oneDNN's reference kernel, hundreds of times slower, on some CPUs)."""
     x.grad = None
     for p in module.parameters():
         p.grad = None
-    set_int8_gemm(int8_gemm)
-    try:
+    with contextlib.nullcontext() if int8_gemm else int8_gemm_mode("off"):
         module(x).backward(grad)
-    finally:
-        set_int8_gemm(True)
 
 
 def time_train_step(d: int, tokens: int = 8192, repeats: int = 15, warmup: int = 2, seed: int = 0) -> dict[str, Any]:
@@ -199,7 +199,12 @@ def storage_report(dims: Sequence[int], seed: int = 0) -> list[dict[str, Any]]:
 def run_benchmark(
     tokens: int = 8192, repeats: int = 15, dims: Sequence[int] = (256, 768), warmup: int = 2
 ) -> dict[str, Any]:
-    """All BitLinear measurements as one dict (what `python -m bitmar.bench` collects)."""
+    """All BitLinear measurements as one dict (what `python -m bitmar.bench` collects).
+
+    "config" says which route the ternary matmuls took: "route" ("int8" or "float" GEMM, the variant "BitLinear";
+    "BitLinear, float GEMM" always takes float) and "route_decision" (`int8_gemm_decision()`: measured times, reason).
+    """
+    decision = int8_gemm_decision()
     return {
         "config": {
             "tokens": tokens,
@@ -207,7 +212,9 @@ def run_benchmark(
             "dims": list(dims),
             "threads": torch.get_num_threads(),
             "int8_gemm": int8_gemm_available(),
-            "int8_gemm_status": _INT8_GEMM["reason"],
+            "int8_gemm_status": decision["int8_status"],
+            "route": decision["route"],
+            "route_decision": decision,
             "torch": torch.__version__,
         },
         "train": [time_train_step(d, tokens, repeats, warmup) for d in dims],
@@ -222,6 +229,8 @@ def format_report(result: dict[str, Any]) -> str:
     lines = [
         f"BitLinear benchmark: {cfg['tokens']} tokens, {cfg['repeats']} repeats, {cfg['threads']} CPU threads, "
         f"float32, torch {cfg['torch']}, int8 GEMM: {'yes' if cfg['int8_gemm'] else 'no'} ({cfg['int8_gemm_status']})",
+        f"Route of the ternary matmuls (variant BitLinear): {cfg['route']} GEMM ({cfg['route_decision']['reason']}; "
+        f"mode {cfg['route_decision']['mode']})",
         "",
         "Forward+backward, ratio to nn.Linear(d, d, bias=False) (per-repeat wall-time ratio: median, [p25, p75]):",
         "",

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from bitmar.bench.bitlinear import _quartiles
-from bitmar.bitnet import BitLinear
+from bitmar.bitnet import BitLinear, int8_gemm_decision
 from bitmar.fileio import atomic_write_text
 
 NO_DIFFERENCE = "no difference"
@@ -290,6 +290,8 @@ def machine_info(settings: Settings) -> dict[str, Any]:
     if settings.device == "cuda":
         info["gpu"] = torch.cuda.get_device_name(0)
         info["peak_tflops"] = settings.peak_tflops
+    else:  # the route every CPU ternary matmul of this run takes (measured once per process, or forced)
+        info["ternary_matmul_route"] = int8_gemm_decision()
     return info
 
 
@@ -372,6 +374,7 @@ def format_table(result: dict[str, Any]) -> str:
         + (f" ({m['gpu']}, peak {m['peak_tflops']} TFLOP/s)" if m.get("gpu") else ""),
         f"load average at start {m['load_average_start']}, at end {m.get('load_average_end', '?')} "
         "(1/5/15 min; above the core count means other processes shared the CPUs)",
+        *_route_lines(m),
         "",
         "Ratios are per-repeat A/B (A and B interleaved in the same run): median and p25-p75 over repeats. "
         "'no difference': |median - 1| < p75 - p25.",
@@ -394,6 +397,16 @@ def format_table(result: dict[str, Any]) -> str:
     missed = [r["name"] for r in result["rows"] if r["goal_met"] is False]
     footer = ["", f"goals missed: {'; '.join(missed) if missed else 'none'}"]
     return "\n".join(header + lines + footer)
+
+
+def _route_lines(machine: dict[str, Any]) -> list[str]:
+    route = machine.get("ternary_matmul_route")
+    if not route:
+        return []
+    return [
+        f"ternary matmuls on CPU (BitLinear, PackedBitLinear): {route['route']} GEMM, {route['reason']} "
+        f"(mode {route['mode']}, ONEDNN_MAX_CPU_ISA={route['onednn_max_cpu_isa'] or 'unset'})"
+    ]
 
 
 def write_outputs(result: dict[str, Any], path: Path) -> tuple[Path, Path]:
@@ -463,12 +476,13 @@ def bitlinear_rows(settings: Settings) -> list[Row | Unavailable]:
         with stance:
             times = time_interleaved(fns, repeats, warmup)["wall"]
         name = f"BitLinear fwd+bwd, d={d}, {tokens} tokens"
-        details = {"median_ms": {k: 1e3 * statistics.median(v) for k, v in times.items()}}
+        route = int8_gemm_decision()["route"]  # BitLinear's ternary matmul: int8 or float GEMM
+        details = {"median_ms": {k: 1e3 * statistics.median(v) for k, v in times.items()}, "route": route}
         out.append(
             ratio_row(
                 "bitlinear",
                 name,
-                "BitLinear",
+                f"BitLinear ({route} GEMM)",
                 "nn.Linear",
                 TIME_RATIO,
                 times["BitLinear"],
@@ -484,7 +498,7 @@ def bitlinear_rows(settings: Settings) -> list[Row | Unavailable]:
                 ratio_row(
                     "bitlinear",
                     name,
-                    "BitLinear",
+                    f"BitLinear ({route} GEMM)",
                     auto_label,
                     TIME_RATIO,
                     times["BitLinear"],

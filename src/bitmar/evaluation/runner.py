@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from bitmar.bitnet import describe_int8_gemm
 from bitmar.config import BitMarConfig, ConfigError, config_from_dict, config_to_dict
 from bitmar.data.errors import DataError
 from bitmar.data.tokenizer import load_tokenizer
@@ -442,6 +443,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         tasks = check_task_names(args.tasks) if args.tasks else None
         device = _device(args.device)
+        if device.type == "cpu":  # the route of the ternary matmuls, measured here once per process (README)
+            try:
+                log.info("%s", describe_int8_gemm())
+            except ValueError as err:  # a malformed BITMAR_INT8_GEMM
+                raise ConfigError(str(err)) from None
         checkpoint = resolve_checkpoint(args.checkpoint)
         output = Path(args.output) if args.output else run_dir_of(checkpoint) / "evaluation" / "results.json"
         if output.suffix != ".json":

@@ -21,8 +21,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from bitmar.bitnet import BitLinear, quantization_stats
-from bitmar.config import BitMarConfig, TrainingConfig, config_from_dict, config_to_dict, save_config
+from bitmar.bitnet import BitLinear, describe_int8_gemm, quantization_stats
+from bitmar.config import BitMarConfig, ConfigError, TrainingConfig, config_from_dict, config_to_dict, save_config
 from bitmar.data.datasets import collate_captions, collate_text
 from bitmar.fileio import atomic_write_text
 from bitmar.memory import EpisodicStore
@@ -185,6 +185,11 @@ class Trainer:
         if t.compile:
             self.train_module = torch.compile(self.train_module)
         self.autocast_dtype = self._autocast_dtype()
+        if self.device.type == "cpu":  # the route of the ternary matmuls, measured here once per process (README)
+            try:
+                log.info("%s", describe_int8_gemm())
+            except ValueError as err:  # a malformed BITMAR_INT8_GEMM
+                raise ConfigError(str(err)) from None
 
         config_dict = config_to_dict(cfg)
         self.logger = RunLogger(
