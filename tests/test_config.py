@@ -170,6 +170,7 @@ def test_impossible_values_fail_clearly(overrides: list[str], message: str) -> N
         (["training.seed=18446744073709551616"], r"training.seed=18446744073709551616 is outside 0..4294967295"),
         (["training.seed=4294967296"], r"training.seed=4294967296 is outside"),
         (["data.sample.seed=-3"], r"data.sample.seed=-3 is outside"),
+        (["data.pseudo_words.seed=-1"], r"data.pseudo_words.seed=-1 is outside"),
         (["data.max_caption_length=1"], r"data.max_caption_length=1 is too small: a caption needs BOS.*>= 3"),
         (["data.max_caption_length=2"], r"data.max_caption_length=2 is too small"),
         (["data.text_block_length=1"], r"data.text_block_length=1 is too small.*L=1 trains nothing \(text loss 0\)"),

@@ -459,7 +459,8 @@ def validate_config(cfg: BitMarConfig) -> None:
             "checkpoints/best.pt and drives evaluation; with 0 the validation loss is 0.0 and best.pt meaningless "
             "(the shipped configs use 0.01-0.1)"
         )
-    for key, seed in (("training.seed", t.seed), ("data.sample.seed", d.sample.seed)):
+    seeds = {"training.seed": t.seed, "data.sample.seed": d.sample.seed, "data.pseudo_words.seed": d.pseudo_words.seed}
+    for key, seed in seeds.items():
         if not 0 <= seed <= MAX_SEED:
             raise ConfigError(
                 f"{key}={seed} is outside 0..{MAX_SEED} (2**32 - 1): every seeder must accept it (NumPy's take "
