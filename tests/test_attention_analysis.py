@@ -440,6 +440,15 @@ def test_truncated_history_is_a_clear_error_naming_the_file(tmp_path: Path, caps
     assert f"warning: {damaged} is not a readable head-history file" in captured.err and "decoder" in captured.out
 
 
+def test_cli_read_only_output_exits_2_before_drawing(tmp_path: Path, unwritable_dir: Path, capsys) -> None:
+    history = HeadHistory("decoder", "gradient", 1, 2)
+    history.append(5, 1, np.ones((1, 2)), np.ones((1, 2)), np.ones((1, 2)))
+    history.save(tmp_path / "history_decoder.npz")
+    assert main(["--analysis_dir", str(tmp_path), "--output_dir", str(unwritable_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "cannot write the output folder" in err and "pass a writable --output_dir" in err
+
+
 def test_resumed_tracker_sets_a_damaged_history_aside(tmp_path: Path, caplog) -> None:
     run_dir = tmp_path / "run"
     _run_tracker(run_dir)

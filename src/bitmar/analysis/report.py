@@ -28,6 +28,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bitmar.analysis.heads import ANALYSIS_TYPES, METRIC_NAMES, HeadHistory, history_path  # noqa: E402
+from bitmar.fileio import check_writable_dir  # noqa: E402
 from bitmar.training.plots import _save  # noqa: E402
 
 REPORT_NAME = "attention_analysis_report.md"
@@ -438,10 +439,12 @@ def run(args: argparse.Namespace) -> dict[str, Path]:
     report_dir = (Path(args.output_dir) if args.output_dir else analysis_dir.parent) / "reports"
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
+        check_writable_dir(out_dir)  # an existing read-only folder: fail before drawing, not at the first figure
         if args.create_report:
             report_dir.mkdir(parents=True, exist_ok=True)
+            check_writable_dir(report_dir)
     except OSError as err:
-        raise AnalysisError(f"cannot create the output folder ({err}); pass a writable --output_dir") from err
+        raise AnalysisError(f"cannot write the output folder ({err}); pass a writable --output_dir") from err
 
     for kind in selected:
         history = histories[kind]
