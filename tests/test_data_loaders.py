@@ -123,25 +123,25 @@ def test_nonfinite_rows_dropped_with_warning_or_error(tmp_path: Path, monkeypatc
     second[0, 5] = np.inf  # global row 6: the first row of the second half
     np.save(tmp_path / layout.CC3M_FEATURES[1], second)
     cache = tmp_path / "cache"
-    with pytest.warns(UserWarning, match=r"dropped 2 feature rows hold NaN/inf .*rows 3, 6"):
+    with pytest.warns(UserWarning, match=r"cc3m .*dropped 2 of 11 rows whose features hold NaN/inf \(rows 3, 6\)"):
         store = open_store(tmp_path, cache_dir=cache)
     assert len(store) == 9 and store.num_nonfinite == 2
     kept = [store.caption(i) for i in range(len(store))]
     assert "caption 3" not in kept and "caption 6" not in kept and kept[3] == "caption 4"
     assert np.all(store.feature(3) == 4)  # captions and features stay paired after the drop
     assert np.isfinite(store.feature_batch(np.arange(9))).all()
-    with pytest.raises(DataError, match="2 feature rows hold NaN/inf.*nonfinite_features=drop"):
+    with pytest.raises(DataError, match="2 of 11 feature rows hold NaN/inf.*nonfinite_features=error stops"):
         open_store(tmp_path, nonfinite="error", cache_dir=cache)
     # the scan is cached: a second open reads no feature data ...
     monkeypatch.setattr(StackedFeatures, "_scan_part", lambda *a: pytest.fail("re-scanned despite the cache"))
-    with pytest.warns(UserWarning, match="dropped 2"):
+    with pytest.warns(UserWarning, match="dropped 2 of 11"):
         open_store(tmp_path, cache_dir=cache)
     assert json.loads((cache / "feature_scan.json").read_text())
     # ... until a file changes
     monkeypatch.undo()
     second[0, 5] = 1.0
     np.save(tmp_path / layout.CC3M_FEATURES[1], second)
-    with pytest.warns(UserWarning, match="dropped 1 feature rows"):
+    with pytest.warns(UserWarning, match="dropped 1 of 11 rows whose features"):
         assert len(open_store(tmp_path, cache_dir=cache)) == 10
 
 
@@ -166,12 +166,12 @@ def test_empty_captions_dropped_non_strings_rejected(tmp_path: Path) -> None:
     caps = [f"caption {i}" for i in range(11)]
     caps[2], caps[7] = "", "   "
     write_cc3m(tmp_path, captions=caps)
-    with pytest.warns(UserWarning, match=r"dropped 2 empty captions .*rows 2, 7"):
+    with pytest.warns(UserWarning, match=r"dropped 2 of 11 rows with an empty caption \(rows 2, 7\)"):
         store = open_store(tmp_path)
     assert len(store) == 9 and np.all(store.feature(2) == 3)
     caps[2], caps[7] = None, "fine"
     write_cc3m(tmp_path, captions=caps)
-    with pytest.raises(DataError, match=r"caption 2 is NoneType .*expected a string"):
+    with pytest.raises(DataError, match=r"1 entries are not caption strings \(NoneType\); first at index 2"):
         open_store(tmp_path)
 
 
@@ -193,7 +193,7 @@ def test_corrupt_json_and_npy(tmp_path: Path) -> None:
     write_cc3m(tmp_path)
     npy = tmp_path / layout.CC3M_FEATURES[1]
     npy.write_bytes(npy.read_bytes()[:-40])  # truncated data
-    with pytest.raises(DataError, match=f"{layout.CC3M_FEATURES[1]} is not a readable .npy file"):
+    with pytest.raises(DataError, match=f"{layout.CC3M_FEATURES[1]} is truncated: 248 bytes on disk.*needs 288"):
         open_store(tmp_path)
     npy.write_bytes(b"this is not a numpy file at all")
     with pytest.raises(DataError, match="not a readable .npy file.*re-download"):
@@ -539,3 +539,90 @@ def test_build_data_on_the_sample_world(tmp_path: Path) -> None:
     # two ranks split the caption validation set
     rank1 = build_data(cfg, tmp_path / "run", rank=1, world_size=2)
     assert sum(len(b["indices"]) for b in rank1.validation_loaders()["caption"]) == 11
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One rule each: rows dropped, caption layouts, where the corpus is; the sample world never over other files
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_a_source_whose_every_row_would_be_dropped_is_an_error(tmp_path: Path) -> None:
+    write_cc3m(tmp_path, n=5)
+    for name in layout.CC3M_FEATURES:
+        array = np.load(tmp_path / name)
+        array[:, 0] = np.nan
+        np.save(tmp_path / name, array)
+    with pytest.raises(DataError, match=r"cc3m .*every one of its 5 rows would be dropped \(5 with NaN/inf"):
+        open_store(tmp_path)
+    write_cc3m(tmp_path, n=5, captions=["", " ", "", "\t", ""])
+    with pytest.raises(DataError, match=r"every one of its 5 rows would be dropped \(0 with NaN/inf .*5 with an empty"):
+        open_store(tmp_path)
+
+
+def test_wrapped_caption_list_is_named(tmp_path: Path) -> None:
+    write_cc3m(tmp_path, captions={"captions": [f"caption {i}" for i in range(11)]})  # type: ignore[arg-type]
+    with pytest.raises(DataError, match="JSON object whose entry 'captions' is a list"):
+        open_store(tmp_path)
+
+
+def test_every_missing_text_source_is_named_at_once(tmp_path: Path) -> None:
+    root = write_text_zip(tmp_path / "z", lines=None)
+    with zipfile.ZipFile(root / layout.TEXT_ZIP, "w") as archive:
+        archive.writestr("train_50M/childes.train", "hi\n")
+    with pytest.raises(DataError) as exc:
+        locate_text_files(root)
+    assert all(f"no member named {s}.train" in str(exc.value) for s in layout.TEXT_SOURCES if s != "childes")
+    with pytest.raises(DataError, match="text sources 'bnc_spoken', 'gutenberg' not found"):
+        locate_text_files(tmp_path / "empty", ["bnc_spoken", "gutenberg"])
+
+
+def test_unpacked_or_flat_corpus_counts_as_present(tmp_path: Path) -> None:
+    from bitmar.data.datasets import _missing_required
+
+    write_cc3m(tmp_path)
+    assert _missing_required(tmp_path) == [layout.TEXT_ZIP]
+    for source in layout.TEXT_SOURCES:  # flat <source>.train files: what locate_text_files reads
+        (tmp_path / f"{source}.train").write_text("hello .\n", encoding="utf-8")
+    assert _missing_required(tmp_path) == []
+
+
+def test_build_data_refuses_an_empty_data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from bitmar.config import ConfigError
+
+    with pytest.raises(ConfigError, match="data.data_dir='' is empty"):
+        load_config(None, ["data.data_dir="])
+    cfg = load_config(None, ["data.sample.generate_if_missing=true"])
+    cfg.data.data_dir = ""  # a config built in code, past validation
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match="data.data_dir is empty.*current directory"):
+        build_data(cfg, tmp_path / "run")
+    assert list(tmp_path.iterdir()) == []  # nothing written into the working directory
+
+
+def test_build_data_never_regenerates_over_files_it_did_not_write(tmp_path: Path) -> None:
+    from bitmar.config import SampleDataConfig
+    from bitmar.data.sample import generate_sample_dataset, sha256_file
+
+    sizes = {"num_cc3m": 60, "num_local_narratives": 10, "num_text_lines": 120, "num_novel_episodes": 4}
+    data_dir, other = tmp_path / "data", tmp_path / "other"
+    generate_sample_dataset(data_dir, SampleDataConfig(seed=0, **sizes))
+    generate_sample_dataset(other, SampleDataConfig(seed=7, **sizes))  # a valid data set with other bytes
+    for name in layout.ALL_FILES:  # "a real download" into the sample's directory
+        (data_dir / name).write_bytes((other / name).read_bytes())
+    before = {name: sha256_file(data_dir / name) for name in layout.ALL_FILES}
+    overrides = [
+        f"data.data_dir={data_dir}",
+        "data.sample.generate_if_missing=true",
+        *(f"data.sample.{k}={v}" for k, v in sizes.items()),
+        "data.sample.seed=3",  # the config asks for another sample world: stale, so it would regenerate
+        "data.vocab_size=300",
+        "data.text_block_length=16",
+        "data.validation_fraction=0.1",
+    ]
+    with pytest.raises(DataError, match=r"(?s)refusing to overwrite 6 file\(s\).*generate_if_missing=false"):
+        build_data(load_config(None, overrides), tmp_path / "run")
+    assert {name: sha256_file(data_dir / name) for name in layout.ALL_FILES} == before
+    # As the message says: without generate_if_missing the run trains on the files as they are.
+    data = build_data(load_config(None, [*overrides, "data.sample.generate_if_missing=false"]), tmp_path / "run2")
+    assert data.summary()["caption_rows"]["train"] > 0
+    assert {name: sha256_file(data_dir / name) for name in layout.ALL_FILES} == before

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -32,20 +33,36 @@ class FakeOSF:
 
     base: str = ""
     files: dict[str, bytes] = field(default_factory=dict)
-    listed_size: dict[str, int] = field(default_factory=dict)  # overrides the size in the listing
-    behavior: dict[str, str] = field(default_factory=dict)  # ok | ignore_range | close_early | status:<code>
+    listed_size: dict[str, int | None] = field(default_factory=dict)  # overrides the size in the listing
+    listed_hashes: dict[str, dict | None] = field(default_factory=dict)  # overrides attributes.extra.hashes
+    links: dict[str, str] = field(default_factory=dict)  # overrides links.download
+    extra_entries: list[dict] = field(default_factory=list)  # raw entries appended to the last listing page
+    # ok | ignore_range | close_early | status:<code> | no_length (no Content-Length: the close ends the body)
+    # | cut_no_length (sends half, no Content-Length: a truncation nothing but a hash can reveal)
+    behavior: dict[str, str] = field(default_factory=dict)
     requests: list[tuple[str, str | None]] = field(default_factory=list)  # (path, Range header)
     body_bytes: dict[str, int] = field(default_factory=dict)  # file bytes sent per name
     redirect: bool = False  # /download/<name> answers 302 -> /blob/<name>, like OSF -> its storage backend
+    redirect_base: str = ""  # where the redirect points (default: this server)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def entry(self, name: str) -> dict:
         size = self.listed_size.get(name, len(self.files[name]))
+        data = self.files[name]
+        hashes = self.listed_hashes.get(
+            name, {"md5": hashlib.md5(data).hexdigest(), "sha256": hashlib.sha256(data).hexdigest()}
+        )
         return {
             "id": f"id-{name}",
             "type": "files",
-            "attributes": {"kind": "file", "name": name, "size": size, "materialized_path": f"/multimodal_data/{name}"},
-            "links": {"download": f"{self.base}/download/{name}"},
+            "attributes": {
+                "kind": "file",
+                "name": name,
+                "size": size,
+                "materialized_path": f"/multimodal_data/{name}",
+                "extra": {"hashes": hashes} if hashes is not None else {},
+            },
+            "links": {"download": self.links.get(name, f"{self.base}/download/{name}")},
         }
 
     def folder(self, name: str, fid: str) -> dict:
@@ -84,11 +101,12 @@ def _make_handler(osf: FakeOSF) -> type[BaseHTTPRequestHandler]:
                 if self.path == FOLDER_PATH:  # page 1: first two files plus a sub-folder, link to page 2
                     data, nxt = [osf.entry(n) for n in names[:2]] + [sub], f"{osf.base}{FOLDER_PATH}?page=2"
                 else:
-                    data, nxt = [osf.entry(n) for n in names[2:]], None
+                    data, nxt = [osf.entry(n) for n in names[2:]] + osf.extra_entries, None
                 self._json({"data": data, "links": {"first": None, "next": nxt, "meta": {"total": len(names)}}})
             elif self.path.startswith("/download/") and osf.redirect:
                 self.send_response(302)
-                self.send_header("Location", f"{osf.base}/blob/{self.path.removeprefix('/download/')}")
+                target = osf.redirect_base or osf.base
+                self.send_header("Location", f"{target}/blob/{self.path.removeprefix('/download/')}")
                 self.send_header("Content-Length", "0")
                 self.end_headers()
             elif self.path.startswith(("/download/", "/blob/")):
@@ -116,13 +134,15 @@ def _make_handler(osf: FakeOSF) -> type[BaseHTTPRequestHandler]:
             else:
                 self.send_response(200)
             body = data[start:]
-            self.send_header("Content-Length", str(len(body)))
+            if mode not in ("no_length", "cut_no_length"):
+                self.send_header("Content-Length", str(len(body)))
             self.end_headers()
-            if mode == "close_early":  # promises the whole body, sends half, hangs up (HTTP/1.0 closes)
+            if mode in ("close_early", "cut_no_length"):  # sends half and hangs up (HTTP/1.0 closes)
                 body = body[: max(len(body) // 2, 1)]
-            self.wfile.write(body)
+            # Counted before the bytes leave: the client can finish (and the test assert) the moment they arrive.
             with osf.lock:
                 osf.body_bytes[name] = osf.body_bytes.get(name, 0) + len(body)
+            self.wfile.write(body)
 
     return Handler
 
@@ -363,3 +383,254 @@ def test_cli_rejects_contradictory_flags(args: list[str], tmp_path: Path) -> Non
     with pytest.raises(SystemExit) as exc:
         dl.main(["--data_dir", str(tmp_path), *args])
     assert exc.value.code == 2
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Downloads are what the server says they are
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_listing_carries_the_osf_hashes(osf: FakeOSF) -> None:
+    files = dl.list_remote_files(osf.base, timeout=5, retries=0, backoff=0)
+    data = osf.files["train_50M.zip"]
+    assert files[0].hashes == {"sha256": hashlib.sha256(data).hexdigest(), "md5": hashlib.md5(data).hexdigest()}
+
+
+def test_hash_mismatch_after_download_is_refused_and_not_kept(osf: FakeOSF, tmp_path: Path) -> None:
+    name = "cc_3M_captions.json"
+    osf.listed_hashes[name] = {"sha256": "0" * 64}
+    with pytest.raises(dl.DownloadError) as exc:
+        _get(osf, tmp_path, only=[name])
+    msg = str(exc.value)
+    assert "does not match the hash" in msg and "sha256" in msg and "deleted" in msg
+    assert f"python download_babylm_data.py --data_dir {tmp_path} --only {name}" in msg
+    assert not (tmp_path / name).exists() and not (tmp_path / f"{name}.part").exists()
+    osf.listed_hashes[name] = {"md5": "f" * 32}  # md5 alone is checked too
+    with pytest.raises(dl.DownloadError, match="md5"):
+        _get(osf, tmp_path, only=[name])
+
+
+def test_same_size_file_with_other_content_is_not_complete(osf: FakeOSF, tmp_path: Path) -> None:
+    name = "train_50M.zip"
+    data = osf.files[name]
+    (tmp_path / name).write_bytes(bytes(len(data)))  # right size, wrong bytes
+    _get(osf, tmp_path, only=[name])
+    assert _downloads(osf, name) == [None]  # downloaded again, from the start
+    assert (tmp_path / name).read_bytes() == data
+    assert not (tmp_path / f"{name}.corrupt").exists()  # the bad copy is gone once the new one verified
+    osf.requests.clear()
+    _get(osf, tmp_path, only=[name])  # now it is complete: verified and skipped
+    assert _downloads(osf, name) == []
+
+
+def test_bad_existing_file_is_moved_aside_when_the_new_download_fails(osf: FakeOSF, tmp_path: Path) -> None:
+    name = "train_50M.zip"
+    bad = bytes(len(osf.files[name]))
+    (tmp_path / name).write_bytes(bad)
+    osf.behavior[name] = "status:404"
+    with pytest.raises(dl.DownloadError):
+        _get(osf, tmp_path, only=[name])
+    assert not (tmp_path / name).exists()  # never left under the final name as if complete
+    assert (tmp_path / f"{name}.corrupt").read_bytes() == bad
+
+
+def test_leftover_part_with_wrong_bytes_starts_over(osf: FakeOSF, tmp_path: Path) -> None:
+    name = "cc_3M_captions.json"
+    data = osf.files[name]
+    (tmp_path / f"{name}.part").write_bytes(b"x" * len(data))  # full size from an earlier run, wrong content
+    _get(osf, tmp_path, only=[name])
+    assert _downloads(osf, name) == [None]
+    assert (tmp_path / name).read_bytes() == data
+
+
+def test_no_listed_size_and_a_truncated_body_is_not_done(osf: FakeOSF, tmp_path: Path) -> None:
+    name = "train_50M.zip"
+    osf.listed_size[name] = None
+    osf.behavior[name] = "cut_no_length"  # half the body, no Content-Length: only the hash can tell
+    with pytest.raises(dl.DownloadError, match="does not match the hash"):
+        _get(osf, tmp_path, only=[name])
+    assert not (tmp_path / name).exists()
+    # Without a hash either, nothing can confirm completeness: refused, the bytes kept as .part only.
+    osf.listed_hashes[name] = None
+    with pytest.raises(dl.DownloadError, match="cannot be told from a complete one"):
+        _get(osf, tmp_path, only=[name])
+    assert not (tmp_path / name).exists() and (tmp_path / f"{name}.part").is_file()
+
+
+def test_no_listed_size_uses_the_declared_length(osf: FakeOSF, tmp_path: Path) -> None:
+    name = "train_50M.zip"
+    data = osf.files[name]
+    osf.listed_size[name], osf.listed_hashes[name] = None, None
+    osf.behavior[name] = "close_early"  # Content-Length promises more than arrives: retried, resumed, completed
+    with pytest.raises(dl.DownloadError, match="Gave up"):
+        _get(osf, tmp_path, only=[name], retries=0)
+    assert not (tmp_path / name).exists()
+    osf.behavior[name] = "ok"
+    _get(osf, tmp_path, only=[name])
+    assert (tmp_path / name).read_bytes() == data
+    osf.behavior[name] = "no_length"  # hash listed, no length: the hash confirms the body
+    osf.listed_hashes.pop(name)
+    (tmp_path / name).unlink()
+    _get(osf, tmp_path, only=[name])
+    assert (tmp_path / name).read_bytes() == data
+
+
+@pytest.mark.parametrize(
+    ("link", "why"),
+    [
+        ("file:///etc/hostname", "not a web address"),
+        ("http://example.com/cc_3M_captions.json", "plain http://"),
+        ("ftp://example.com/cc_3M_captions.json", "ftp:// scheme is not supported"),
+    ],
+)
+def test_non_https_download_links_are_refused(osf: FakeOSF, tmp_path: Path, link: str, why: str) -> None:
+    osf.links["cc_3M_captions.json"] = link
+    with pytest.raises(dl.DownloadError, match=why):
+        _get(osf, tmp_path)
+    assert not [p for p, _ in osf.requests if p.startswith("/download/")]  # refused while listing: nothing fetched
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_redirect_to_plain_http_is_refused(osf: FakeOSF, tmp_path: Path) -> None:
+    name = "train_50M.zip"
+    osf.redirect = True
+    osf.redirect_base = "http://example.com"  # an https -> http downgrade in real life
+    with pytest.raises(dl.DownloadError, match="redirect.*plain http://"):
+        _get(osf, tmp_path, only=[name])
+    assert not (tmp_path / name).exists()
+
+
+def test_https_and_loopback_http_are_the_only_schemes() -> None:
+    assert dl.check_url("https://files.osf.io/v1/x", "t") and dl.check_url("http://127.0.0.1:8000/x", "t")
+    assert dl.check_url("http://[::1]:8000/x", "t") and dl.check_url("http://localhost/x", "t")
+    for url in ("http://10.0.0.1/x", "http://127.0.0.1.example.com/x", "file:///x", "/etc/passwd", "https:///x"):
+        with pytest.raises(dl.DownloadError):
+            dl.check_url(url, "t")
+
+
+def test_duplicate_names_in_the_listing_are_refused(osf: FakeOSF, tmp_path: Path) -> None:
+    osf.extra_entries.append(osf.entry("train_50M.zip"))
+    with pytest.raises(dl.DownloadError, match="names 'train_50M.zip' twice"):
+        _get(osf, tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["bad\x00name.zip", "../escape.zip", "sub/file.zip", "back\\slash.zip", "a\nb", ".."])
+def test_unsafe_names_in_the_listing_are_refused(osf: FakeOSF, tmp_path: Path, name: str) -> None:
+    entry = osf.entry("train_50M.zip")
+    entry["attributes"]["name"] = name
+    osf.extra_entries.append(entry)
+    with pytest.raises(dl.DownloadError, match="refusing the file name"):
+        _get(osf, tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_unsafe_listing_exits_1_without_traceback(osf: FakeOSF, tmp_path: Path, capsys) -> None:
+    entry = osf.entry("train_50M.zip")
+    entry["attributes"]["name"] = "bad\x00name"
+    osf.extra_entries.append(entry)
+    assert dl.main(["--data_dir", str(tmp_path), "--base_url", osf.base, "--no_progress", "--backoff", "0"]) == 1
+    err = capsys.readouterr().err
+    assert "NUL byte" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--timeout", "nan"],
+        ["--timeout", "inf"],
+        ["--timeout", "0"],
+        ["--timeout", "-5"],
+        ["--timeout", "soon"],
+        ["--backoff", "nan"],
+        ["--backoff", "inf"],
+        ["--backoff", "-1"],
+        ["--seed", "-1", "--test"],
+        ["--data_dir", ""],
+        ["--base_url", "http://api.example.org"],
+        ["--base_url", "file:///tmp"],
+    ],
+)
+def test_cli_bad_numbers_and_addresses_exit_2(args: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        dl.main(["--no_progress", *args])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage:" in err and "Traceback" not in err
+
+
+def test_script_timeout_nan_exits_2_without_traceback(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "download_babylm_data.py"), "--timeout", "nan", "--list"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 2 and "--timeout" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The sample world: its own directory, and never over a real download
+# ---------------------------------------------------------------------------------------------------------------
+
+SMALL_SAMPLE = [
+    "--num_cc3m",
+    "40",
+    "--num_local_narratives",
+    "10",
+    "--num_text_lines",
+    "60",
+    "--num_novel_episodes",
+    "4",
+]
+
+
+def test_bare_test_writes_into_its_own_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    from bitmar.config import load_config
+    from bitmar.data import layout
+
+    work = tmp_path / "repo"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    assert dl.main(["--test", "--feature_dim", "32", *SMALL_SAMPLE]) == 0
+    assert (work / dl.DEFAULT_SAMPLE_DIR / layout.CC3M_CAPTIONS).is_file()
+    assert not (tmp_path / "babylm_dataset").exists()  # the release's directory stays untouched
+    assert f"--data_dir {dl.DEFAULT_SAMPLE_DIR}" in capsys.readouterr().out
+    tiny = load_config(REPO / "configs" / "bitmar_tiny.yaml", [])
+    assert tiny.data.data_dir.rstrip("/") == dl.DEFAULT_SAMPLE_DIR  # the tiny config trains on it
+
+
+def test_training_never_regenerates_the_sample_over_a_real_download(osf: FakeOSF, tmp_path: Path) -> None:
+    """The reported sequence: `--test`, then a real download into the same directory, then a training run whose
+    config asks for the sample world (other sizes): it must refuse, and every downloaded byte must survive."""
+    from bitmar.config import load_config
+    from bitmar.data import layout
+    from bitmar.data.datasets import build_data
+    from bitmar.data.verify import verify_dataset
+
+    data_dir = tmp_path / "data"
+    assert dl.main(["--data_dir", str(data_dir), "--test", *SMALL_SAMPLE]) == 0
+    osf.files = {name: _content(3000 + 100 * i, 10 + i) for i, name in enumerate(layout.ALL_FILES)}
+    assert dl.main(["--data_dir", str(data_dir), "--base_url", osf.base, "--backoff", "0", "--no_progress"]) == 0
+    digests = {name: hashlib.sha256((data_dir / name).read_bytes()).hexdigest() for name in layout.ALL_FILES}
+    assert digests == {name: hashlib.sha256(data).hexdigest() for name, data in osf.files.items()}
+
+    cfg = load_config(
+        None,
+        [
+            f"data.data_dir={data_dir}",
+            "data.sample.generate_if_missing=true",
+            "data.sample.num_cc3m=50",
+            "data.sample.num_text_lines=80",
+        ],
+    )
+    with pytest.raises(DataError) as exc:
+        build_data(cfg, tmp_path / "run")
+    msg = str(exc.value)
+    assert "refusing to overwrite 6 file(s)" in msg and "generate_if_missing=false" in msg
+    assert {name: hashlib.sha256((data_dir / name).read_bytes()).hexdigest() for name in layout.ALL_FILES} == digests
+    # The verifier tells the user what the directory is.
+    report = verify_dataset(data_dir, progress=False)
+    assert not report.sample_world
+    assert any(c.name == "sample world" and "not the files it wrote" in c.message for c in report.warnings)

@@ -222,7 +222,7 @@ def test_winoground_vqa_and_novel_episode_files(world: tuple[Path, dict]) -> Non
 def test_refuses_to_overwrite_a_real_download(tmp_path: Path) -> None:
     (tmp_path / layout.CC3M_CAPTIONS).write_text('["a real caption"]', encoding="utf-8")
     tiny = SampleDataConfig(num_cc3m=10, num_local_narratives=4, num_text_lines=60, num_novel_episodes=4)
-    with pytest.raises(DataError, match="not a generated sample world"):
+    with pytest.raises(DataError, match=r"refusing to overwrite 1 file\(s\) .*did not write.*cc_3M_captions.json"):
         generate_sample_dataset(tmp_path, tiny)
     assert (tmp_path / layout.CC3M_CAPTIONS).read_text(encoding="utf-8") == '["a real caption"]'
     generate_sample_dataset(tmp_path, tiny, overwrite=True)
@@ -250,3 +250,90 @@ def test_crash_while_writing_leaves_nothing_half_written(tmp_path: Path, monkeyp
 def test_sample_sizes_are_validated(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="num_cc3m"):
         generate_sample_dataset(tmp_path, SampleDataConfig(num_cc3m=1))
+
+
+TINY = SampleDataConfig(num_cc3m=10, num_local_narratives=4, num_text_lines=60, num_novel_episodes=4)
+
+
+def _manifest(root: Path) -> dict:
+    return json.loads((root / sample.SAMPLE_MANIFEST).read_text(encoding="utf-8"))
+
+
+def test_manifest_records_every_written_file_with_sha256(world: tuple[Path, dict]) -> None:
+    root, summary = world
+    manifest = _manifest(root)
+    assert manifest["complete"] is True and "replacing" not in manifest
+    assert sorted(manifest["files"]) == sorted(f for f in summary["files"] if f != sample.SAMPLE_MANIFEST)
+    for rel, entry in manifest["files"].items():
+        assert entry == {"size": (root / rel).stat().st_size, "sha256": sample.sha256_file(root / rel)}, rel
+    status = sample.sample_world_status(root)
+    assert status is not None and status.pure and not status.foreign and set(layout.ALL_FILES) <= set(status.ours)
+
+
+def test_a_marker_that_outlives_a_download_is_no_licence_to_overwrite(tmp_path: Path) -> None:
+    """--test, then a real download into the same directory: the manifest stays, the files are no longer the
+    sample's, and regenerating (e.g. with other sizes) must refuse instead of writing over them."""
+    generate_sample_dataset(tmp_path, TINY)
+    real = {name: f"real bytes of {name}".encode() for name in layout.ALL_FILES}
+    for name, data in real.items():
+        (tmp_path / name).write_bytes(data)
+    with pytest.raises(DataError, match="refusing to overwrite 6 file") as exc:
+        generate_sample_dataset(tmp_path, dataclasses.replace(TINY, num_cc3m=12))
+    assert all(name in str(exc.value) for name in layout.ALL_FILES[:6]) and "--overwrite" in str(exc.value)
+    assert {name: (tmp_path / name).read_bytes() for name in real} == real
+    assert not list(tmp_path.glob(".sample-tmp-*"))
+    status = sample.sample_world_status(tmp_path)
+    assert status is not None and not status.pure and sorted(status.foreign) == sorted(layout.ALL_FILES)
+
+
+def test_same_size_edit_is_detected_by_hash(tmp_path: Path) -> None:
+    generate_sample_dataset(tmp_path, TINY)
+    path = tmp_path / layout.CC3M_CAPTIONS
+    edited = path.read_bytes().replace(b"a ", b"A ", 1)
+    assert len(edited) == path.stat().st_size and edited != path.read_bytes()
+    path.write_bytes(edited)
+    with pytest.raises(DataError, match=f"refusing to overwrite 1 file.*{layout.CC3M_CAPTIONS}"):
+        generate_sample_dataset(tmp_path, dataclasses.replace(TINY, seed=5))
+    assert path.read_bytes() == edited
+    generate_sample_dataset(tmp_path, dataclasses.replace(TINY, seed=5), overwrite=True)  # explicit: replaced
+    assert path.read_bytes() != edited and _manifest(tmp_path)["seed"] == 5
+
+
+def test_unreadable_manifest_vouches_for_nothing(tmp_path: Path) -> None:
+    (tmp_path / "eval").mkdir()
+    (tmp_path / sample.SAMPLE_MANIFEST).write_text('{"kind": "something else"}', encoding="utf-8")
+    with pytest.raises(DataError, match="refusing to overwrite 1 file.*eval/sample_world.json"):
+        generate_sample_dataset(tmp_path, TINY)
+    assert (tmp_path / sample.SAMPLE_MANIFEST).read_text(encoding="utf-8") == '{"kind": "something else"}'
+
+
+def test_crash_while_moving_files_leaves_a_world_the_next_run_regenerates(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    generate_sample_dataset(tmp_path, TINY)
+    real_replace = sample.os.replace
+    calls = []
+
+    def crash_on_fourth(src: object, dst: object) -> None:
+        calls.append(dst)
+        if len(calls) == 4:  # the pending manifest and two files are in place, the rest still the old seed's
+            raise OSError("killed")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(sample.os, "replace", crash_on_fourth)
+    with pytest.raises(OSError, match="killed"):
+        generate_sample_dataset(tmp_path, dataclasses.replace(TINY, seed=9))
+    monkeypatch.undo()
+    manifest = _manifest(tmp_path)
+    assert manifest["complete"] is False and manifest["replacing"]  # old and new content both vouched for
+    status = sample.sample_world_status(tmp_path)
+    assert status is not None and not status.complete and not status.foreign
+    generate_sample_dataset(tmp_path, dataclasses.replace(TINY, seed=9))  # the mix of old and new is all ours
+    assert _manifest(tmp_path)["complete"] is True and sample.sample_world_status(tmp_path).pure
+
+
+def test_empty_directory_name_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match="empty path.*current directory"):
+        generate_sample_dataset("", TINY)
+    assert list(tmp_path.iterdir()) == []

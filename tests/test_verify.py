@@ -85,7 +85,7 @@ def test_valid_dataset_passes_with_summary(tmp_path: Path) -> None:
 def test_zip_with_train_50M_folder_passes(tmp_path: Path) -> None:
     report = vf.verify_dataset(make_dataset(tmp_path / "d", prefix="train_50M/"), feature_dim=DIM)
     assert report.usable, _failing(report)
-    assert "train_50M/" in _check(report, "train_50M.zip: six sources").message
+    assert "train_50M.zip at train_50M/" in _check(report, "text corpus: six sources").message
 
 
 def test_missing_file_names_it_and_the_fetch_command(tmp_path: Path) -> None:
@@ -111,7 +111,7 @@ def test_local_narratives_optional_unless_required(tmp_path: Path) -> None:
 def test_present_but_broken_local_narratives_fail_unless_skipped(tmp_path: Path) -> None:
     root = make_dataset(tmp_path / "d")
     np.save(root / layout.LOCAL_NARR_FEATURES, _features(4, 3))  # 5 captions, 4 rows
-    assert _failing(vf.verify_dataset(root, feature_dim=DIM)) == ["local_narr: caption-feature pairs"]
+    assert _failing(vf.verify_dataset(root, feature_dim=DIM)) == ["local_narratives: caption-feature pairs"]
     skipped = vf.verify_dataset(root, feature_dim=DIM, check_local_narratives=False)
     assert skipped.usable and not any("local_narr" in c.name for c in skipped.checks)
 
@@ -122,42 +122,53 @@ def test_count_mismatch_names_both_counts_and_files(tmp_path: Path) -> None:
     report = vf.verify_dataset(root, feature_dim=DIM)
     assert _failing(report) == ["cc3m: caption-feature pairs"]
     msg = report.errors[0].message
-    assert "10 captions (cc_3M_captions.json) vs 9 feature rows" in msg
+    assert "cc_3M_captions.json holds 10 captions but its feature files hold 9 feature rows" in msg
     assert f"6 ({layout.CC3M_FEATURES[0]}) + 3 ({layout.CC3M_FEATURES[1]})" in msg
 
 
 def test_wrong_width_and_dtype(tmp_path: Path) -> None:
     root = make_dataset(tmp_path / "d")
     np.save(root / layout.CC3M_FEATURES[0], _features(6, 1, dim=32))
-    np.save(root / layout.CC3M_FEATURES[1], _features(4, 2).astype(np.float64))
+    np.save(root / layout.CC3M_FEATURES[1], _features(4, 2).astype(np.int32))
     report = vf.verify_dataset(root, feature_dim=DIM)
-    assert set(_failing(report)) == {f"{n}: shape/dtype" for n in layout.CC3M_FEATURES}
-    width = _check(report, f"{layout.CC3M_FEATURES[0]}: shape/dtype")
-    assert "width 32 (expected 16; pass --feature_dim 32" in width.message
-    assert "dtype float64 (expected float16 or float32)" in report.errors[1].message
+    assert set(_failing(report)) == {f"{n}: features" for n in layout.CC3M_FEATURES}
+    width = _check(report, f"{layout.CC3M_FEATURES[0]}: features")
+    assert "feature width 32, expected 16 (--feature_dim)" in width.message
+    assert "dtype int32 (expected float16 or float32 features)" in report.errors[1].message
     assert "cc3m: caption-feature pairs" not in [c.name for c in report.checks]  # no count without both arrays
+    # float64 is read as float32 by the loaders, so it is not an error here either
+    np.save(root / layout.CC3M_FEATURES[0], _features(6, 1).astype(np.float64))
+    np.save(root / layout.CC3M_FEATURES[1], _features(4, 2))
+    assert vf.verify_dataset(root, feature_dim=DIM).usable
 
 
-def test_nan_rows_few_warn_many_fail_across_scan_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(vf, "SCAN_CHUNK_BYTES", 7 * DIM * 2)  # 7 float16 rows per chunk: exercise chunk offsets
+def test_nan_rows_follow_the_loader_policy_across_scan_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from bitmar.data import features as features_module
+
+    monkeypatch.setattr(features_module, "SCAN_CHUNK_ROWS", 7)  # exercise chunk offsets
     root = make_dataset(tmp_path / "d", cc=(300, 4))
     feats = _features(300, 1)
     feats[150, 3] = np.nan
     feats[299, 0] = np.inf
     np.save(root / layout.CC3M_FEATURES[0], feats)
     report = vf.verify_dataset(root, feature_dim=DIM)
-    check = _check(report, f"{layout.CC3M_FEATURES[0]}: finite")
+    check = _check(report, "cc3m: rows")
     assert report.usable and check.status == "warn"
-    assert "2 of 300 rows" in check.message and "first at row 150, 299" in check.message
+    assert "dropped 2 of 304 rows whose features hold NaN/inf (rows 150, 299)" in check.message
     row = next(r for r in report.rows if r.file == layout.CC3M_FEATURES[0])
     assert row.mean is not None and np.isfinite(row.mean)  # stats skip the broken rows
 
-    feats[10:20] = np.nan
+    feats[10:20] = np.nan  # 12 of 304 rows: training drops them (data.nonfinite_features=drop), so no failure here
     np.save(root / layout.CC3M_FEATURES[0], feats)
     report = vf.verify_dataset(root, feature_dim=DIM)
-    check = _check(report, f"{layout.CC3M_FEATURES[0]}: finite")
-    assert not report.usable and check.status == "FAIL"
-    assert "12 of 300 rows" in check.message and "first at row 10, 11, 12, 13, 14, ..." in check.message
+    check = _check(report, "cc3m: rows")
+    assert report.usable and check.status == "warn"
+    assert "12 of 304" in check.message and "rows 10, 11, 12, 13, 14, ..." in check.message
+    assert "may be corrupt" in check.message  # more than 1%: a hint, not a verdict
+    strict = vf.verify_dataset(root, feature_dim=DIM, nonfinite="error")
+    assert _failing(strict) == ["cc3m: rows"]
+    assert "12 of 304 feature rows hold NaN/inf" in strict.errors[0].message
+    assert "data.nonfinite_features=error" in strict.errors[0].message
 
 
 def test_empty_captions_warn_and_non_strings_fail(tmp_path: Path) -> None:
@@ -166,14 +177,15 @@ def test_empty_captions_warn_and_non_strings_fail(tmp_path: Path) -> None:
     caps[2], caps[7] = "", "   "
     (root / layout.CC3M_CAPTIONS).write_text(json.dumps(caps))
     report = vf.verify_dataset(root, feature_dim=DIM)
-    empty = _check(report, f"{layout.CC3M_CAPTIONS}: non-empty")
-    assert report.usable and empty.status == "warn" and "2 captions" in empty.message and "index 2, 7" in empty.message
+    empty = _check(report, "cc3m: rows")
+    assert report.usable and empty.status == "warn"
+    assert "dropped 2 of 10 rows with an empty caption (rows 2, 7)" in empty.message
 
-    caps[4], caps[5] = None, {"text": "x"}
+    caps[4], caps[5] = None, {"text": "x"}  # a dict without "caption" is not a caption
     (root / layout.CC3M_CAPTIONS).write_text(json.dumps(caps))
     report = vf.verify_dataset(root, feature_dim=DIM)
     assert _failing(report) == [f"{layout.CC3M_CAPTIONS}: strings"]
-    assert "2 entries are not strings (NoneType, dict); first at index 4, 5" in report.errors[0].message
+    assert "2 entries are not caption strings (NoneType, dict); first at index 4, 5" in report.errors[0].message
 
 
 def test_corrupt_json(tmp_path: Path) -> None:
@@ -184,7 +196,7 @@ def test_corrupt_json(tmp_path: Path) -> None:
     assert "not valid JSON" in report.errors[0].message and "line 1" in report.errors[0].message
     (root / layout.CC3M_CAPTIONS).write_text('{"captions": []}')
     report = vf.verify_dataset(root, feature_dim=DIM)
-    assert "expected a JSON list of caption strings, got dict" in report.errors[0].message
+    assert "holds a JSON object whose entry 'captions' is a list" in report.errors[0].message
 
 
 def test_corrupt_and_truncated_npy(tmp_path: Path) -> None:
@@ -193,7 +205,7 @@ def test_corrupt_and_truncated_npy(tmp_path: Path) -> None:
     path = root / layout.CC3M_FEATURES[1]
     path.write_bytes(path.read_bytes()[:-10])
     report = vf.verify_dataset(root, feature_dim=DIM)
-    assert _failing(report) == [f"{layout.CC3M_FEATURES[0]}: .npy header", f"{layout.CC3M_FEATURES[1]}: size"]
+    assert _failing(report) == [f"{n}: features" for n in layout.CC3M_FEATURES]
     assert "not a readable .npy file" in report.errors[0].message
     assert "truncated" in report.errors[1].message and "(4, 16) float16" in report.errors[1].message
 
@@ -202,7 +214,7 @@ def test_corrupt_zip(tmp_path: Path) -> None:
     root = make_dataset(tmp_path / "d")
     (root / layout.TEXT_ZIP).write_bytes(b"PK\x03\x04 garbage")
     report = vf.verify_dataset(root, feature_dim=DIM)
-    assert _failing(report) == [f"{layout.TEXT_ZIP}: opens"]
+    assert _failing(report) == ["text corpus: six sources"]
     assert "not a readable zip" in report.errors[0].message and "--only train_50M.zip" in report.errors[0].message
 
 
@@ -210,8 +222,9 @@ def test_zip_missing_a_source(tmp_path: Path) -> None:
     root = make_dataset(tmp_path / "d")
     _write_zip(root / layout.TEXT_ZIP, text={k: v for k, v in TEXT.items() if k != "gutenberg"})
     report = vf.verify_dataset(root, feature_dim=DIM)
-    assert _failing(report) == [f"{layout.TEXT_ZIP}: six sources"]
-    assert "missing gutenberg.train" in report.errors[0].message and "childes.train" in report.errors[0].message
+    assert _failing(report) == ["text corpus: six sources"]
+    msg = report.errors[0].message
+    assert "no member named gutenberg.train" in msg and "childes.train" in msg and "--only train_50M.zip" in msg
 
 
 def test_zip_member_with_bad_crc(tmp_path: Path) -> None:
@@ -236,7 +249,11 @@ def test_non_utf8_line_reports_file_and_line(tmp_path: Path) -> None:
             zf.writestr(f"{src}.train", body)
     report = vf.verify_dataset(root, feature_dim=DIM)
     assert _failing(report) == [f"{layout.TEXT_ZIP}:childes.train: UTF-8"]
-    assert "1 line(s) are not valid UTF-8; first at line 4 (byte 0xe9 at column 10)" in report.errors[0].message
+    msg = report.errors[0].message
+    assert (
+        "1 line(s) are not valid UTF-8" in msg
+        and "childes.train: line 4 is not valid UTF-8 (byte 0xe9 at column 10" in msg
+    )
 
 
 def test_bad_arguments_raise_data_error(tmp_path: Path) -> None:
@@ -280,3 +297,132 @@ def test_script_exit_codes(tmp_path: Path) -> None:
         usage = _script(*args)
         assert usage.returncode == 2 and "Traceback" not in usage.stderr
         assert "not a directory" in usage.stderr or "must be positive" in usage.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The verifier and the loaders agree (they call the same functions)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _unpack(root: Path) -> None:
+    """Replace train_50M.zip by the unpacked folder train_50M/<source>.train (documented as accepted)."""
+    (root / layout.TEXT_ZIP).unlink()
+    folder = root / "train_50M"
+    folder.mkdir()
+    for src, lines in TEXT.items():
+        (folder / f"{src}.train").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _nan_rows(root: Path, rows: slice) -> None:
+    feats = _features(6, 1)
+    feats[rows, 0] = np.nan
+    np.save(root / layout.CC3M_FEATURES[0], feats)
+
+
+def _loader_outcome(root: Path, nonfinite: str) -> tuple[str | None, list[str]]:
+    """(DataError message or None, warning messages) of the training loaders on `root`."""
+    import warnings
+
+    from bitmar.data.features import CaptionFeatureStore
+    from bitmar.data.text import iter_text_lines, locate_text_files
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            list(iter_text_lines(locate_text_files(root)))
+            CaptionFeatureStore.from_data_dir(root, feature_dim=DIM, nonfinite=nonfinite, use_local_narratives=False)
+        except DataError as err:
+            return str(err), []
+    return None, [str(w.message) for w in caught]
+
+
+CASES = {
+    "unpacked train_50M/": lambda root: _unpack(root),
+    "caption objects": lambda root: (root / layout.CC3M_CAPTIONS).write_text(
+        json.dumps([{"caption": f"a photo of thing number {i}", "id": i} for i in range(10)])
+    ),
+    "captions by id": lambda root: (root / layout.CC3M_CAPTIONS).write_text(
+        json.dumps({str(i): f"caption {i}" for i in reversed(range(10))})
+    ),
+    "one NaN row": lambda root: _nan_rows(root, slice(2, 3)),
+    "many NaN rows (> 1%)": lambda root: _nan_rows(root, slice(0, 4)),
+    "every row NaN": lambda root: (
+        np.save(root / layout.CC3M_FEATURES[0], np.full((6, DIM), np.nan, np.float16)),
+        np.save(root / layout.CC3M_FEATURES[1], np.full((4, DIM), np.inf, np.float16)),
+    ),
+    "every caption empty": lambda root: (root / layout.CC3M_CAPTIONS).write_text(json.dumps([" "] * 10)),
+    "a caption object without a caption": lambda root: (root / layout.CC3M_CAPTIONS).write_text(
+        json.dumps([{"text": "x"}] + [f"c {i}" for i in range(9)])
+    ),
+    "wrapped captions": lambda root: (root / layout.CC3M_CAPTIONS).write_text(json.dumps({"captions": ["a"] * 10})),
+    "Fortran-ordered features": lambda root: np.save(
+        root / layout.CC3M_FEATURES[0], np.asfortranarray(_features(6, 1))
+    ),
+    "zip missing two sources": lambda root: _write_zip(
+        root / layout.TEXT_ZIP, text={k: v for k, v in TEXT.items() if k not in ("gutenberg", "childes")}
+    ),
+}
+
+
+@pytest.mark.parametrize("nonfinite", ["drop", "error"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_verifier_reports_what_the_loaders_do(tmp_path: Path, case: str, nonfinite: str) -> None:
+    root = make_dataset(tmp_path / "d", ln=None)
+    CASES[case](root)
+    report = vf.verify_dataset(root, feature_dim=DIM, check_local_narratives=False, nonfinite=nonfinite)
+    error, warned = _loader_outcome(root, nonfinite)
+    assert report.usable == (error is None), (case, error, vf.format_report(report))
+    if error is not None:
+        assert any(error in c.message for c in report.errors), (error, [c.message for c in report.errors])
+    else:
+        reported = [c.message for c in report.warnings]
+        assert warned == reported, (warned, reported)  # the same warnings, word for word
+
+
+def test_every_row_dropped_is_said_clearly(tmp_path: Path) -> None:
+    root = make_dataset(tmp_path / "d", ln=None)
+    CASES["every row NaN"](root)
+    report = vf.verify_dataset(root, feature_dim=DIM, check_local_narratives=False)
+    assert _failing(report) == ["cc3m: rows"]
+    assert "every one of its 10 rows would be dropped (10 with NaN/inf features" in report.errors[0].message
+
+
+def test_unpacked_corpus_and_caption_objects_are_usable(tmp_path: Path) -> None:
+    root = make_dataset(tmp_path / "d")
+    CASES["unpacked train_50M/"](root)
+    CASES["caption objects"](root)
+    report = vf.verify_dataset(root, feature_dim=DIM)
+    assert report.usable and not report.warnings, vf.format_report(report)
+    assert "unpacked files in" in _check(report, "text corpus: six sources").message
+    assert _check(report, "train_50M/childes.train: UTF-8").ok
+
+
+def test_sample_world_is_announced_as_not_babylm(tmp_path: Path) -> None:
+    from bitmar.config import SampleDataConfig
+    from bitmar.data.sample import generate_sample_dataset
+
+    cfg = SampleDataConfig(num_cc3m=20, num_local_narratives=6, num_text_lines=60, num_novel_episodes=4)
+    generate_sample_dataset(tmp_path, cfg, feature_dim=DIM)
+    report = vf.verify_dataset(tmp_path, feature_dim=DIM)
+    assert report.usable and report.sample_world and not report.warnings
+    note = _check(report, "sample world")
+    assert note.status == "note" and "GENERATED SAMPLE WORLD" in note.message and "NOT real BabyLM data" in note.message
+    assert "RESULT: usable: a generated SAMPLE WORLD, not BabyLM data" in vf.format_report(report)
+    # A real file arrives on top of it: no longer a pure sample world, and the verifier says which file.
+    (tmp_path / layout.CC3M_CAPTIONS).write_text(json.dumps([f"real caption {i}" for i in range(20)]))
+    report = vf.verify_dataset(tmp_path, feature_dim=DIM)
+    mixed = _check(report, "sample world")
+    assert not report.sample_world and mixed.status == "warn"
+    assert f"{layout.CC3M_CAPTIONS} are not the files it wrote" in mixed.message
+    assert "SAMPLE WORLD" not in vf.format_report(report).splitlines()[-1]
+
+
+def test_script_nonfinite_policy(tmp_path: Path) -> None:
+    root = make_dataset(tmp_path / "d", ln=None)
+    CASES["one NaN row"](root)
+    drop = _script("--data_dir", str(root), "--feature_dim", str(DIM), "--no_local_narratives")
+    assert drop.returncode == 0 and "[warn] cc3m: rows" in drop.stdout, drop.stdout
+    strict = _script(
+        "--data_dir", str(root), "--feature_dim", str(DIM), "--no_local_narratives", "--nonfinite_features", "error"
+    )
+    assert strict.returncode == 1 and "data.nonfinite_features=error" in strict.stdout

@@ -426,6 +426,11 @@ def validate_config(cfg: BitMarConfig) -> None:
     for i, size in enumerate(e.recall_sizes):
         if size <= 0 and size != -1:
             raise ConfigError(f"evaluation.recall_sizes[{i}] must be > 0 or -1 (= model.memory_size), got {size}")
+    if not isinstance(d.data_dir, str) or not d.data_dir.strip():  # "" would read and write the current directory
+        raise ConfigError(
+            f"data.data_dir={d.data_dir!r} is empty; set it to the BabyLM directory (e.g. ../babylm_dataset) or, for "
+            "the sample world, data/babylm_sample"
+        )
     for i, source in enumerate(d.text_sources):
         if source not in TEXT_SOURCES:
             close = difflib.get_close_matches(source, TEXT_SOURCES, n=1, cutoff=0.5)

@@ -46,7 +46,7 @@ from bitmar.config import BitMarConfig
 from bitmar.data import layout
 from bitmar.data.errors import DataError
 from bitmar.data.features import CaptionFeatureStore
-from bitmar.data.sample import SAMPLE_MANIFEST, generate_sample_dataset
+from bitmar.data.sample import SAMPLE_DEFAULT_DIR, generate_sample_dataset, read_manifest
 from bitmar.data.text import (
     TextBlockDataset,
     TextTokens,
@@ -55,6 +55,7 @@ from bitmar.data.text import (
     file_lock,
     iter_text_lines,
     locate_text_files,
+    text_corpus_present,
 )
 from bitmar.data.tokenizer import (
     PAD_TOKEN,
@@ -525,11 +526,11 @@ class _CaptionCollate:
         return collate_captions(batch, self.pad_id)
 
 
-def _missing_required(data_dir: Path) -> list[str]:
-    missing = [name for name in layout.REQUIRED_FILES if not (data_dir / name).exists()]
-    text_dir = data_dir / Path(layout.TEXT_ZIP).stem
-    if layout.TEXT_ZIP in missing and all((text_dir / f"{s}.train").is_file() for s in layout.TEXT_SOURCES):
-        missing.remove(layout.TEXT_ZIP)  # an unpacked corpus is as good as the zip
+def _missing_required(data_dir: Path, text_sources: Sequence[str] = layout.TEXT_SOURCES) -> list[str]:
+    """BabyLM files the loaders need that are absent (the text rule is the loaders' own: zip, or unpacked)."""
+    missing = [name for name in layout.REQUIRED_FILES if name != layout.TEXT_ZIP and not (data_dir / name).exists()]
+    if not text_corpus_present(data_dir, text_sources):
+        missing.insert(0, layout.TEXT_ZIP)
     return missing
 
 
@@ -596,14 +597,29 @@ def _get_tokenizer(
 
 
 def _stale_sample(data_dir: Path, sample_cfg: Any, cfg: BitMarConfig) -> bool:
-    """A sample world written with other sizes or seed than the config asks for (regenerated: it is ours)."""
-    manifest = data_dir / SAMPLE_MANIFEST
-    if not manifest.is_file():
+    """A sample world written with other sizes or seed than the config asks for, or left incomplete by a crash.
+
+    Regenerating it is safe only for the files the manifest records byte for byte: `generate_sample_dataset`
+    checks that (sha256) and refuses otherwise."""
+    manifest = read_manifest(data_dir)
+    if manifest is None:
         return False
-    written = json.loads(manifest.read_text(encoding="utf-8"))
+    if not manifest.get("complete", True):
+        return True
     wanted = {k: v for k, v in dataclasses.asdict(sample_cfg).items() if k != "generate_if_missing"}
     wanted["feature_dim"] = cfg.model.vision_encoder_dim
-    return any(written.get(k) != v for k, v in wanted.items())
+    return any(manifest.get(k) != v for k, v in wanted.items())
+
+
+def check_data_dir(data_dir: str) -> Path:
+    """`data.data_dir` as a Path; an empty value is refused (it would read and write the current directory)."""
+    if not str(data_dir).strip():
+        raise DataError(
+            f"data.data_dir is empty: it would read the data from, and write the sample world into, the current "
+            f"directory ({Path.cwd()}). Set it to the BabyLM directory (e.g. ../babylm_dataset) or, for the sample "
+            f"world, {SAMPLE_DEFAULT_DIR}: --set data.data_dir={SAMPLE_DEFAULT_DIR}"
+        )
+    return Path(data_dir)
 
 
 def data_cache_dir(cfg: BitMarConfig, data_dir: Path) -> Path:
@@ -629,21 +645,36 @@ def build_data(cfg: BitMarConfig, output_dir: str | os.PathLike, *, rank: int = 
     """Everything the trainer needs from `cfg.data` (see the module docstring). Safe to call on every rank at once:
     the sample world, the tokenizer and the token caches are built under file locks by whichever rank comes first."""
     d = cfg.data
-    data_dir = Path(d.data_dir)
+    data_dir = check_data_dir(d.data_dir)
     output_dir = Path(output_dir)
     cache_dir = data_cache_dir(cfg, data_dir)
-    if d.sample.generate_if_missing and (_missing_required(data_dir) or _stale_sample(data_dir, d.sample, cfg)):
+    if d.sample.generate_if_missing and (
+        _missing_required(data_dir, d.text_sources) or _stale_sample(data_dir, d.sample, cfg)
+    ):
         data_dir.mkdir(parents=True, exist_ok=True)
         with file_lock(data_dir / ".sample.lock"):
-            if _missing_required(data_dir) or _stale_sample(data_dir, d.sample, cfg):
-                if any((data_dir / n).exists() for n in layout.ALL_FILES) and not (data_dir / SAMPLE_MANIFEST).exists():
+            missing = _missing_required(data_dir, d.text_sources)
+            if missing or _stale_sample(data_dir, d.sample, cfg):
+                if (
+                    missing
+                    and read_manifest(data_dir) is None
+                    and any((data_dir / n).exists() for n in layout.ALL_FILES)
+                ):
                     raise DataError(
-                        f"{data_dir} holds part of a BabyLM download (missing: "
-                        f"{', '.join(_missing_required(data_dir))}); finish it with "
-                        f"{layout.fetch_command(str(data_dir))}, or use an empty data.data_dir for the sample world"
+                        f"{data_dir} holds part of a BabyLM download (missing: {', '.join(missing)}); finish it with "
+                        f"{layout.fetch_command(str(data_dir))}, or point data.data_dir at an empty directory for the "
+                        "sample world"
                     )
                 logger.info("generating the sample world in %s", data_dir)
-                generate_sample_dataset(data_dir, d.sample, feature_dim=cfg.model.vision_encoder_dim, overwrite=True)
+                try:
+                    # Never overwrite=True: the generator replaces only files its manifest records (sha256).
+                    generate_sample_dataset(data_dir, d.sample, feature_dim=cfg.model.vision_encoder_dim)
+                except DataError as err:
+                    raise DataError(
+                        f"{err}\nThis run has data.sample.generate_if_missing=true and wanted to (re)generate the "
+                        f"sample world in data.data_dir={data_dir}. To train on the files there as they are, set "
+                        "data.sample.generate_if_missing=false."
+                    ) from err
 
     text_files = locate_text_files(data_dir, d.text_sources)
     store = None

@@ -6,19 +6,32 @@ and every file carries `attributes.name`, `attributes.size` and `links.download`
 
 Each file streams into `<name>.part`; an interrupted run resumes it with an HTTP Range request (a server
 that ignores Range and answers 200 restarts the file), and the `.part` file is renamed to its final name only
-when it is complete and its size matches the listing. Files already complete are skipped. Transient failures
-(timeouts, dropped connections, HTTP 408/425/429/5xx) are retried a bounded number of times with exponential
-backoff; everything else fails at once with a message naming the URL, the status and what to do.
+when it is complete: its size matches the listing (or, when the listing has no size, the size the server declared
+in Content-Length / Content-Range) and its md5 / sha256 match the hashes OSF lists (`attributes.extra.hashes`).
+A body whose completeness nothing can confirm (no size, no hash, no length) is refused and kept as `.part`.
+A file already in place counts as complete only when its size and hashes match the listing: a same-size file with
+other content is moved aside to `<name>.corrupt` and downloaded again (the `.corrupt` copy is deleted once the new
+file verifies). A download whose hash does not match is deleted and refused with the command that fetches it again.
+Transient failures (timeouts, dropped connections, HTTP 408/425/429/5xx) are retried a bounded number of times with
+exponential backoff; everything else fails at once with a message naming the URL, the status and what to do.
 
-`--test` writes the built-in sample world in the same layout instead (no network).
+Only `https://` links are followed (listing pages, download links, redirects); plain `http://` is accepted for
+loopback hosts only (127.0.0.1, ::1, localhost: the tests' fake OSF server). A listing with duplicate names, or names
+with NUL bytes, control characters or path separators, is refused before anything is written.
+
+`--test` writes the built-in sample world in the same layout instead (no network), by default into
+`data/babylm_sample` (the tiny config's data_dir), never into the release's directory.
 Standard library only (urllib), so downloading needs nothing beyond the base requirements.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import http.client
+import ipaddress
 import json
+import math
 import os
 import re
 import shutil
@@ -26,9 +39,10 @@ import socket
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +57,9 @@ CHUNK_BYTES = 1 << 20
 MAX_LISTING_PAGES = 1000  # guards against a `links.next` that never ends
 TRANSIENT_HTTP = frozenset({408, 425, 429, 500, 502, 503, 504})
 DEFAULT_DATA_DIR = "../babylm_dataset/"
+DEFAULT_SAMPLE_DIR = layout.SAMPLE_DEFAULT_DIR  # --test: its own directory, never the release's
+HASH_ALGORITHMS = {"sha256": 64, "md5": 32}  # OSF's attributes.extra.hashes: name -> hex length
+LOOPBACK_HOSTS = frozenset({"localhost"})
 OSF_PROJECT_URL = f"https://osf.io/{layout.OSF_PROJECT}/"
 
 
@@ -61,6 +78,7 @@ class RemoteFile:
     name: str
     size: int | None  # bytes as listed by OSF (None when the listing does not say)
     url: str  # links.download
+    hashes: dict[str, str] = field(default_factory=dict)  # lowercase hex digests by algorithm (sha256, md5)
 
 
 def _log(message: str) -> None:
@@ -101,15 +119,60 @@ def _backoff_sleep(attempt: int, backoff: float) -> None:
         time.sleep(min(backoff * 2 ** (attempt - 1), 60.0))
 
 
+def _is_loopback(host: str | None) -> bool:
+    if not host:
+        return False
+    if host.lower() in LOOPBACK_HOSTS:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_url(url: str, what: str) -> str:
+    """`url` if it may be fetched: https anywhere, http only on a loopback host; a DownloadError otherwise."""
+    parts = urllib.parse.urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme == "https" and parts.hostname:
+        return url
+    if scheme == "http" and _is_loopback(parts.hostname):
+        return url  # a server on this machine (the tests' fake OSF): nothing crosses a network
+    if scheme == "http":
+        why = "plain http:// can be read and changed on the way; only https:// is followed (http only on loopback)"
+    elif scheme in ("", "file") or not parts.hostname:
+        why = "it is not a web address; a download link must not read files of this machine"
+    else:
+        why = f"the {scheme}:// scheme is not supported; only https:// is followed"
+    raise DownloadError(
+        f"refusing {what}: {url!r}: {why}. The OSF API serves https:// links only; check --base_url "
+        f"(default {layout.OSF_API_BASE}) and {OSF_PROJECT_URL}."
+    )
+
+
+class _CheckedRedirects(urllib.request.HTTPRedirectHandler):
+    """Follows a redirect only to an address `check_url` accepts (no https -> http or file:// downgrade)."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[no-untyped-def]
+        check_url(newurl, f"the redirect from {req.full_url}")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+_OPENER = urllib.request.build_opener(_CheckedRedirects())
+
+
 # Exceptions that mean "the connection went wrong", as opposed to a definite answer from the server.
 _NETWORK_ERRORS = (TimeoutError, socket.timeout, ConnectionError, http.client.HTTPException, urllib.error.URLError)
 
 
 def _open(url: str, headers: dict[str, str], timeout: float, what: str) -> http.client.HTTPResponse:
     """urlopen that raises DownloadError for definite HTTP failures and _Transient for retryable ones."""
+    check_url(url, what)
     request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT, **headers})
     try:
-        return urllib.request.urlopen(request, timeout=timeout)
+        return _OPENER.open(request, timeout=timeout)
+    except DownloadError:
+        raise  # a refused redirect
     except urllib.error.HTTPError as err:
         err.close()
         message = _http_error_message(url, err.code, str(err.reason), what)
@@ -201,7 +264,9 @@ def list_remote_files(
     if not isinstance(files_url, str):
         raise DownloadError(f"the OSF entry of folder `{folder}` has no relationships.files.links.related.href.")
 
+    check_url(files_url, f"the listing of folder `{folder}`")
     files: list[RemoteFile] = []
+    seen: set[str] = set()
     for entry in _iter_entries(files_url, **kw):
         if _dig(entry, "attributes", "kind") != "file":
             continue  # sub-folders are not part of the release layout
@@ -209,13 +274,56 @@ def list_remote_files(
         url = _dig(entry, "links", "download")
         if not isinstance(name, str) or not isinstance(url, str):
             raise DownloadError(f"malformed file entry in the OSF listing {files_url}: {json.dumps(entry)[:300]}")
-        # The name becomes a local path: refuse anything that could leave data_dir.
-        if name != Path(name).name or name in ("", ".", ".."):
-            raise DownloadError(f"refusing a file name with a path in it from the OSF listing: {name!r}")
-        files.append(RemoteFile(name=name, size=int(size) if isinstance(size, int) and size >= 0 else None, url=url))
+        check_name(name, files_url)
+        if name in seen:  # two entries would write the same local file, the second over the first
+            raise DownloadError(
+                f"the OSF listing {files_url} names {name!r} twice; refusing to guess which one is the release. "
+                f"Check {OSF_PROJECT_URL} and report it if it persists."
+            )
+        seen.add(name)
+        check_url(url, f"the download link of {name}")
+        files.append(
+            RemoteFile(
+                name=name,
+                size=int(size) if isinstance(size, int) and not isinstance(size, bool) and size >= 0 else None,
+                url=url,
+                hashes=_listed_hashes(entry, name, files_url),
+            )
+        )
     if not files:
         raise DownloadError(f"the OSF folder `{folder}` lists no files ({files_url}).")
     return files
+
+
+def check_name(name: str, listing: str) -> str:
+    """A listed file name that is safe as one local file name in data_dir; a DownloadError otherwise."""
+    if not name or name in (".", ".."):
+        problem = "an empty or dot name"
+    elif "\x00" in name:
+        problem = "a NUL byte"
+    elif "/" in name or "\\" in name or os.sep in name or (os.altsep and os.altsep in name):
+        problem = "a path separator (it could write outside the data directory)"
+    elif any(ord(c) < 32 or ord(c) == 127 for c in name):
+        problem = "a control character"
+    else:
+        return name
+    raise DownloadError(f"refusing the file name {name!r} from the OSF listing {listing}: it contains {problem}.")
+
+
+def _listed_hashes(entry: dict[str, Any], name: str, listing: str) -> dict[str, str]:
+    """md5 / sha256 from `attributes.extra.hashes` (lowercase hex); a malformed digest is refused."""
+    listed = _dig(entry, "attributes", "extra", "hashes")
+    hashes: dict[str, str] = {}
+    if not isinstance(listed, dict):
+        return hashes
+    for algorithm, length in HASH_ALGORITHMS.items():
+        value = listed.get(algorithm)
+        if value is None:
+            continue
+        if not isinstance(value, str) or not re.fullmatch(rf"[0-9a-fA-F]{{{length}}}", value):
+            raise DownloadError(f"the OSF listing {listing} gives {name} a malformed {algorithm}: {value!r}")
+        hashes[algorithm] = value.lower()
+    return hashes
 
 
 def _parse_content_range(value: str | None) -> tuple[int, int | None] | None:
@@ -226,8 +334,10 @@ def _parse_content_range(value: str | None) -> tuple[int, int | None] | None:
     return int(m.group(1)), None if m.group(3) == "*" else int(m.group(3))
 
 
-def _fetch_once(remote: RemoteFile, part: Path, *, timeout: float, progress: bool) -> None:
-    """One HTTP request appending to (or restarting) `part`. Raises _Transient when the stream ends early."""
+def _fetch_once(remote: RemoteFile, part: Path, *, timeout: float, progress: bool) -> int | None:
+    """One HTTP request appending to (or restarting) `part`; returns the whole file's size as the server declared it
+    (Content-Range total, or Content-Length of a full answer), None when it declared none.
+    Raises _Transient when the stream ends before the declared length."""
     offset = part.stat().st_size if part.exists() else 0
     headers = {"Range": f"bytes={offset}-"} if offset else {}
     what = f"downloading {remote.name}"
@@ -255,11 +365,13 @@ def _fetch_once(remote: RemoteFile, part: Path, *, timeout: float, progress: boo
                     f"Content-Range {resp.headers.get('Content-Range')!r}; restarting the file"
                 )
             mode = "ab"
+            declared = content_range[1]
         else:
             if offset:
                 _log(f"{remote.name}: server ignored the resume request (HTTP {resp.status}); restarting from byte 0")
                 offset = 0
             mode = "wb"
+            declared = length
         total = remote.size if remote.size is not None else (offset + length if length is not None else None)
         received = 0
         with (
@@ -284,6 +396,39 @@ def _fetch_once(remote: RemoteFile, part: Path, *, timeout: float, progress: boo
                 raise _Transient(f"{remote.name}: connection lost after {offset + received} bytes ({err})") from err
     if length is not None and received < length:
         raise _Transient(f"{remote.name}: connection closed after {received} of {length} bytes of the response")
+    return declared
+
+
+def file_digests(
+    path: Path, algorithms: Sequence[str], on_bytes: Callable[[int], None] | None = None
+) -> dict[str, str]:
+    """Hex digests of `path` for each algorithm, in one streamed pass."""
+    hashers = {a: hashlib.new(a, usedforsecurity=False) for a in algorithms}
+    with open(path, "rb") as handle:
+        while chunk := handle.read(CHUNK_BYTES):
+            for h in hashers.values():
+                h.update(chunk)
+            if on_bytes is not None:
+                on_bytes(len(chunk))
+    return {a: h.hexdigest() for a, h in hashers.items()}
+
+
+def hash_mismatch(remote: RemoteFile, path: Path, progress: bool = False) -> str | None:
+    """'sha256 abc… (listed def…)' when `path` does not hold what the listing's hashes say; None when it matches
+    (or the listing gives no hash)."""
+    if not remote.hashes:
+        return None
+    size = path.stat().st_size
+    with tqdm(
+        total=size, unit="B", unit_scale=True, desc=f"verify {remote.name}", disable=not progress, leave=False
+    ) as bar:
+        got = file_digests(path, list(remote.hashes), bar.update)
+    bad = [f"{a} {got[a]} (listed {remote.hashes[a]})" for a in remote.hashes if got[a] != remote.hashes[a]]
+    return ", ".join(bad) or None
+
+
+def _refetch_command(remote: RemoteFile, data_dir: Path) -> str:
+    return f"python download_babylm_data.py --data_dir {data_dir} --only {remote.name}"
 
 
 def download_file(
@@ -295,21 +440,38 @@ def download_file(
     backoff: float = 2.0,
     progress: bool = True,
 ) -> Path:
-    """Fetch one file into data_dir (resuming `<name>.part`); returns the final path."""
-    final = Path(data_dir) / remote.name
+    """Fetch one file into data_dir (resuming `<name>.part`) and verify it; returns the final path."""
+    data_dir = Path(data_dir)
+    final = data_dir / check_name(remote.name, "the download request")
     part = final.with_name(final.name + ".part")
-    if final.is_file() and remote.size is not None and final.stat().st_size == remote.size:
-        _log(f"{remote.name}: already complete ({human_size(remote.size)}), skipped")
-        return final
+    aside = final.with_name(final.name + ".corrupt")
     if final.exists() and not final.is_file():
         raise DataError(f"{final} exists and is not a file; move it away and rerun.")
-    if final.is_file():  # kept until the new copy is complete: os.replace swaps it at the end
-        _log(
-            f"{remote.name}: the existing file has {final.stat().st_size} bytes, the listing says "
-            f"{human_size(remote.size)}; downloading it again"
-        )
+    if final.is_file():
+        have = final.stat().st_size
+        if remote.size is not None and have != remote.size:  # kept until the new copy is complete (os.replace)
+            _log(
+                f"{remote.name}: the existing file has {have} bytes, the listing says {remote.size}; downloading again"
+            )
+        elif remote.size is None and not remote.hashes:
+            _log(
+                f"{remote.name}: the listing gives no size and no hash to check the existing file by; downloading again"
+            )
+        else:
+            mismatch = hash_mismatch(remote, final, progress)
+            if mismatch is None:
+                what = human_size(have) + (f", {'/'.join(remote.hashes)} verified" if remote.hashes else "")
+                _log(f"{remote.name}: already complete ({what}), skipped")
+                return final
+            # Same size, other bytes: not complete. Out of the way (not deleted) until a verified copy replaces it.
+            os.replace(final, aside)
+            _log(
+                f"{remote.name}: the existing file does not match the OSF listing ({mismatch}); moved to {aside.name} "
+                "and downloading it again (the .corrupt copy is deleted once the new file verifies)"
+            )
 
     failures = 0
+    fetched = False
     while True:
         have = part.stat().st_size if part.exists() else 0
         if remote.size is not None and have > remote.size:
@@ -317,34 +479,67 @@ def download_file(
             part.unlink()
             have = 0
         if remote.size is not None and have == remote.size and part.exists():
-            break
-        try:
-            _fetch_once(remote, part, timeout=timeout, progress=progress)
+            expected: int | None = remote.size
+        else:
+            try:
+                declared = _fetch_once(remote, part, timeout=timeout, progress=progress)
+                fetched = True
+            except _Transient as err:
+                failures += 1
+                if failures > retries:
+                    kept = f"{part.name} ({part.stat().st_size} bytes) is kept, " if part.exists() else ""
+                    raise DownloadError(
+                        f"{err}\nGave up on {remote.name} after {failures} attempts; {kept}rerun the same command to "
+                        "resume"
+                    ) from err
+                _log(f"retrying ({failures}/{retries}): {err}")
+                _backoff_sleep(failures, backoff)
+                continue
+            expected = remote.size if remote.size is not None else declared
             have = part.stat().st_size
-            if remote.size is None or have == remote.size:
-                break
-            if have > remote.size:
+            if expected is not None and have > expected:
                 part.unlink()
                 raise DownloadError(
-                    f"{remote.name}: the server sent {have} bytes but the OSF listing says {remote.size}. "
-                    f"The listing may have changed while downloading; rerun the same command."
+                    f"{remote.name}: the server sent {have} bytes but "
+                    + (f"the OSF listing says {remote.size}" if remote.size is not None else f"declared {expected}")
+                    + ". The listing may have changed while downloading; rerun the same command."
                 )
-            raise _Transient(f"{remote.name}: the response ended at {have} of {remote.size} bytes")
-        except _Transient as err:
-            failures += 1
-            if failures > retries:
-                kept = f"{part.name} ({part.stat().st_size} bytes) is kept, " if part.exists() else ""
-                raise DownloadError(
-                    f"{err}\nGave up on {remote.name} after {failures} attempts; {kept}rerun the same command to resume"
-                ) from err
-            _log(f"retrying ({failures}/{retries}): {err}")
-            _backoff_sleep(failures, backoff)
+            if expected is not None and have < expected:
+                failures += 1
+                err_text = f"{remote.name}: the response ended at {have} of {expected} bytes"
+                if failures > retries:
+                    raise DownloadError(
+                        f"{err_text}\nGave up on {remote.name} after {failures} attempts; {part.name} ({have} bytes) "
+                        "is kept, rerun the same command to resume"
+                    )
+                _log(f"retrying ({failures}/{retries}): {err_text}")
+                _backoff_sleep(failures, backoff)
+                continue
+        if expected is None and not remote.hashes:
+            raise DownloadError(
+                f"{remote.name}: neither the OSF listing (no size, no hash) nor the server (no Content-Length) says "
+                f"how long the file is, so a cut-off body cannot be told from a complete one. {part.name} "
+                f"({part.stat().st_size} bytes) is kept but not used; rerun later (the listing usually says), or "
+                f"check the file by hand and rename it to {remote.name} at your own risk."
+            )
+        mismatch = hash_mismatch(remote, part, progress)
+        if mismatch is None:
+            break
+        part.unlink()  # a complete body with wrong bytes: resuming from it cannot help
+        if not fetched:  # a leftover .part from an earlier run: start over once
+            _log(f"{remote.name}: {part.name} does not match the OSF listing ({mismatch}); starting over")
+            continue
+        raise DownloadError(
+            f"{remote.name}: the downloaded file does not match the hash the OSF listing gives ({mismatch}). It is "
+            f"deleted, not kept as {remote.name}. The transfer was damaged or the file on OSF changed; download it "
+            f"again with: {_refetch_command(remote, data_dir)}\nIf it fails again, report it ({OSF_PROJECT_URL})."
+        )
 
     size = part.stat().st_size
-    if remote.size is not None and size != remote.size:  # loop exits only on a match; keep the promise explicit
-        raise DownloadError(f"{remote.name}: size {size} does not match the listed {remote.size}")
     os.replace(part, final)
-    _log(f"{remote.name}: done ({human_size(size)})")
+    aside.unlink(missing_ok=True)
+    verified = f", {'/'.join(remote.hashes)} verified" if remote.hashes else ""
+    _log(f"{remote.name}: done ({human_size(size)}{verified})")
     return final
 
 
@@ -444,24 +639,55 @@ def write_sample(
     return generate_sample_dataset(data_dir, cfg, feature_dim=feature_dim, dtype=np.dtype(dtype), overwrite=overwrite)
 
 
+def _finite(text: str, minimum: float, inclusive: bool, want: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {want}, got {text!r}") from None
+    if not math.isfinite(value) or value < minimum or (value == minimum and not inclusive):
+        raise argparse.ArgumentTypeError(f"expected {want}, got {text!r}")
+    return value
+
+
+def positive_seconds(text: str) -> float:
+    """A finite number of seconds > 0 (nan, inf, 0 and negatives are usage errors, exit 2)."""
+    return _finite(text, 0.0, False, "a finite number of seconds > 0")
+
+
+def non_negative_seconds(text: str) -> float:
+    return _finite(text, 0.0, True, "a finite number of seconds >= 0")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="download_babylm_data.py",
         description=f"Download the BabyLM multimodal data ({OSF_PROJECT_URL}, folder {layout.OSF_FOLDER}/), "
         "or write the built-in sample data set with --test.",
     )
-    p.add_argument("--data_dir", default=DEFAULT_DATA_DIR, help="where the files go (default: %(default)s)")
+    p.add_argument(
+        "--data_dir",
+        help=f"where the files go (default: {DEFAULT_DATA_DIR}; with --test: {DEFAULT_SAMPLE_DIR}, the tiny config's "
+        "data_dir, so a sample world never lands in the release's directory)",
+    )
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--list", action="store_true", help="print the OSF listing with sizes and exit")
     mode.add_argument("--test", action="store_true", help="write the small sample data set (seconds, no network)")
     p.add_argument("--only", nargs="+", metavar="NAME", help="download only these files (names as in --list)")
-    p.add_argument("--base_url", default=layout.OSF_API_BASE, help="OSF API base URL (default: %(default)s)")
+    p.add_argument(
+        "--base_url",
+        default=layout.OSF_API_BASE,
+        help="OSF API base URL, https:// (http:// only for a server on this machine) (default: %(default)s)",
+    )
     p.add_argument("--retries", type=non_negative_int, default=4, help="retries per file on transient errors")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds without data before a request fails")
-    p.add_argument("--backoff", type=float, default=2.0, help="first retry delay in seconds (doubles each retry)")
+    p.add_argument(
+        "--timeout", type=positive_seconds, default=60.0, help="seconds without data before a request fails (> 0)"
+    )
+    p.add_argument(
+        "--backoff", type=non_negative_seconds, default=2.0, help="first retry delay in seconds (doubles each retry)"
+    )
     p.add_argument("--no_progress", action="store_true", help="no progress bars")
     s = p.add_argument_group("sample data set (--test)")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=non_negative_int, default=0, help="world seed (>= 0)")
     s.add_argument("--num_cc3m", type=positive_int, help="CC3M-style image-caption pairs (default: config default)")
     s.add_argument("--num_local_narratives", type=positive_int, help="Localized-Narratives-style pairs")
     s.add_argument("--num_text_lines", type=positive_int, help="lines over the six text-only .train files")
@@ -480,8 +706,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--only selects files to download; it has no effect with --test")
     if args.overwrite and not args.test:
         parser.error("--overwrite only applies to --test (downloads resume and skip complete files)")
-    if args.timeout <= 0 or args.backoff < 0:
-        parser.error("--timeout must be > 0 and --backoff >= 0")
+    if args.data_dir is None:
+        args.data_dir = DEFAULT_SAMPLE_DIR if args.test else DEFAULT_DATA_DIR
+    if not args.data_dir.strip():
+        parser.error("--data_dir is empty: it would write into the current directory; name a directory")
+    if not args.test:
+        try:
+            check_url(args.base_url, "--base_url")
+        except DownloadError as err:
+            parser.error(str(err))
     net = {"timeout": args.timeout, "retries": args.retries, "backoff": args.backoff}
     try:
         if args.test:

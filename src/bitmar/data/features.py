@@ -15,16 +15,22 @@ Localized Narratives. Caption files may hold
   integers, else in file order.
 A caption that is not a string is an error naming the file and the index; an empty (or whitespace-only) caption is
 dropped with a warning, and so is a feature row holding NaN or inf when `nonfinite="drop"` (`"error"` stops instead).
-The scan for NaN/inf is chunked and cached in `<cache_dir>/feature_scan.json`, keyed by path, size and mtime.
+A source whose every row would be dropped is an error. The scan for NaN/inf is chunked and cached in
+`<cache_dir>/feature_scan.json`, keyed by path, size and mtime.
+
+This module owns these rules: `open_feature_file`, `read_captions`, `non_string_rows`, `pairing_problem` and
+`judge_rows` are what the loaders apply and what the verifier (`bitmar.data.verify`) reports, so the two agree by
+construction.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,23 +38,74 @@ from typing import Any
 import numpy as np
 
 from bitmar.data import layout
+from bitmar.data.corpus import file_lock
 from bitmar.data.errors import DataError
-from bitmar.data.text import atomic_write_text, file_lock
+from bitmar.fileio import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
 SCAN_CHUNK_ROWS = 32768  # 48 MB of float16 rows per read during the NaN/inf scan
 NONFINITE_CHOICES = ("drop", "error")
+MANY_NONFINITE_FRACTION = 0.01  # past this share of dropped rows the warning suggests a corrupt file
 
 
 def _fetch_hint(path: Path) -> str:
     return layout.fetch_command(str(path.parent), path.name)
 
 
-def open_feature_file(path: Path, feature_dim: int) -> np.ndarray:
-    """np.load(mmap_mode="r") with the checks a user needs: exists, is a 2-D float .npy of width `feature_dim`."""
+FEATURE_DTYPES = ("float16", "float32", "float64")  # read as float32 whatever the file holds
+
+
+def _read_npy_header(path: Path) -> tuple[tuple[int, ...], bool, np.dtype, int]:
+    """(shape, fortran_order, dtype, data offset) from the .npy header, without touching the data."""
+    with open(path, "rb") as handle:
+        version = np.lib.format.read_magic(handle)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(handle)
+        elif version == (2, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(handle)
+        else:
+            raise ValueError(f"unsupported .npy format version {version}")
+        return tuple(shape), bool(fortran), np.dtype(dtype), handle.tell()
+
+
+def open_feature_file(path: Path, feature_dim: int, width_key: str = "model.vision_encoder_dim") -> np.ndarray:
+    """np.load(mmap_mode="r") with the checks a user needs: exists, is a 2-D float .npy of width `feature_dim`
+    with at least one row and all the bytes its header promises. Every problem is named at once (DataError).
+
+    `width_key` names the setting that holds `feature_dim` in the caller's world (config key or CLI flag)."""
+    path = Path(path)
     if not path.is_file():
         raise DataError(f"missing feature file {path}; fetch it with: {_fetch_hint(path)}")
+    try:
+        shape, _, dtype, offset = _read_npy_header(path)
+    except (ValueError, OSError, EOFError) as err:
+        raise DataError(
+            f"{path} is not a readable .npy file ({err}); it is probably truncated or corrupt. Delete it and "
+            f"re-download: {_fetch_hint(path)}"
+        ) from err
+    problems = []
+    if dtype.kind != "f" or dtype.name not in FEATURE_DTYPES:
+        problems.append(f"dtype {dtype} (expected float16 or float32 features)")
+    if len(shape) != 2:
+        problems.append(f"shape {shape} (expected (N, {feature_dim}): one feature vector per row)")
+    else:
+        if shape[1] != feature_dim:
+            problems.append(
+                f"feature width {shape[1]}, expected {feature_dim} ({width_key}); use features from the matching "
+                f"DINOv2 model or change {width_key}"
+            )
+        if shape[0] == 0:
+            problems.append("0 rows")
+    if problems:
+        raise DataError(f"{path} has " + "; ".join(problems))
+    need = offset + math.prod(shape) * dtype.itemsize
+    have = path.stat().st_size
+    if have < need:
+        raise DataError(
+            f"{path} is truncated: {have:,} bytes on disk, its header ({shape} {dtype}) needs {need:,}. Delete it "
+            f"and re-download: {_fetch_hint(path)}"
+        )
     try:
         array = np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError, EOFError) as err:
@@ -56,23 +113,10 @@ def open_feature_file(path: Path, feature_dim: int) -> np.ndarray:
             f"{path} is not a readable .npy file ({err}); it is probably truncated or corrupt. Delete it and "
             f"re-download: {_fetch_hint(path)}"
         ) from err
-    if not isinstance(array, np.ndarray):
-        raise DataError(
-            f"{path} holds {type(array).__name__}, expected a single .npy array of shape (N, {feature_dim})"
-        )
-    if array.ndim != 2:
-        raise DataError(f"{path} has shape {array.shape}, expected (N, {feature_dim}): one feature vector per row")
-    if array.dtype.kind != "f":
-        raise DataError(f"{path} has dtype {array.dtype}, expected float16 or float32 features")
-    if array.shape[1] != feature_dim:
-        raise DataError(
-            f"{path} has feature width {array.shape[1]}, expected {feature_dim} (model.vision_encoder_dim); "
-            "use features from the matching DINOv2 model or change model.vision_encoder_dim"
-        )
     return array
 
 
-def _nonfinite_mask(block: np.ndarray) -> np.ndarray:
+def nonfinite_mask(block: np.ndarray) -> np.ndarray:
     """(rows,) bool: row holds NaN or inf. Checks the exponent bits (all ones), twice as fast as np.isfinite."""
     if block.dtype == np.float16:
         return ((block.view(np.uint16) & 0x7C00) == 0x7C00).any(axis=1)
@@ -91,10 +135,12 @@ class StackedFeatures:
     process (DataLoader workers open their own; nothing open is ever pickled).
     """
 
-    def __init__(self, paths: Sequence[str | os.PathLike], feature_dim: int) -> None:
+    def __init__(
+        self, paths: Sequence[str | os.PathLike], feature_dim: int, width_key: str = "model.vision_encoder_dim"
+    ) -> None:
         self.paths = [Path(p) for p in paths]
         self.feature_dim = feature_dim
-        arrays = [open_feature_file(p, feature_dim) for p in self.paths]
+        arrays = [open_feature_file(p, feature_dim, width_key) for p in self.paths]
         self.dtypes = [a.dtype for a in arrays]
         self.data_offsets = [int(a.offset) for a in arrays]  # byte offset of row 0 (after the .npy header)
         self.row_bytes = [a.dtype.itemsize * feature_dim for a in arrays]
@@ -105,7 +151,9 @@ class StackedFeatures:
                 if a.dtype.byteorder == ">" or not a.flags.c_contiguous
             ]
             raise DataError(
-                f"{bad}: big-endian or Fortran-ordered .npy files are not supported; re-save them with np.save"
+                f"{', '.join(bad)}: big-endian or Fortran-ordered .npy files are not supported (a row would not be "
+                "contiguous on disk); re-save them as C-ordered native floats: "
+                "np.save(path, np.ascontiguousarray(a).astype(a.dtype.newbyteorder('=')))"
             )
         self.offsets = np.cumsum([0, *(a.shape[0] for a in arrays)]).astype(np.int64)
         self._fds: list[int] | None = None
@@ -170,8 +218,15 @@ class StackedFeatures:
             out[order[sel]] = self._read_part(p, sorted_rows[sel] - self.offsets[p])
         return out
 
-    def scan_nonfinite(self, limit: int | None = None, cache_dir: str | os.PathLike | None = None) -> np.ndarray:
-        """Sorted global rows (< limit) holding NaN/inf; whole-part scans are cached in `cache_dir`."""
+    def scan_nonfinite(
+        self,
+        limit: int | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        on_rows: Callable[[int], None] | None = None,
+    ) -> np.ndarray:
+        """Sorted global rows (< limit) holding NaN/inf; whole-part scans are cached in `cache_dir`.
+
+        `on_rows(n)` is called after each scanned chunk of n rows (progress bars)."""
         bad: list[np.ndarray] = []
         cache_path = Path(cache_dir) / "feature_scan.json" if cache_dir is not None else None
         cache: dict[str, Any] = {}
@@ -190,7 +245,7 @@ class StackedFeatures:
             if whole and entry and entry["size"] == stat.st_size and entry["mtime_ns"] == stat.st_mtime_ns:
                 local = np.asarray(entry["nonfinite_rows"], dtype=np.int64)
             else:
-                local = self._scan_part(p, n_rows)
+                local = self._scan_part(p, n_rows, on_rows)
                 if whole and cache_path is not None:
                     cache[key] = {
                         "size": stat.st_size,
@@ -207,17 +262,22 @@ class StackedFeatures:
                 atomic_write_text(cache_path, json.dumps(merged))
         return np.concatenate(bad) if bad else np.zeros(0, np.int64)
 
-    def _scan_part(self, part: int, n_rows: int) -> np.ndarray:
+    def _scan_part(self, part: int, n_rows: int, on_rows: Callable[[int], None] | None = None) -> np.ndarray:
         """Chunked scan: one SCAN_CHUNK_ROWS buffer at a time, never the whole part in memory."""
         found = []
         for start in range(0, n_rows, SCAN_CHUNK_ROWS):
             block = self._read_part(part, np.arange(start, min(n_rows, start + SCAN_CHUNK_ROWS), dtype=np.int64))
-            found.append(np.flatnonzero(_nonfinite_mask(block)) + start)
+            found.append(np.flatnonzero(nonfinite_mask(block)) + start)
+            if on_rows is not None:
+                on_rows(len(block))
         return np.concatenate(found) if found else np.zeros(0, np.int64)
 
 
 def read_captions(path: Path) -> list[Any]:
-    """The captions of a JSON file in one of the accepted layouts (module docstring), in row order."""
+    """The captions of a JSON file in one of the accepted layouts (module docstring), in row order.
+
+    Entries are returned as found (a `{"caption": ...}` object becomes its caption); `non_string_rows` finds the
+    entries that are not captions."""
     if not path.is_file():
         raise DataError(f"missing caption file {path}; fetch it with: {_fetch_hint(path)}")
     try:
@@ -230,7 +290,15 @@ def read_captions(path: Path) -> list[Any]:
         ) from err
     except UnicodeDecodeError as err:
         raise DataError(f"{path} is not UTF-8 JSON (byte {err.start}); re-download: {_fetch_hint(path)}") from err
+    except OSError as err:
+        raise DataError(f"cannot read {path} ({err})") from err
     if isinstance(data, dict):
+        wrapped = [k for k, v in data.items() if isinstance(v, list)]
+        if wrapped:  # {"captions": [...]}: a wrapper, not an id -> caption map
+            raise DataError(
+                f"{path} holds a JSON object whose entry {wrapped[0]!r} is a list; expected a JSON list of caption "
+                'strings (or of {"caption": ...} objects, or an object id -> caption)'
+            )
         keys = list(data)
         if all(isinstance(k, str) and k.lstrip("-").isdigit() for k in keys):
             keys.sort(key=int)
@@ -238,8 +306,97 @@ def read_captions(path: Path) -> list[Any]:
     elif isinstance(data, list):
         items = data
     else:
-        raise DataError(f"{path} holds a JSON {type(data).__name__}; expected a list of caption strings")
+        raise DataError(f"{path} holds a JSON {type(data).__name__}; expected a JSON list of caption strings")
     return [item["caption"] if isinstance(item, dict) and "caption" in item else item for item in items]
+
+
+def non_string_rows(captions: Sequence[Any]) -> np.ndarray:
+    """Indices of entries that are not caption strings (an error: caption i must pair with feature row i)."""
+    return np.asarray([i for i, c in enumerate(captions) if not isinstance(c, str)], dtype=np.int64)
+
+
+def empty_caption_rows(captions: Sequence[Any]) -> np.ndarray:
+    """Indices of empty or whitespace-only captions (dropped with their feature rows)."""
+    return np.asarray([i for i, c in enumerate(captions) if isinstance(c, str) and not c.strip()], dtype=np.int64)
+
+
+def _shown(rows: np.ndarray | Sequence[int], limit: int = 5) -> str:
+    rows = np.asarray(rows)
+    return ", ".join(map(str, rows[:limit].tolist())) + (", ..." if rows.size > limit else "")
+
+
+def non_string_message(path: Path, captions: Sequence[Any], bad: np.ndarray) -> str:
+    kinds = ", ".join(sorted({type(captions[int(i)]).__name__ for i in bad}))
+    first = captions[int(bad[0])]
+    return (
+        f"{path}: {bad.size:,} entries are not caption strings ({kinds}); first at index {_shown(bad)} "
+        f'(entry {int(bad[0])} is {str(first)[:60]!r}). Each entry must be a string or a {{"caption": ...}} '
+        "object; fix or re-download the file (caption i pairs with feature row i)"
+    )
+
+
+def pairing_problem(captions_path: Path, n_captions: int, feature_paths: Sequence[Path], counts: Sequence[int]) -> str:
+    """The message for captions and stacked feature rows of one source that do not pair one to one ('' if they do)."""
+    n_rows = int(sum(counts))
+    if n_captions == n_rows:
+        return ""
+    parts = " + ".join(f"{c:,} ({p.name})" for c, p in zip(counts, feature_paths, strict=True))
+    return (
+        f"{captions_path} holds {n_captions:,} captions but its feature files hold {n_rows:,} feature rows = {parts}; "
+        "caption i pairs with feature row i, so the counts must match. Re-download the mismatched file(s): "
+        f"{_fetch_hint(captions_path)}"
+    )
+
+
+@dataclass(frozen=True)
+class RowVerdict:
+    """What happens to the rows of one caption source: `error` stops the run; `warnings` report dropped rows."""
+
+    total: int
+    kept: int
+    error: str | None
+    warnings: tuple[str, ...]
+
+
+def judge_rows(label: str, total: int, empty: np.ndarray, nonfinite: np.ndarray, policy: str) -> RowVerdict:
+    """The row policy of one source (`label`, e.g. 'cc3m (cc_3M_captions.json)'), shared by loaders and verifier.
+
+    `empty` / `nonfinite`: local rows (0..total-1) with an empty caption / a NaN or inf feature value. Empty captions
+    are dropped with a warning; NaN/inf rows are dropped with a warning under `policy="drop"` and stop the run under
+    `"error"`; a source whose every row would be dropped stops the run too (nothing of it would be trained on)."""
+    if policy not in NONFINITE_CHOICES:
+        raise DataError(f"data.nonfinite_features={policy!r} is not one of {list(NONFINITE_CHOICES)}")
+    empty, nonfinite = np.asarray(empty, np.int64), np.asarray(nonfinite, np.int64)
+    dropped = np.union1d(empty, nonfinite) if policy == "drop" else empty
+    kept = total - int(dropped.size)
+    warns = []
+    if nonfinite.size and policy == "error":
+        return RowVerdict(
+            total,
+            kept,
+            f"{label}: {nonfinite.size:,} of {total:,} feature rows hold NaN/inf (rows {_shown(nonfinite)}); "
+            "data.nonfinite_features=error stops here: re-download the features, or set data.nonfinite_features=drop "
+            "to train without these rows",
+            (),
+        )
+    if empty.size:
+        warns.append(f"{label}: dropped {empty.size:,} of {total:,} rows with an empty caption (rows {_shown(empty)})")
+    if nonfinite.size:
+        many = nonfinite.size / max(total, 1) > MANY_NONFINITE_FRACTION
+        hint = f"; more than {MANY_NONFINITE_FRACTION:.0%} of the rows: the file may be corrupt, consider a re-download"
+        warns.append(
+            f"{label}: dropped {nonfinite.size:,} of {total:,} rows whose features hold NaN/inf "
+            f"(rows {_shown(nonfinite)}) with their captions (data.nonfinite_features=drop; set it to error to stop "
+            "instead)" + (hint if many else "")
+        )
+    error = None
+    if total > 0 and kept == 0:
+        error = (
+            f"{label}: every one of its {total:,} rows would be dropped ({nonfinite.size:,} with NaN/inf features, "
+            f"{empty.size:,} with an empty caption): nothing of it is left to train on. Re-download the files, or "
+            "turn the source off (data.use_cc3m / data.use_local_narratives)"
+        )
+    return RowVerdict(total, kept, error, tuple(warns))
 
 
 @dataclass(frozen=True)
@@ -304,40 +461,37 @@ class CaptionFeatureStore:
         starts = [0]
         for source in self.sources:
             captions = read_captions(source.captions)
-            part_rows = self._source_rows(source)
-            if len(captions) != part_rows:
-                names = ", ".join(p.name for p in source.features)
-                raise DataError(
-                    f"{source.captions} holds {len(captions)} captions but {names} hold {part_rows} feature rows; "
-                    "caption i pairs with feature row i, so the counts must match. Re-download both: "
-                    f"{_fetch_hint(source.captions)}"
-                )
-            for i, caption in enumerate(captions):
-                if not isinstance(caption, str):
-                    raise DataError(
-                        f"{source.captions}: caption {i} is {type(caption).__name__} ({str(caption)[:60]!r}), "
-                        "expected a string; fix or re-download the file (caption i pairs with feature row i)"
-                    )
+            counts = self._part_rows(source)
+            problem = pairing_problem(source.captions, len(captions), source.features, counts)
+            if problem:
+                raise DataError(problem)
+            bad_types = non_string_rows(captions)
+            if bad_types.size:
+                raise DataError(non_string_message(source.captions, captions, bad_types))
             texts.extend(captions)
-            starts.append(starts[-1] + part_rows)
+            starts.append(starts[-1] + sum(counts))
         self.source_starts = np.asarray(starts, dtype=np.int64)
         raw_rows = len(texts)
         limit = raw_rows if max_samples is None else min(raw_rows, max_samples)
         keep = np.ones(limit, dtype=bool)
 
-        empty = np.asarray([i for i in range(limit) if not texts[i].strip()], dtype=np.int64)
-        if empty.size:
-            keep[empty] = False
-            warnings.warn(f"dropped {empty.size} empty captions ({self._describe_rows(empty)})", stacklevel=2)
+        empty = empty_caption_rows(texts[:limit])
         bad = self.features.scan_nonfinite(limit=limit, cache_dir=cache_dir)
         self.num_nonfinite = int(bad.size)
         self.num_empty = int(empty.size)
-        if bad.size:
-            what = f"{bad.size} feature rows hold NaN/inf ({self._describe_rows(bad)})"
-            if nonfinite == "error":
-                raise DataError(f"{what}; re-download the features, or set data.nonfinite_features=drop to skip them")
-            keep[bad] = False
-            warnings.warn(f"dropped {what}; set data.nonfinite_features=error to stop instead", stacklevel=2)
+        for k, source in enumerate(self.sources):  # the row policy is judged per source, as the verifier does
+            lo, hi = int(self.source_starts[k]), min(int(self.source_starts[k + 1]), limit)
+            if hi <= lo:
+                continue  # past max_samples
+            local_empty = empty[(empty >= lo) & (empty < hi)] - lo
+            local_bad = bad[(bad >= lo) & (bad < hi)] - lo
+            verdict = judge_rows(f"{source.name} ({source.captions.name})", hi - lo, local_empty, local_bad, nonfinite)
+            if verdict.error:
+                raise DataError(verdict.error)
+            for message in verdict.warnings:
+                warnings.warn(message, stacklevel=2)
+        keep[empty] = False
+        keep[bad] = False
         self.rows = np.flatnonzero(keep).astype(np.int64)
         encoded = [t.encode("utf-8") for t in texts[:limit]]
         lengths = np.fromiter((len(b) for b in encoded), dtype=np.int64, count=len(encoded))
@@ -373,20 +527,10 @@ class CaptionFeatureStore:
             max_samples=max_samples,
         )
 
-    def _source_rows(self, source: CaptionSource) -> int:
+    def _part_rows(self, source: CaptionSource) -> list[int]:
+        """Rows of each feature part of `source`, in stacking order."""
         first = sum(len(s.features) for s in self.sources[: self.sources.index(source)])
-        return int(self.features.offsets[first + len(source.features)] - self.features.offsets[first])
-
-    def _describe_rows(self, raw_rows: np.ndarray) -> str:
-        """'cc3m rows 3, 17, ...' style description of raw rows, naming their source files."""
-        parts = []
-        for k, source in enumerate(self.sources):
-            lo, hi = self.source_starts[k], self.source_starts[k + 1]
-            local = raw_rows[(raw_rows >= lo) & (raw_rows < hi)] - lo
-            if local.size:
-                shown = ", ".join(map(str, local[:5].tolist())) + (", ..." if local.size > 5 else "")
-                parts.append(f"{local.size} in {source.name} ({source.captions.name}) at rows {shown}")
-        return "; ".join(parts)
+        return np.diff(self.features.offsets[first : first + len(source.features) + 1]).astype(int).tolist()
 
     def __len__(self) -> int:
         return int(self.rows.size)

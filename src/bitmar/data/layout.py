@@ -31,6 +31,10 @@ NOVEL_EPISODES_FEATURES = "eval/novel_episodes_features.npy"
 
 FEATURE_DIM = 768  # DINOv2-base CLS vectors
 
+# The generated sample world (`bitmar.data.sample`): its manifest records every file it wrote, with sha256.
+SAMPLE_MANIFEST = "eval/sample_world.json"
+SAMPLE_DEFAULT_DIR = "data/babylm_sample"  # `download_babylm_data.py --test` writes here (the tiny config's data_dir)
+
 
 def fetch_command(data_dir: str, name: str | None = None) -> str:
     """The command a user runs to fetch a missing file (named in error messages)."""

@@ -39,7 +39,10 @@ Files (paths relative to data_dir)
   `study_image` / `test_image` (row indices into `eval/novel_episodes_features.npy`: two views of the same scene
   with independent noise: write the study view into memory, query with the test view), `foils` (3 captions that
   differ from `caption` in the nonce word, a colour or the other object).
-- `eval/sample_world.json`: seed, counts and the vocabulary (marks the directory as a generated sample world).
+- `eval/sample_world.json` (the manifest): seed, counts, the vocabulary and `files`: the size and sha256 of every file
+  the generator wrote. It marks the directory as a generated sample world, and it is the generator's licence to
+  write: a file at a target path is replaced only when the manifest records it with the same sha256, so a real
+  download (or any other file) that arrived later is never overwritten (`overwrite=True` / `--overwrite` forces it).
 
 All feature files share the dtype given to `generate_sample_dataset` (float16 by default, like the release).
 Everything is deterministic given `sample_cfg.seed`: the same seed writes byte-identical files.
@@ -70,7 +73,9 @@ from bitmar.data.pseudowords import plural_of, pseudo_word_pool
 
 WINOGROUND_FEATURES = "eval/winoground_features.npy"
 VQA_FEATURES = "eval/vqa_features.npy"
-SAMPLE_MANIFEST = "eval/sample_world.json"
+SAMPLE_MANIFEST = layout.SAMPLE_MANIFEST
+MANIFEST_KIND = "bitmar-sample-world"
+SAMPLE_DEFAULT_DIR = layout.SAMPLE_DEFAULT_DIR
 
 COLOURS = ("red", "blue", "green", "yellow", "black", "white", "brown", "pink")
 SIZES = ("small", "big", "tiny")
@@ -646,6 +651,125 @@ def world_scenes(sample_cfg: SampleDataConfig) -> dict[str, tuple[list[Scene], l
     return {"cc3m": (cc_scenes, cc_captions), "local_narratives": (ln_scenes, ln_captions)}
 
 
+def sha256_file(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _file_entry(path: Path) -> dict[str, Any]:
+    return {"size": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+def read_manifest(data_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """The sample-world manifest of `data_dir` (None when there is none); an unreadable one is a DataError."""
+    path = Path(data_dir) / SAMPLE_MANIFEST
+    if not path.exists():
+        return None
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DataError(f"{path} is not a readable sample-world manifest ({err})") from err
+    if not isinstance(manifest, dict) or manifest.get("kind") != MANIFEST_KIND:
+        raise DataError(f'{path} is not a BitMar sample-world manifest (no "kind": "{MANIFEST_KIND}")')
+    return manifest
+
+
+def _recorded(manifest: dict[str, Any], rel: str) -> list[dict[str, Any]]:
+    """What the manifest allows at `rel`: the written entry, plus the old one while a rewrite is under way."""
+    entries = []
+    for key in ("files", "replacing"):
+        entry = (manifest.get(key) or {}).get(rel)
+        if isinstance(entry, dict):
+            entries.append(entry)
+    return entries
+
+
+def written_by_sample(data_dir: str | os.PathLike, manifest: dict[str, Any] | None, rel: str) -> bool:
+    """True when the file at `rel` is one the manifest records, byte for byte (size, then sha256)."""
+    path = Path(data_dir) / rel
+    if manifest is None or not path.is_file():
+        return False
+    size = path.stat().st_size
+    candidates = [e for e in _recorded(manifest, rel) if e.get("size") == size]
+    if not candidates:  # sizes differ: no need to hash a multi-GB download
+        return False
+    digest = sha256_file(path)
+    return any(e.get("sha256") == digest for e in candidates)
+
+
+@dataclass
+class SampleWorldStatus:
+    """What a directory holds relative to its sample-world manifest."""
+
+    manifest: dict[str, Any]
+    ours: list[str]  # recorded files present with the recorded content
+    foreign: list[str]  # recorded (or BabyLM) paths present with other content: not written by the generator
+    missing: list[str]  # recorded files that are absent
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.manifest.get("complete", True)) and not self.missing
+
+    @property
+    def pure(self) -> bool:
+        """Every BabyLM file present was written by the generator and nothing it wrote is missing."""
+        return self.complete and not self.foreign
+
+
+def sample_world_status(data_dir: str | os.PathLike) -> SampleWorldStatus | None:
+    """None when `data_dir` has no sample-world manifest; raises DataError for an unreadable manifest."""
+    data_dir = Path(data_dir)
+    manifest = read_manifest(data_dir)
+    if manifest is None:
+        return None
+    rels = sorted(set(manifest.get("files") or {}) | set(layout.ALL_FILES))
+    ours, foreign, missing = [], [], []
+    for rel in rels:
+        recorded = bool(_recorded(manifest, rel))
+        if not (data_dir / rel).exists():
+            if recorded:
+                missing.append(rel)
+        elif written_by_sample(data_dir, manifest, rel):
+            ours.append(rel)
+        else:
+            foreign.append(rel)
+    return SampleWorldStatus(manifest, ours, foreign, missing)
+
+
+def _foreign_targets(data_dir: Path, targets: list[str]) -> list[str]:
+    """Target paths that hold something the sample world did not write (the generator must not replace them)."""
+    try:
+        manifest = read_manifest(data_dir)
+        foreign = []
+    except DataError:  # a manifest we cannot read vouches for nothing, and is not ours to replace either
+        manifest, foreign = None, [SAMPLE_MANIFEST]
+    for rel in targets:
+        if rel != SAMPLE_MANIFEST and (data_dir / rel).exists() and not written_by_sample(data_dir, manifest, rel):
+            foreign.append(rel)
+    return foreign
+
+
+def _refuse_foreign(data_dir: Path, foreign: list[str]) -> DataError:
+    shown = ", ".join(foreign[:6]) + (f" and {len(foreign) - 6} more" if len(foreign) > 6 else "")
+    return DataError(
+        f"refusing to overwrite {len(foreign)} file(s) in {data_dir} that the sample world did not write (or that "
+        f"changed since): {shown}. The generator only replaces files that its manifest ({SAMPLE_MANIFEST}) records "
+        "with the same sha256, so a real BabyLM download is never lost. If these are real data, keep them and write "
+        f"the sample world elsewhere (default {SAMPLE_DEFAULT_DIR}: python download_babylm_data.py --test); to "
+        "replace them anyway, delete them first or pass --overwrite (download_babylm_data.py --test --overwrite)."
+    )
+
+
+def _write_manifest_atomic(tmp: Path, data_dir: Path, manifest: dict[str, Any], name: str) -> None:
+    staged = tmp / name
+    staged.write_text(json.dumps(manifest, ensure_ascii=False, indent=None), encoding="utf-8")
+    (data_dir / SAMPLE_MANIFEST).parent.mkdir(parents=True, exist_ok=True)
+    os.replace(staged, data_dir / SAMPLE_MANIFEST)
+
+
 def generate_sample_dataset(
     data_dir: str | os.PathLike,
     sample_cfg: SampleDataConfig | None = None,
@@ -656,21 +780,23 @@ def generate_sample_dataset(
     """Write the sample grounded world into `data_dir` (official layout + `eval/`); returns a summary dict.
 
     Files are built in a temporary folder inside `data_dir` and moved into place one by one with `os.replace`, so
-    a crash never leaves a half-written file. A directory that already holds BabyLM files which are not a sample
-    world is refused unless `overwrite=True` (never clobber a real download).
+    a crash never leaves a half-written file. A target path that already holds a file the manifest does not record
+    with the same sha256 (a real download, a user's file, an edited file) is refused unless `overwrite=True`: nothing
+    is moved then. Before the first move the manifest is rewritten as incomplete, recording both the old and the
+    new content of every target, so a crash in the middle leaves a directory the next run may still regenerate.
     """
+    if not str(data_dir).strip():
+        raise DataError(
+            f"the sample world needs a directory; got an empty path (it would write into the current directory "
+            f"{Path.cwd()}). Pass a directory, e.g. {SAMPLE_DEFAULT_DIR}"
+        )
     cfg = sample_cfg or SampleDataConfig()
     for key in ("num_cc3m", "num_local_narratives", "num_text_lines", "num_novel_episodes"):
         if getattr(cfg, key) < 2:
             raise DataError(f"data.sample.{key} must be >= 2, got {getattr(cfg, key)}")
     data_dir = Path(data_dir)
-    if not overwrite and not (data_dir / SAMPLE_MANIFEST).exists():
-        present = [name for name in layout.ALL_FILES if (data_dir / name).exists()]
-        if present:
-            raise DataError(
-                f"{data_dir} already holds BabyLM files ({', '.join(present)}) that are not a generated sample "
-                "world; refusing to overwrite them. Use an empty --data_dir for the sample, or pass overwrite=True."
-            )
+    if data_dir.exists() and not data_dir.is_dir():
+        raise DataError(f"{data_dir} exists and is not a directory; pass a directory for the sample world")
     seed = cfg.seed
     world = SampleWorld(seed, feature_dim)
     rng = np.random.default_rng([seed, 0xBAB1])
@@ -689,8 +815,8 @@ def generate_sample_dataset(
     novel, novel_features = _novel_episodes(world, cfg.num_novel_episodes, eval_rng)
 
     half = (cfg.num_cc3m + 1) // 2
-    manifest = {
-        "kind": "bitmar-sample-world",
+    manifest: dict[str, Any] = {
+        "kind": MANIFEST_KIND,
         "seed": seed,
         "feature_dim": feature_dim,
         "dtype": np.dtype(dtype).name,
@@ -722,18 +848,36 @@ def generate_sample_dataset(
         _write_npy(tmp / VQA_FEATURES, vqa_features.astype(dtype))
         _write_jsonl(tmp / layout.NOVEL_EPISODES_FILE, novel)
         _write_npy(tmp / layout.NOVEL_EPISODES_FEATURES, novel_features.astype(dtype))
-        _write_json(tmp / SAMPLE_MANIFEST, manifest)
-        written = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
-        # The manifest goes last: it marks a complete sample world.
-        for rel in sorted(written, key=lambda r: r == SAMPLE_MANIFEST):
+        data_files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
+        written = sorted([*data_files, SAMPLE_MANIFEST])
+        if not overwrite:
+            foreign = _foreign_targets(data_dir, written)
+            if foreign:
+                raise _refuse_foreign(data_dir, foreign)
+        manifest["files"] = {rel: _file_entry(tmp / rel) for rel in data_files}
+        manifest["complete"] = True
+        try:
+            previous = read_manifest(data_dir) or {}
+        except DataError:
+            previous = {}
+        replacing = {
+            rel: entry
+            for rel, entry in (previous.get("files") or {}).items()
+            if rel in manifest["files"] and entry != manifest["files"][rel]
+        }
+        # First the manifest that vouches for old and new content alike (a crash below leaves only files it records),
+        # then the files, then the final manifest: it marks a complete sample world.
+        _write_manifest_atomic(tmp, data_dir, {**manifest, "complete": False, "replacing": replacing}, ".pending")
+        for rel in data_files:
             (data_dir / rel).parent.mkdir(parents=True, exist_ok=True)
             os.replace(tmp / rel, data_dir / rel)
+        _write_manifest_atomic(tmp, data_dir, manifest, ".final")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
     text_lines = [line for lines in text.values() for line in lines]
     return {
-        **{k: v for k, v in manifest.items() if k != "vocabulary"},
+        **{k: v for k, v in manifest.items() if k not in ("vocabulary", "files", "complete")},
         "data_dir": str(data_dir),
         "files": written,
         "text_words": _words(text_lines),

@@ -1,15 +1,7 @@
 """The text-only BabyLM corpus: reading, cleaning, a cached token array and fixed-length LM blocks.
 
-Where the six `<source>.train` files are looked for, in order:
-1. `<data_dir>/train_50M.zip`: any member whose file name is `<source>.train` (the release unpacks into
-   `train_50M/<source>.train`; a flat zip works too; `__MACOSX/` and `._*` entries are ignored);
-2. the unpacked folder `<data_dir>/train_50M/<source>.train`;
-3. `<data_dir>/<source>.train`.
-
-Lines must be UTF-8: a line that is not stops with a `DataError` naming the file and line number (silently
-replacing bytes would train on mojibake). With `clean=True` (`data.clean_text`), CHAT speaker labels (`*CHI:\\t`),
-Switchboard labels (`A:\\t`), dependent tiers (`%mor:\\t...`), CHAT headers (`@Begin`) and `= = = title = = =` headers
-are removed and blank lines dropped.
+Where the six `<source>.train` files are found and how lines are read and cleaned: `bitmar.data.corpus` (shared
+with the verifier; its names are re-exported here).
 
 Tokens: every kept line becomes BOS + tokens + EOS (the format the evaluation scores: `<s> sentence`). The token
 stream of all sources, in the order of `data.text_sources`, is written once to `<cache_dir>/text_tokens-<fp>.npy`
@@ -20,18 +12,14 @@ re-tokenizes; a `.json` next to the array holds the fingerprint and word/line/to
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import logging
 import os
-import re
 import shutil
-import zipfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -40,6 +28,18 @@ from torch.utils.data import Dataset
 
 from bitmar import fileio
 from bitmar.data import layout
+from bitmar.data.corpus import (  # noqa: F401  (re-exported: the corpus rules live in bitmar.data.corpus)
+    TextFile,
+    clean_line,
+    count_words,
+    decode_line,
+    file_lock,
+    iter_file_lines,
+    iter_raw_lines,
+    iter_text_lines,
+    locate_text_files,
+    text_corpus_present,
+)
 from bitmar.data.errors import DataError
 from bitmar.data.tokenizer import encode_batch, tokenizer_fingerprint
 from bitmar.fileio import atomic_write_text  # noqa: F401  (re-exported for the data modules)
@@ -48,147 +48,6 @@ logger = logging.getLogger(__name__)
 
 CACHE_FORMAT = 1
 _BATCH_LINES = 8192
-
-_SPEAKER = re.compile(r"^(\*[A-Za-z0-9_]+:[ \t]+|[A-Z]:\t)")  # "*CHI:\t", "*MOT: ", "A:\t" (Switchboard: tab only)
-_DEPENDENT_TIER = re.compile(r"^%[A-Za-z]+:")  # "%mor:", "%gra:"
-_CHAT_HEADER = re.compile(r"^@[A-Za-z]")  # "@Begin", "@Participants:"
-_TITLE = re.compile(r"^=( =)+ .*=( =)*$")  # "= = = childes_001.cha = = ="
-
-
-@contextlib.contextmanager
-def file_lock(path: str | os.PathLike) -> Iterator[None]:
-    """An exclusive advisory lock (fcntl) on `path`: ranks/processes building the same cache take turns."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-
-
-def clean_line(line: str) -> str | None:
-    """The utterance of one corpus line without speaker labels, or None for a line that holds no utterance."""
-    text = line.strip()
-    if not text or _DEPENDENT_TIER.match(text) or _CHAT_HEADER.match(text) or _TITLE.match(text):
-        return None
-    text = _SPEAKER.sub("", text).strip()
-    return text or None
-
-
-def count_words(lines: Iterator[str] | Sequence[str]) -> int:
-    """Whitespace-separated words (the BabyLM budget counts words, not tokens)."""
-    return sum(len(line.split()) for line in lines)
-
-
-@dataclass(frozen=True)
-class TextFile:
-    """One `<source>.train` file, inside the zip (`member` set) or on disk."""
-
-    source: str
-    path: Path  # the zip or the .train file
-    member: str | None = None
-
-    @property
-    def display(self) -> str:
-        return f"{self.path}!{self.member}" if self.member else str(self.path)
-
-    def identity(self) -> dict[str, Any]:
-        stat = self.path.stat()
-        return {"source": self.source, "path": str(self.path.resolve()), "member": self.member,
-                "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}  # fmt: skip
-
-
-def _bad_zip(path: Path, data_dir: Path, err: Exception) -> DataError:
-    return DataError(
-        f"{path} is not a readable zip archive ({err}); it is probably truncated or corrupt. Delete it and "
-        f"re-download: {layout.fetch_command(str(data_dir), layout.TEXT_ZIP)}"
-    )
-
-
-def locate_text_files(data_dir: str | os.PathLike, sources: Sequence[str] = layout.TEXT_SOURCES) -> list[TextFile]:
-    """Find the `.train` file of every source (see the module docstring for the search order)."""
-    data_dir = Path(data_dir)
-    unknown = [s for s in sources if s not in layout.TEXT_SOURCES]
-    if unknown:
-        raise DataError(f"data.text_sources holds unknown sources {unknown}; valid: {list(layout.TEXT_SOURCES)}")
-    if not sources:
-        raise DataError(f"data.text_sources is empty; list at least one of {list(layout.TEXT_SOURCES)}")
-    zip_path = data_dir / layout.TEXT_ZIP
-    if zip_path.is_file():
-        try:
-            with zipfile.ZipFile(zip_path) as archive:
-                names = archive.namelist()
-        except (zipfile.BadZipFile, OSError, EOFError) as err:
-            raise _bad_zip(zip_path, data_dir, err) from err
-        found = []
-        for source in sources:
-            matches = [
-                n for n in names
-                if PurePosixPath(n).name == f"{source}.train" and "__MACOSX" not in n
-                and not PurePosixPath(n).name.startswith("._")
-            ]  # fmt: skip
-            if len(matches) != 1:
-                what = "no member" if not matches else f"{len(matches)} members ({matches})"
-                raise DataError(
-                    f"{zip_path} has {what} named {source}.train (members: {names[:10]}); re-download it: "
-                    f"{layout.fetch_command(str(data_dir), layout.TEXT_ZIP)}"
-                )
-            found.append(TextFile(source, zip_path, matches[0]))
-        return found
-    found = []
-    for source in sources:
-        candidates = [data_dir / Path(layout.TEXT_ZIP).stem / f"{source}.train", data_dir / f"{source}.train"]
-        path = next((c for c in candidates if c.is_file()), None)
-        if path is None:
-            raise DataError(
-                f"text source '{source}' not found: looked for {zip_path} and {' and '.join(map(str, candidates))}. "
-                f"Fetch it with: {layout.fetch_command(str(data_dir), layout.TEXT_ZIP)}"
-            )
-        found.append(TextFile(source, path))
-    return found
-
-
-def iter_file_lines(file: TextFile, clean: bool = True) -> Iterator[str]:
-    """The lines of one source (cleaned when `clean`); non-UTF-8 bytes raise a DataError with the line number."""
-    with contextlib.ExitStack() as stack:
-        if file.member is not None:
-            try:
-                archive = stack.enter_context(zipfile.ZipFile(file.path))
-                stream = stack.enter_context(archive.open(file.member))
-            except (zipfile.BadZipFile, OSError, EOFError) as err:
-                raise _bad_zip(file.path, file.path.parent, err) from err
-        else:
-            stream = stack.enter_context(open(file.path, "rb"))
-        lineno = 0
-        while True:
-            try:
-                raw = stream.readline()
-            except (zipfile.BadZipFile, OSError, EOFError) as err:  # CRC mismatch or truncated member
-                raise _bad_zip(file.path, file.path.parent, err) from err
-            if not raw:
-                break
-            lineno += 1
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise DataError(
-                    f"{file.display}: line {lineno} is not valid UTF-8 (byte {err.start}: {raw[:80]!r}). BabyLM text "
-                    "is UTF-8: re-download the file, or convert it (e.g. `iconv -f latin1 -t utf-8`)"
-                ) from err
-            line = line.rstrip("\r\n")
-            if clean:
-                kept = clean_line(line)
-                if kept is not None:
-                    yield kept
-            elif line.strip():
-                yield line
-
-
-def iter_text_lines(files: Sequence[TextFile], clean: bool = True) -> Iterator[str]:
-    for file in files:
-        yield from iter_file_lines(file, clean)
 
 
 @dataclass

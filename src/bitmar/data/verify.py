@@ -1,37 +1,51 @@
 """Check that a BabyLM multimodal data directory is complete and readable before training on it.
 
 Every problem becomes a failing check with a message that names the file and says what to do; nothing here
-raises on bad data. Feature files are never loaded whole: headers are parsed, arrays are memory-mapped,
-the finiteness scan walks fixed-size chunks and the statistics use a strided sample of rows.
+raises on bad data. Feature files are never loaded whole: headers are parsed, rows are read in fixed-size chunks
+for the NaN/inf scan and a strided sample of rows gives the statistics.
 
-Severity: a failing check is an "error" (the loaders would fail or train on garbage) or a "warning"
-(usable, but look at it: optional Localized Narratives absent, a few NaN rows the loaders drop, empty captions).
+The verifier and the loaders agree by construction: each rule lives in one function of the loaders' modules and
+both call it. Where the text corpus is found and how (`text.locate_text_files`: the zip, an unpacked `train_50M/`,
+or flat `.train` files), what a line must be (`text.decode_line`), what a feature file must be
+(`features.open_feature_file`, `StackedFeatures`), which caption layouts are read (`features.read_captions`: a list of
+strings, of `{"caption": ...}` objects, or an id -> caption object), how captions pair with rows
+(`features.pairing_problem`) and what happens to empty captions and NaN/inf rows under `data.nonfinite_features`
+(`features.judge_rows`: dropped with a warning, or an error; a source whose every row would be dropped is an error).
+
+Severity: a failing check is an "error" (the loaders would refuse the data), a "warning" (usable, but look at it:
+optional Localized Narratives absent, rows the loaders drop) or a "notice" (the directory is a generated sample
+world, not BabyLM data).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import sys
 import zipfile
-import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 from tqdm import tqdm
 
 from bitmar.data import layout
+from bitmar.data.corpus import TextFile, decode_line, iter_raw_lines, locate_text_files
 from bitmar.data.errors import DataError
+from bitmar.data.features import (
+    NONFINITE_CHOICES,
+    StackedFeatures,
+    empty_caption_rows,
+    judge_rows,
+    non_string_message,
+    non_string_rows,
+    pairing_problem,
+    read_captions,
+)
 
-SCAN_CHUNK_BYTES = 64 << 20  # finiteness scan reads this much of a feature file at a time
 STAT_SAMPLE_ROWS = 4096  # rows in the strided sample behind mean / std / L2
-MAX_NONFINITE_FRACTION = 0.01  # more broken rows than this means a broken file, not a few bad images
-SHOW_INDICES = 5
 BABYLM_WORD_BUDGET = 100_000_000
-ZIP_MEMBER_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, OSError, RuntimeError, NotImplementedError)
+SEVERITIES = ("error", "warning", "notice")
 
 
 @dataclass
@@ -39,11 +53,13 @@ class Check:
     name: str
     ok: bool
     message: str
-    severity: str = "error"  # "error": the data set is not usable; "warning": usable, worth a look
+    severity: str = "error"  # "error": not usable; "warning": usable, worth a look; "notice": for information
 
     @property
     def status(self) -> str:
-        return "ok" if self.ok else ("FAIL" if self.severity == "error" else "warn")
+        if self.ok:
+            return "ok"
+        return {"error": "FAIL", "warning": "warn", "notice": "note"}[self.severity]
 
 
 @dataclass
@@ -64,6 +80,7 @@ class VerifyReport:
     data_dir: Path
     checks: list[Check] = field(default_factory=list)
     rows: list[SummaryRow] = field(default_factory=list)
+    sample_world: bool = False  # the directory is a generated sample world (its manifest vouches for every file)
 
     @property
     def usable(self) -> bool:
@@ -77,14 +94,14 @@ class VerifyReport:
     def warnings(self) -> list[Check]:
         return [c for c in self.checks if not c.ok and c.severity == "warning"]
 
+    @property
+    def notices(self) -> list[Check]:
+        return [c for c in self.checks if not c.ok and c.severity == "notice"]
+
     def add(self, name: str, ok: bool, message: str, severity: str = "error") -> bool:
+        assert severity in SEVERITIES, severity
         self.checks.append(Check(name, ok, message, severity))
         return ok
-
-
-def _indices(idx: Sequence[int], total: int | None = None) -> str:
-    shown = ", ".join(str(int(i)) for i in list(idx)[:SHOW_INDICES])
-    return shown + (", ..." if (len(idx) if total is None else total) > SHOW_INDICES else "")
 
 
 def _present(report: VerifyReport, name: str, severity: str = "error") -> Path | None:
@@ -101,263 +118,175 @@ def _present(report: VerifyReport, name: str, severity: str = "error") -> Path |
     return None
 
 
-# ---------------------------------------------------------------- text-only corpus (train_50M.zip)
+# ---------------------------------------------------------------- sample world
 
 
-def _check_text_zip(report: VerifyReport, progress: bool) -> None:
-    path = _present(report, layout.TEXT_ZIP)
-    if path is None:
+def _check_sample_world(report: VerifyReport) -> None:
+    root = report.data_dir
+    if not (root / layout.SAMPLE_MANIFEST).exists():
         return
-    refetch = layout.fetch_command(str(report.data_dir), layout.TEXT_ZIP)
+    from bitmar.data.sample import sample_world_status  # only here: the generator's imports are heavy
+
     try:
-        zf = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError) as err:
-        report.add(f"{layout.TEXT_ZIP}: opens", False, f"not a readable zip archive ({err}). Re-download: {refetch}")
+        status = sample_world_status(root)
+    except DataError as err:
+        report.add("sample world", False, f"{err}; delete it if this is real BabyLM data", "warning")
         return
-    with zf:
-        names = set(zf.namelist())
-        members: dict[str, str] = {}
-        for src in layout.TEXT_SOURCES:
-            for candidate in (f"{src}.train", f"train_50M/{src}.train"):
-                if candidate in names:
-                    members[src] = candidate
-                    break
-        missing = [s for s in layout.TEXT_SOURCES if s not in members]
-        found = sorted(n for n in names if n.endswith(".train")) or sorted(names)[:10]
+    if status is None:
+        return
+    m = status.manifest
+    what = f"seed {m.get('seed')}, {m.get('num_cc3m')} CC3M-style pairs, {m.get('num_text_lines')} text lines"
+    if status.pure:
+        report.sample_world = True
         report.add(
-            f"{layout.TEXT_ZIP}: six sources",
-            not missing,
-            f"all six .train files at {'train_50M/' if any('/' in m for m in members.values()) else 'the root'}"
-            if not missing
-            else f"missing {', '.join(f'{s}.train' for s in missing)} (looked at the root and under train_50M/); "
-            f"the archive holds: {', '.join(found) or 'nothing'}. Re-download: {refetch}",
+            "sample world",
+            False,
+            f"{root} is a GENERATED SAMPLE WORLD ({what}; written by `download_babylm_data.py --test` or "
+            f"data.sample.generate_if_missing; {layout.SAMPLE_MANIFEST} records every file with its sha256), "
+            "NOT real BabyLM data: fine for smoke tests and the tiny config, meaningless for BabyLM results. "
+            "The real release: python download_babylm_data.py --data_dir ../babylm_dataset",
+            "notice",
         )
-        for src, member in members.items():
-            _check_text_member(report, zf, src, member, progress)
+        return
+    parts = []
+    if status.foreign:
+        parts.append(f"{', '.join(status.foreign)} are not the files it wrote (a real download on top of it?)")
+    if status.missing:
+        parts.append(f"{', '.join(status.missing[:5])}{' ...' if len(status.missing) > 5 else ''} are missing")
+    if not status.manifest.get("complete", True):
+        parts.append("its last generation did not finish")
+    report.add(
+        "sample world",
+        False,
+        f"{layout.SAMPLE_MANIFEST} marks a generated sample world ({what}), but "
+        + "; ".join(parts)
+        + ". The directory mixes sample and other files. If the BabyLM files here are a real download, delete the "
+        f"sample's leftovers ({layout.EVAL_DIR}/) and train with data.sample.generate_if_missing=false (the sample "
+        "world never overwrites files it did not write); keep sample worlds in their own directory "
+        f"({layout.SAMPLE_DEFAULT_DIR}).",
+        "warning",
+    )
 
 
-def _check_text_member(report: VerifyReport, zf: zipfile.ZipFile, src: str, member: str, progress: bool) -> None:
-    label = f"{layout.TEXT_ZIP}:{member}"
-    rows = words = bad = 0
-    first_bad: tuple[int, str] | None = None
-    size = zf.getinfo(member).file_size
+# ---------------------------------------------------------------- text-only corpus (train_50M.zip or unpacked)
+
+
+def _text_label(report: VerifyReport, file: TextFile) -> str:
+    if file.member is not None:
+        return f"{file.path.name}:{file.member}"
     try:
-        with (
-            zf.open(member) as fh,
-            tqdm(total=size, unit="B", unit_scale=True, desc=src, disable=not progress, leave=False) as bar,
-        ):
-            for lineno, raw in enumerate(fh, 1):
+        return file.path.relative_to(report.data_dir).as_posix()
+    except ValueError:
+        return str(file.path)
+
+
+def _check_text(report: VerifyReport, progress: bool) -> None:
+    try:
+        files = locate_text_files(report.data_dir)  # the loaders' own search: zip, unpacked train_50M/, flat files
+    except DataError as err:
+        report.add("text corpus: six sources", False, str(err))
+        return
+    if files[0].member is not None:
+        folders = sorted({PurePosixPath(f.member).parent.as_posix() for f in files if f.member})
+        where = f"{layout.TEXT_ZIP} at " + ", ".join("the root" if d == "." else f"{d}/" for d in folders)
+    else:
+        where = "unpacked files in " + ", ".join(sorted({str(f.path.parent) for f in files}))
+    report.add("text corpus: six sources", True, f"all six .train files, in {where}")
+    for file in files:
+        _check_text_file(report, file, progress)
+
+
+def _text_size(file: TextFile) -> int | None:
+    try:
+        if file.member is None:
+            return file.path.stat().st_size
+        with zipfile.ZipFile(file.path) as archive:
+            return archive.getinfo(file.member).file_size
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def _check_text_file(report: VerifyReport, file: TextFile, progress: bool) -> None:
+    label = _text_label(report, file)
+    rows = words = bad = 0
+    first_bad: str | None = None
+    try:
+        with tqdm(
+            total=_text_size(file), unit="B", unit_scale=True, desc=file.source, disable=not progress, leave=False
+        ) as bar:
+            for lineno, raw in iter_raw_lines(file):
                 bar.update(len(raw))
                 try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as err:
+                    line = decode_line(raw, file, lineno)  # the loaders' rule: a line that is not UTF-8 is an error
+                except DataError as err:
                     bad += 1
-                    if first_bad is None:
-                        first_bad = (lineno, f"byte 0x{raw[err.start]:02x} at column {err.start + 1}")
+                    first_bad = first_bad or str(err)
                     continue
                 if line.strip():
                     rows += 1
                     words += len(line.split())
-    except ZIP_MEMBER_ERRORS as err:  # CRC mismatch, truncated deflate stream, encryption, odd compression
-        report.add(
-            f"{label}: readable",
-            False,
-            f"cannot read {member} inside the zip ({err}). Re-download: "
-            f"{layout.fetch_command(str(report.data_dir), layout.TEXT_ZIP)}",
-        )
+    except DataError as err:  # CRC mismatch, truncated deflate stream, encryption, odd compression
+        report.add(f"{label}: readable", False, str(err))
         return
     if first_bad is not None:
-        report.add(
-            f"{label}: UTF-8",
-            False,
-            f"{bad} line(s) are not valid UTF-8; first at line {first_bad[0]} ({first_bad[1]}). "
-            "The release is UTF-8: re-download the zip, or re-encode the file to UTF-8.",
-        )
+        report.add(f"{label}: UTF-8", False, f"{bad} line(s) are not valid UTF-8; the first: {first_bad}")
     else:
         report.add(f"{label}: UTF-8", True, f"{rows:,} non-empty lines")
     if rows == 0:
-        report.add(f"{label}: not empty", False, f"{member} holds no text lines")
-    report.rows.append(SummaryRow(source=src, file=member, rows=rows, words=words))
+        report.add(f"{label}: not empty", False, f"{label} holds no text lines")
+    report.rows.append(SummaryRow(source=file.source, file=label, rows=rows, words=words))
 
 
-# ---------------------------------------------------------------- captions (JSON list of strings)
+# ---------------------------------------------------------------- captions
 
 
-def _check_captions(report: VerifyReport, name: str, severity: str) -> list[str] | None:
+def _check_captions(report: VerifyReport, name: str, severity: str) -> list | None:
     path = _present(report, name, severity)
     if path is None:
         return None
     try:
-        with open(path, encoding="utf-8") as f:
-            captions = json.load(f)
-    except OSError as err:
-        report.add(f"{name}: JSON", False, f"cannot read {path} ({err})")
+        captions = read_captions(path)  # the loaders' reader: strings, {"caption": ...} objects, id -> caption
+    except DataError as err:
+        report.add(f"{name}: JSON", False, str(err))
         return None
-    except UnicodeDecodeError as err:
-        report.add(
-            f"{name}: JSON",
-            False,
-            f"not UTF-8 at byte {err.start} ({err.reason}). "
-            f"Re-download: {layout.fetch_command(str(report.data_dir), name)}",
-        )
-        return None
-    except json.JSONDecodeError as err:
-        report.add(
-            f"{name}: JSON",
-            False,
-            f"not valid JSON: {err.msg} at line {err.lineno} column {err.colno} "
-            f"(truncated download?). Re-download: {layout.fetch_command(str(report.data_dir), name)}",
-        )
-        return None
-    if not isinstance(captions, list):
-        report.add(f"{name}: JSON", False, f"expected a JSON list of caption strings, got {type(captions).__name__}")
-        return None
-    report.add(f"{name}: JSON", True, f"list of {len(captions):,} entries")
-
-    not_str = [i for i, c in enumerate(captions) if not isinstance(c, str)]
-    if not_str:
-        kinds = sorted({type(captions[i]).__name__ for i in not_str})
-        report.add(
-            f"{name}: strings",
-            False,
-            f"{len(not_str):,} entries are not strings ({', '.join(kinds)}); "
-            f"first at index {_indices(not_str)}. Each entry must be one caption string.",
-        )
-    empty = [i for i, c in enumerate(captions) if isinstance(c, str) and not c.strip()]
-    if empty:
-        report.add(
-            f"{name}: non-empty",
-            False,
-            f"{len(empty):,} captions are empty or whitespace; first at index "
-            f"{_indices(empty)}. They train on nothing but BOS/EOS; consider removing the pairs.",
-            "warning",
-        )
+    report.add(f"{name}: JSON", True, f"{len(captions):,} captions")
+    bad = non_string_rows(captions)
+    if bad.size:
+        report.add(f"{name}: strings", False, non_string_message(path, captions, bad))
     if not captions:
-        report.add(f"{name}: not empty", False, "the caption list is empty")
+        report.add(f"{name}: not empty", False, f"{path} holds no captions")
     return captions
 
 
-# ---------------------------------------------------------------- features (.npy, memory-mapped)
+# ---------------------------------------------------------------- features (.npy, read in chunks)
 
 
-def _open_features(report: VerifyReport, name: str, feature_dim: int, severity: str) -> np.memmap | None:
+def _open_features(report: VerifyReport, name: str, feature_dim: int, severity: str) -> StackedFeatures | None:
     path = _present(report, name, severity)
     if path is None:
         return None
-    refetch = layout.fetch_command(str(report.data_dir), name)
     try:
-        with open(path, "rb") as f:
-            version = np.lib.format.read_magic(f)
-            if version == (1, 0):
-                shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
-            elif version == (2, 0):
-                shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
-            else:
-                raise ValueError(f"unsupported .npy format version {version}")
-            offset = f.tell()
-    except (ValueError, OSError, EOFError) as err:
-        report.add(f"{name}: .npy header", False, f"not a readable .npy file ({err}). Re-download: {refetch}")
+        feats = StackedFeatures([path], feature_dim, width_key="--feature_dim")  # the loaders' checks
+    except DataError as err:
+        report.add(f"{name}: features", False, str(err))
         return None
-
-    problems = []
-    if dtype.kind != "f" or dtype.itemsize not in (2, 4):
-        problems.append(f"dtype {dtype} (expected float16 or float32)")
-    if len(shape) != 2:
-        problems.append(f"{len(shape)}-D shape {shape} (expected (rows, {feature_dim}))")
-    elif shape[1] != feature_dim:
-        problems.append(f"width {shape[1]} (expected {feature_dim}; pass --feature_dim {shape[1]} if intended)")
-    elif shape[0] == 0:
-        problems.append("0 rows")
-    if problems:
-        report.add(f"{name}: shape/dtype", False, f"shape {shape} {dtype}: " + "; ".join(problems))
-        return None
-    need = offset + math.prod(shape) * dtype.itemsize
-    have = path.stat().st_size
-    if have < need:
-        report.add(
-            f"{name}: size",
-            False,
-            f"truncated: {have:,} bytes on disk, the header of shape {shape} {dtype} "
-            f"needs {need:,}. Re-download: {refetch}",
-        )
-        return None
-    report.add(f"{name}: shape/dtype", True, f"shape {shape} {dtype}")
-    if fortran:
-        report.add(
-            f"{name}: row-major",
-            False,
-            "stored in Fortran order: reading one row touches the whole file; "
-            "re-save with np.save(path, np.ascontiguousarray(a))",
-            "warning",
-        )
-    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=tuple(shape), order="F" if fortran else "C")
+    report.add(f"{name}: features", True, f"shape ({len(feats):,}, {feature_dim}) {feats.dtypes[0]}")
+    return feats
 
 
-def _row_chunks(feats: np.memmap, rows_per_chunk: int) -> Iterator[tuple[int, np.ndarray]]:
-    """(first row, block) over the whole array, one block in memory at a time."""
-    n, dim = feats.shape
-    if not feats.flags.c_contiguous:  # Fortran order: rows are strided, let the memmap gather them
-        for start in range(0, n, rows_per_chunk):
-            yield start, np.asarray(feats[start : start + rows_per_chunk])
-        return
-    # Plain reads: touching every page of a memmap would map the whole file (GBs) into resident memory.
-    with open(feats.filename, "rb") as f:
-        f.seek(feats.offset)
-        for start in range(0, n, rows_per_chunk):
-            count = min(rows_per_chunk, n - start) * dim
-            block = np.fromfile(f, dtype=feats.dtype, count=count)
-            if block.size != count:
-                raise OSError(f"{feats.filename} ended early at row {start + block.size // dim} (file changed?)")
-            yield start, block.reshape(-1, dim)
-
-
-def _scan_features(report: VerifyReport, name: str, feats: np.memmap, progress: bool) -> SummaryRow:
-    n, dim = feats.shape
-    chunk = max(1, SCAN_CHUNK_BYTES // (dim * feats.dtype.itemsize))
-    stride = max(1, n // STAT_SAMPLE_ROWS)  # statistics use every stride-th row, taken from the scan's blocks
-    bad_count = 0
-    first_bad: list[int] = []
-    picked: list[np.ndarray] = []
-    chunks = _row_chunks(feats, chunk)
-    for start, block in tqdm(chunks, total=-(-n // chunk), desc=f"scan {name}", disable=not progress, leave=False):
-        picked.append(block[(-start) % stride :: stride].astype(np.float64))  # (S_i, D)
-        finite = np.isfinite(block).all(axis=1)
-        if not finite.all():
-            bad = np.flatnonzero(~finite)
-            bad_count += len(bad)
-            first_bad.extend((bad[: SHOW_INDICES - len(first_bad)] + start).tolist())
-    if bad_count:
-        fraction = bad_count / n
-        broken = fraction > MAX_NONFINITE_FRACTION
-        report.add(
-            f"{name}: finite",
-            False,
-            f"{bad_count:,} of {n:,} rows ({fraction:.2%}) hold NaN/inf; "
-            f"first at row {_indices(first_bad, bad_count)}. "
-            + (
-                "More than 1% of rows: the file is likely corrupt or saved with the wrong dtype; re-download it."
-                if broken
-                else "The loaders drop these rows with their captions (data.nonfinite_features=drop)."
-            ),
-            "error" if broken else "warning",
-        )
-    else:
-        report.add(f"{name}: finite", True, f"all {n:,} rows finite")
-
-    sample = np.concatenate(picked)  # (S, D)
+def _scan_features(name: str, feats: StackedFeatures, progress: bool) -> tuple[SummaryRow, np.ndarray]:
+    """(summary row, rows holding NaN/inf) with the loaders' chunked scan; statistics from a strided sample."""
+    n = len(feats)
+    with tqdm(total=n, unit="rows", desc=f"scan {name}", disable=not progress, leave=False) as bar:
+        bad = feats.scan_nonfinite(on_rows=bar.update)
+    stride = max(1, n // STAT_SAMPLE_ROWS)
+    sample = feats.read(np.arange(0, n, stride)).astype(np.float64)  # (S, D)
     sample = sample[np.isfinite(sample).all(axis=1)]
-    row = SummaryRow(source="", file=name, rows=n, dim=dim, dtype=str(feats.dtype))
+    row = SummaryRow(source="", file=name, rows=n, dim=feats.feature_dim, dtype=str(feats.dtypes[0]))
     if len(sample):
         row.mean, row.std = float(sample.mean()), float(sample.std())
         row.l2 = float(np.linalg.norm(sample, axis=1).mean())
-        if row.std == 0.0:
-            report.add(
-                f"{name}: not constant",
-                False,
-                f"every sampled value equals {row.mean:g}: the features carry no image information",
-                "warning",
-            )
-    return row
+    return row, bad
 
 
 # ---------------------------------------------------------------- caption-feature pairs
@@ -371,35 +300,56 @@ def _check_pair(
     feature_dim: int,
     severity: str,
     progress: bool,
+    nonfinite: str,
 ) -> None:
     captions = _check_captions(report, captions_name, severity)
     feats = [_open_features(report, f, feature_dim, severity) for f in feature_names]
     if captions is not None:
         words = sum(len(c.split()) for c in captions if isinstance(c, str))
         report.rows.append(SummaryRow(source=f"{source} captions", file=captions_name, rows=len(captions), words=words))
+    bad_rows: list[np.ndarray] = []
     for name, arr in zip(feature_names, feats, strict=True):
-        if arr is not None:
-            try:
-                row = _scan_features(report, name, arr, progress)
-            except OSError as err:  # read error or the file shrank under us
-                report.add(f"{name}: readable", False, f"reading the rows failed ({err})")
-                continue
-            row.source = f"{source} features"
-            report.rows.append(row)
-    if captions is not None and all(a is not None for a in feats):
-        counts = [len(a) for a in feats]
-        n_feat = sum(counts)
-        parts = " + ".join(f"{c:,} ({n})" for c, n in zip(counts, feature_names, strict=True))
-        report.add(
-            f"{source}: caption-feature pairs",
-            len(captions) == n_feat,
-            f"{len(captions):,} captions ({captions_name}) vs {n_feat:,} feature rows = {parts}"
-            + (
-                ""
-                if len(captions) == n_feat
-                else ". Row i of the stacked features must belong to caption i: re-download the mismatched file(s)."
-            ),
-        )
+        if arr is None:
+            continue
+        try:
+            row, bad = _scan_features(name, arr, progress)
+        except (OSError, DataError) as err:  # read error or the file shrank under us
+            report.add(f"{name}: readable", False, f"reading the rows failed ({err})")
+            return
+        row.source = f"{source} features"
+        report.rows.append(row)
+        if row.std == 0.0:
+            report.add(
+                f"{name}: not constant",
+                False,
+                f"every sampled value equals {row.mean:g}: the features carry no image information",
+                "warning",
+            )
+        bad_rows.append(bad)
+    if captions is None or any(a is None for a in feats):
+        return
+    counts = [len(a) for a in feats]  # type: ignore[arg-type]
+    paths = [report.data_dir / n for n in feature_names]
+    problem = pairing_problem(report.data_dir / captions_name, len(captions), paths, counts)
+    parts = " + ".join(f"{c:,} ({n})" for c, n in zip(counts, feature_names, strict=True))
+    report.add(
+        f"{source}: caption-feature pairs",
+        not problem,
+        problem or f"{len(captions):,} captions ({captions_name}) vs {sum(counts):,} feature rows = {parts}",
+    )
+    if problem or non_string_rows(captions).size:
+        return  # the loaders stop before judging rows
+    offsets = np.cumsum([0, *counts])
+    nonfinite_rows = np.concatenate([b + o for b, o in zip(bad_rows, offsets[:-1], strict=True)])
+    verdict = judge_rows(
+        f"{source} ({captions_name})", len(captions), empty_caption_rows(captions), nonfinite_rows, nonfinite
+    )
+    if verdict.error:
+        report.add(f"{source}: rows", False, verdict.error)
+    for message in verdict.warnings:
+        report.add(f"{source}: rows", False, message, "warning")
+    if not verdict.error and not verdict.warnings:
+        report.add(f"{source}: rows", True, f"all {verdict.total:,} rows kept")
 
 
 def verify_dataset(
@@ -408,31 +358,37 @@ def verify_dataset(
     require_local_narratives: bool = False,
     check_local_narratives: bool = True,
     progress: bool = False,
+    nonfinite: str = "drop",
 ) -> VerifyReport:
     """Run every check on data_dir. Raises DataError only for bad arguments (not a directory, width <= 0).
 
     Localized Narratives: checked when present (the loaders read them by default), a warning when absent,
     an error when absent and `require_local_narratives`; skipped entirely when `check_local_narratives` is False.
+    `nonfinite` is the run's `data.nonfinite_features`: rows with NaN/inf are reported as the loaders treat them.
     """
     if feature_dim <= 0:
         raise DataError(f"feature_dim must be positive, got {feature_dim}")
+    if nonfinite not in NONFINITE_CHOICES:
+        raise DataError(f"nonfinite_features must be one of {list(NONFINITE_CHOICES)}, got {nonfinite!r}")
     root = Path(data_dir)
     if not root.is_dir():
         raise DataError(f"{root} is not a directory. Fetch the data first: {layout.fetch_command(str(root))}")
     report = VerifyReport(data_dir=root)
-    _check_text_zip(report, progress)
-    _check_pair(report, "cc3m", layout.CC3M_CAPTIONS, layout.CC3M_FEATURES, feature_dim, "error", progress)
+    _check_sample_world(report)
+    _check_text(report, progress)
+    _check_pair(report, "cc3m", layout.CC3M_CAPTIONS, layout.CC3M_FEATURES, feature_dim, "error", progress, nonfinite)
     if check_local_narratives:
         ln_files = (layout.LOCAL_NARR_CAPTIONS, layout.LOCAL_NARR_FEATURES)
         if require_local_narratives or any((root / n).exists() for n in ln_files):
             _check_pair(
                 report,
-                "local_narr",
+                "local_narratives",
                 layout.LOCAL_NARR_CAPTIONS,
                 (layout.LOCAL_NARR_FEATURES,),
                 feature_dim,
                 "error",
                 progress,
+                nonfinite,
             )
         else:
             report.add(
@@ -473,7 +429,8 @@ def format_report(report: VerifyReport) -> str:
         )
     lines.append("")
     if report.usable:
-        lines.append(f"RESULT: usable ({len(report.checks)} checks, {len(report.warnings)} warning(s))")
+        kind = ": a generated SAMPLE WORLD, not BabyLM data" if report.sample_world else ""
+        lines.append(f"RESULT: usable{kind} ({len(report.checks)} checks, {len(report.warnings)} warning(s))")
     else:
         lines.append(
             f"RESULT: NOT usable: {len(report.errors)} failing check(s): " + "; ".join(c.name for c in report.errors)
@@ -500,6 +457,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="fail when Localized Narratives are missing (default: a warning)",
     )
+    p.add_argument(
+        "--nonfinite_features",
+        choices=NONFINITE_CHOICES,
+        default="drop",
+        help="the run's data.nonfinite_features: rows with NaN/inf are dropped with a warning, or an error "
+        "(default: %(default)s)",
+    )
     p.add_argument("--no_progress", action="store_true", help="no progress bars while scanning")
     return p
 
@@ -516,6 +480,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             require_local_narratives=args.require_local_narratives,
             check_local_narratives=not args.no_local_narratives,
             progress=not args.no_progress and sys.stderr.isatty(),
+            nonfinite=args.nonfinite_features,
         )
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
