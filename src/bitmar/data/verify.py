@@ -234,7 +234,7 @@ def _check_text_file(report: VerifyReport, file: TextFile, progress: bool) -> No
         report.add(f"{label}: UTF-8", True, f"{rows:,} non-empty lines")
     if rows == 0:
         report.add(f"{label}: not empty", False, f"{label} holds no text lines")
-    report.rows.append(SummaryRow(source=file.source, file=label, rows=rows, words=words))
+    report.rows.append(SummaryRow(source=file.source, file=file.member or label, rows=rows, words=words))
 
 
 # ---------------------------------------------------------------- captions
@@ -412,13 +412,13 @@ def format_report(report: VerifyReport) -> str:
     if report.rows:
         lines += [
             "",
-            f"  {'source':<22} {'file':<34} {'rows':>11} {'words':>12} {'dim':>5} {'dtype':>8} "
+            f"  {'source':<26} {'file':<34} {'rows':>11} {'words':>12} {'dim':>5} {'dtype':>8} "
             f"{'mean':>8} {'std':>8} {'L2':>8}",
         ]
         for r in report.rows:
             words = "-" if r.words is None else f"{r.words:,}"
             lines.append(
-                f"  {r.source:<22} {r.file[-34:]:<34} {r.rows:>11,} {words:>12} {r.dim or '-':>5} {r.dtype or '-':>8} "
+                f"  {r.source:<26} {r.file[-34:]:<34} {r.rows:>11,} {words:>12} {r.dim or '-':>5} {r.dtype or '-':>8} "
                 f"{_fmt(r.mean, '.4f'):>8} {_fmt(r.std, '.4f'):>8} {_fmt(r.l2, '.3f'):>8}"
             )
         text = sum(r.words or 0 for r in report.rows if not r.source.endswith("captions"))
