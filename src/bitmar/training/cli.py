@@ -1,7 +1,8 @@
 """Command line of train_bitmar.py: parse, resolve the config, build data, train, summarise.
 
-User mistakes (bad config, missing data, unreadable checkpoint) print one clear message and exit with code 2;
-an interrupted run (SIGTERM/SIGINT) saves checkpoints/last.pt and exits with 128 + signal.
+User mistakes (bad config, missing data, unreadable checkpoint, a run directory another trainer is using) print one
+clear message and exit with code 2; an interrupted run (SIGTERM/SIGINT) saves checkpoints/last.pt and exits with
+128 + signal (also during the post-training evaluation, when the checkpoint is already saved).
 """
 
 from __future__ import annotations
@@ -10,12 +11,22 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import Any
+
+import torch
 
 from bitmar.config import BitMarConfig, ConfigError, load_config
 from bitmar.data.errors import DataError
-from bitmar.training.checkpoint import CheckpointError, find_resume_checkpoint, load_checkpoint
-from bitmar.training.distributed import cleanup, init_distributed
+from bitmar.training.checkpoint import (
+    CheckpointError,
+    adopt_checkpoint_tokenizer,
+    check_resumable_model,
+    find_resume_checkpoint,
+    load_checkpoint,
+)
+from bitmar.training.distributed import DistInfo, all_reduce_mean, cleanup, init_distributed
 from bitmar.training.run_logger import setup_text_logging
+from bitmar.training.rundir import RunDirectoryBusy, RunLock, remove_orphaned_temp_files
 
 log = logging.getLogger("bitmar")
 
@@ -36,7 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override any config key, e.g. --set training.learning_rate=1e-3 (repeatable)",
     )
-    parser.add_argument("--phase", type=int, choices=(1, 2, 3), default=1, help="start at this phase")
+    parser.add_argument(
+        "--phase",
+        type=int,
+        choices=(1, 2, 3),
+        help="start at this phase (default 1); with --resume: start this phase from the checkpoint's weights, with a "
+        "fresh optimizer and schedule (without --phase, --resume continues the run exactly)",
+    )
     parser.add_argument("--resume", help="'auto' (checkpoints/last.pt of --output_dir if present) or a .pt path")
     parser.add_argument("--output_dir", default="outputs", help="run directory (checkpoints/, logs/, plots/, ...)")
     parser.add_argument("--wandb", choices=("auto", "online", "offline", "disabled"), help="overrides wandb.mode")
@@ -45,22 +62,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def resolve_config(args: argparse.Namespace, output_dir: Path) -> tuple[BitMarConfig, str | None]:
-    """A resumed run takes its config from the checkpoint (CLI overrides still apply on top)."""
+def resolve_config(
+    args: argparse.Namespace, output_dir: Path
+) -> tuple[BitMarConfig, str | None, dict[str, Any] | None]:
+    """A resumed run takes its config from the checkpoint (CLI overrides still apply on top, but not ones that change
+    the model's shape: those are refused, listing the differing keys)."""
     overrides = list(args.overrides)
     if args.max_epochs is not None:
         overrides.append(f"training.max_epochs={args.max_epochs}")
     if args.batch_size is not None:
         overrides.append(f"training.batch_size={args.batch_size}")
-    resume_path = None
     if args.resume:
         found = find_resume_checkpoint(output_dir) if args.resume == "auto" else Path(args.resume)
         if found is not None:
             from bitmar.config import config_from_dict
 
             payload = load_checkpoint(found)
-            return config_from_dict(payload["config"], overrides), str(found)
-    return load_config(args.config, overrides), resume_path
+            cfg = config_from_dict(payload["config"], overrides)
+            check_resumable_model(payload, cfg)
+            return cfg, str(found), payload
+    return load_config(args.config, overrides), None, None
+
+
+def _all_ranks_ok(ok: bool, dist_info: DistInfo) -> bool:
+    """Every rank learns whether the set-up (run lock on rank 0, config, tokenizer) succeeded everywhere."""
+    if not dist_info.distributed:
+        return ok
+    flag = all_reduce_mean(torch.tensor(1.0 if ok else 0.0, device=dist_info.device), dist_info)
+    return bool(flag.item() == 1.0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,10 +101,48 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     setup_text_logging(output_dir / "logs" / "training.log", dist_info.rank)
+    from bitmar.training.trainer import effective_phase_epochs
+
+    # Rank 0 alone holds the run lock (the ranks of one run share it) and cleans what a killed run left behind.
+    lock = RunLock(output_dir) if dist_info.is_main else None
+    try:
+        ok = True
+        try:
+            if lock is not None:
+                lock.acquire()
+                remove_orphaned_temp_files(output_dir)
+            cfg, resume_path, payload = resolve_config(args, output_dir)
+            if args.phase is not None and args.phase not in effective_phase_epochs(cfg, args.phase):
+                raise ConfigError(
+                    f"--phase {args.phase}: that phase has no epochs in this config; enable it (e.g. --set "
+                    f"training.phase{args.phase}_{('text', 'alignment', 'memory')[args.phase - 1]}.epochs=1)"
+                )
+            if payload is not None and dist_info.is_main:
+                adopt_checkpoint_tokenizer(payload, cfg, output_dir)
+            del payload
+        except (RunDirectoryBusy, ConfigError, DataError, CheckpointError) as err:
+            log.error("%s", err)
+            ok = False
+        if not _all_ranks_ok(ok, dist_info):
+            cleanup(dist_info)
+            return 2
+        return _train(args, cfg, resume_path, output_dir, dist_info)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(
+    args: argparse.Namespace,
+    cfg: BitMarConfig,
+    resume_path: str | None,
+    output_dir: Path,
+    dist_info: DistInfo,
+) -> int:
     from bitmar.training.trainer import Trainer, TrainingError, TrainingInterrupted
 
+    trainer = None
     try:
-        cfg, resume_path = resolve_config(args, output_dir)
         if cfg.training.max_steps_per_epoch is not None:
             log.info("training.max_steps_per_epoch=%d: a capped smoke run", cfg.training.max_steps_per_epoch)
         from bitmar.data.datasets import build_data
@@ -97,11 +164,22 @@ def main(argv: list[str] | None = None) -> int:
         cleanup(dist_info)
         return 2
     except TrainingInterrupted as stop:
-        log.warning(
-            "stopped at step %d; checkpoints/last.pt saved. Continue with --resume auto --output_dir %s",
-            trainer.progress.global_step,
-            output_dir,
-        )
+        step = trainer.progress.global_step if trainer is not None else 0
+        if stop.training_done:
+            log.warning(
+                "stopped by signal %d during the post-training evaluation/export at step %d. Training had finished: "
+                "checkpoints/last.pt and summary.json are saved. Evaluate it with: python evaluate_bitmar.py "
+                "--checkpoint %s",
+                stop.signum,
+                step,
+                output_dir / "checkpoints" / "last.pt",
+            )
+        else:
+            log.warning(
+                "stopped at step %d; checkpoints/last.pt saved. Continue with --resume auto --output_dir %s",
+                step,
+                output_dir,
+            )
         cleanup(dist_info)
         return 128 + stop.signum if stop.signum else 0
     except TrainingError as err:

@@ -6,12 +6,14 @@ files); the model only computes. One Trainer runs on one process or on each rank
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import signal
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,11 +31,14 @@ from bitmar.memory import EpisodicStore
 from bitmar.model import BitMar
 from bitmar.training import plots
 from bitmar.training.checkpoint import (
+    CheckpointError,
     capture_rng_state,
     find_resume_checkpoint,
     load_checkpoint,
+    model_shape_mismatches,
     restore_rng_state,
     save_checkpoint,
+    tokenizer_mismatch,
 )
 from bitmar.training.distributed import DistInfo, all_reduce_mean, barrier, broadcast_tensors
 from bitmar.training.losses import contrastive_loss, token_nll
@@ -51,12 +56,18 @@ class TrainingError(RuntimeError):
     """Training cannot continue (e.g. repeated non-finite losses); a checkpoint was written first."""
 
 
-class TrainingInterrupted(Exception):
-    """SIGTERM/SIGINT arrived; the trainer saved last.pt and stopped at a step boundary."""
+class TrainingInterrupted(BaseException):
+    """SIGTERM/SIGINT arrived; the trainer saved last.pt and stopped at a step boundary, or (`training_done`) stopped
+    the post-training evaluation/export after the final checkpoint was written.
 
-    def __init__(self, signum: int) -> None:
+    A BaseException (like KeyboardInterrupt): raised from the signal handler during evaluation, it must not be
+    swallowed by an `except Exception` in the code it interrupts.
+    """
+
+    def __init__(self, signum: int, training_done: bool = False) -> None:
         super().__init__(f"interrupted by signal {signum}")
         self.signum = signum
+        self.training_done = training_done
 
 
 @dataclass
@@ -140,7 +151,7 @@ class Trainer:
         dist_info: DistInfo,
         data: Any,
         *,
-        start_phase: int = 1,
+        start_phase: int | None = None,
         resume_from: str | None = None,
         wandb_mode: str | None = None,
         stop_after_steps: int | None = None,
@@ -151,7 +162,7 @@ class Trainer:
         self.device = dist_info.device
         self.data = data
         self.stop_after_steps = stop_after_steps
-        self.progress = Progress(phase=start_phase)
+        self.progress = Progress(phase=start_phase or 1)
         self._signal_received: int | None = None
 
         tokenizer = data.tokenizer
@@ -165,7 +176,7 @@ class Trainer:
         self.objective = TrainingObjective(self.model, cfg, mask_id, special)
         t = cfg.training
         self.optimizer = make_optimizer(self.model, t)
-        self.phase_epochs = effective_phase_epochs(cfg, start_phase)
+        self.phase_epochs = effective_phase_epochs(cfg, start_phase or 1)
         self.schedule = TwoStageSchedule(
             self.optimizer,
             total_steps=self._planned_steps(),
@@ -174,7 +185,8 @@ class Trainer:
             weight_decay=t.weight_decay,
             min_lr_ratio=t.min_learning_rate_ratio,
         )
-        resume_payload = self._load_resume(resume_from)  # after building, before wrapping: weights are kept
+        # After building, before wrapping: weights are kept. With start_phase too, only the weights are taken.
+        resume_payload = self._load_resume(resume_from, start_phase)
         self.train_module: nn.Module = self.objective
         if dist_info.distributed:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
@@ -223,7 +235,8 @@ class Trainer:
         return batches
 
     def _steps_in_epoch(self, phase: int) -> int:
-        return max(1, self._batches_in_epoch(phase) // self.cfg.training.gradient_accumulation_steps)
+        # A last partial accumulation of an epoch is a step of its own (see _run_epoch).
+        return max(1, math.ceil(self._batches_in_epoch(phase) / self.cfg.training.gradient_accumulation_steps))
 
     def _make_attention_analyzer(self) -> Any:
         if not self.cfg.attention_analysis.enabled:
@@ -232,7 +245,8 @@ class Trainer:
 
         return HeadImportanceTracker(self.model, self.cfg.attention_analysis, self.output_dir / "attention_analysis")
 
-    def _load_resume(self, resume_from: str | None) -> dict[str, Any] | None:
+    def _load_resume(self, resume_from: str | None, start_phase: int | None = None) -> dict[str, Any] | None:
+        """Continue a run exactly; with `start_phase`, start that phase from the checkpoint's weights instead."""
         if resume_from is None:
             return None
         path = find_resume_checkpoint(self.output_dir) if resume_from == "auto" else Path(resume_from)
@@ -240,7 +254,23 @@ class Trainer:
             log.info("--resume auto: no checkpoint in %s/checkpoints yet, starting a new run", self.output_dir)
             return None
         payload = load_checkpoint(path, map_location=self.device)
+        stored_tokenizer = payload.get("tokenizer")
+        if isinstance(stored_tokenizer, str) and stored_tokenizer:
+            difference = tokenizer_mismatch(stored_tokenizer, self.data.tokenizer.backend_tokenizer.to_str())
+            if difference is not None:
+                raise CheckpointError(
+                    f"the run's tokenizer ({self.data.tokenizer_dir}) is not the one {path} was trained with "
+                    f"({difference}); resume with the checkpoint's tokenizer (train_bitmar.py restores it into a new "
+                    "--output_dir)"
+                )
+        problems = model_shape_mismatches(self.model.state_dict(), payload["model"])
+        if problems:
+            raise CheckpointError(
+                f"{path} does not fit this model ({'; '.join(problems[:5])}); resume without overrides of model.*"
+            )
         self.model.load_state_dict(payload["model"])
+        if start_phase is not None:
+            return self._start_phase_from(payload, path, start_phase)
         self.optimizer.load_state_dict(payload["optimizer"])
         self.schedule.load_state_dict(payload["schedule"])
         self.progress = Progress(**payload["progress"])
@@ -255,6 +285,33 @@ class Trainer:
             self.progress.epoch,
             self.progress.batch,
             self.progress.global_step,
+        )
+        return payload
+
+    def _start_phase_from(self, payload: dict[str, Any], path: Path, phase: int) -> dict[str, Any]:
+        """`--phase N --resume PATH`: the weights are loaded; optimizer, schedule (warm-up again, planned over phases
+        N..3), position, initial validation and the persistent memory store start fresh. The counters that name
+        files and log steps (global step, epochs done, tokens, best validation loss) continue, so a restart in the
+        same run directory never overwrites an epoch checkpoint or logs a step twice."""
+        old = Progress(**payload["progress"])
+        self.progress = Progress(
+            phase=phase,
+            global_step=old.global_step,
+            epochs_done=old.epochs_done,
+            tokens_seen=old.tokens_seen,
+            best_val_loss=old.best_val_loss,
+            skipped_nonfinite=old.skipped_nonfinite,
+            history=old.history,
+        )
+        log.info(
+            "--phase %d with --resume: starting phase %d from the weights of %s (saved at phase %d, epoch %d, step "
+            "%d) with a fresh optimizer, LR schedule and memory store; drop --phase to continue that run exactly",
+            phase,
+            phase,
+            path,
+            old.phase,
+            old.epoch,
+            old.global_step,
         )
         return payload
 
@@ -282,6 +339,29 @@ class Trainer:
         barrier(self.dist)
 
     # -------------------------------------------------------------------------------------------- signals
+    @contextlib.contextmanager
+    def _signals_stop_at_once(self) -> Iterator[None]:
+        """After the final checkpoint (post-training evaluation/export): a signal stops the work at once, since
+        nothing is left to save. Outside, the handler only sets a flag honoured at the next step boundary."""
+        if self._signal_received is not None:
+            raise TrainingInterrupted(self._signal_received, training_done=True)
+
+        def handler(signum: int, _frame: Any) -> None:
+            self._signal_received = signum
+            raise TrainingInterrupted(signum, training_done=True)
+
+        previous = {}
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            try:
+                previous[signum] = signal.signal(signum, handler)
+            except ValueError:  # not the main thread
+                pass
+        try:
+            yield
+        finally:
+            for signum, old in previous.items():
+                signal.signal(signum, old)
+
     def _install_signal_handlers(self) -> dict[int, Any]:
         previous = {}
 
@@ -331,7 +411,7 @@ class Trainer:
             if self.progress.initial_val_loss is None:
                 initial = self.validate(phase=self.progress.phase)
                 self.progress.initial_val_loss = initial["Validation/loss"]
-                self.logger.log_metrics(initial, step=0)
+                self.logger.log_metrics(initial, step=self.progress.global_step)
             for phase in sorted(self.phase_epochs):
                 if phase < self.progress.phase:
                     continue
@@ -397,6 +477,17 @@ class Trainer:
             step_metrics = defaultdict(float)
             if self.progress.global_step % self.cfg.wandb.log_every_n_steps == 0:
                 window_tokens, window_start = 0, time.perf_counter()
+            self._maybe_stop_mid_epoch()
+        if micro % accum != 0:
+            # The epoch ended inside an accumulation: step on those micro-batches, as their mean (each backward was
+            # scaled by 1/accum), so no gradient leaks into the next epoch or phase and an epoch checkpoint holds the
+            # whole state. Steps only ever happen at these boundaries, so a resume stays aligned.
+            scale = accum / (micro % accum)
+            for param in self.model.parameters():
+                if param.grad is not None:
+                    param.grad.mul_(scale)
+            step_metrics = defaultdict(float, {k: v * scale for k, v in step_metrics.items()})
+            self._optimizer_step(step_metrics, phase, epoch, bar, window_tokens, window_start, metrics)
             self._maybe_stop_mid_epoch()
         bar.close()
 
@@ -729,31 +820,39 @@ class Trainer:
             )
             self.logger.log_summary(summary)
             atomic_write_text(self.output_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-            from bitmar.evaluation import evaluate_after_training
-
-            # Default evaluation on the validation split (fresh memory states; training state untouched).
-            evaluate_after_training(
-                self.model,
-                self.data.tokenizer,
-                self.cfg,
-                self.cfg.data.data_dir,
-                self.output_dir,
-                caption_val=self.data.caption_val,
-                run_logger=self.logger,
-                step=self.progress.global_step,
-            )
-            if self.cfg.export.after_training:
-                from bitmar.export import export_checkpoint
-
-                export_checkpoint(
-                    self.output_dir / "checkpoints" / "last.pt",
-                    self.output_dir / "hf_export",
-                    packed=self.cfg.export.packed,
-                    vision_backbone=self.cfg.export.vision_backbone,
-                    dtype=self.cfg.export.dtype,
-                )
+        if self._signal_received is not None:  # arrived during the final validation: stop before evaluating
+            raise TrainingInterrupted(self._signal_received, training_done=True)
+        if self.dist.is_main:
+            with self._signals_stop_at_once():
+                self._evaluate_and_export()
         barrier(self.dist)
         return summary
+
+    def _evaluate_and_export(self) -> None:
+        """Rank 0, after the final checkpoint: default evaluation, then the optional Hugging Face export."""
+        from bitmar.evaluation import evaluate_after_training
+
+        # Default evaluation on the validation split (fresh memory states; training state untouched).
+        evaluate_after_training(
+            self.model,
+            self.data.tokenizer,
+            self.cfg,
+            self.cfg.data.data_dir,
+            self.output_dir,
+            caption_val=self.data.caption_val,
+            run_logger=self.logger,
+            step=self.progress.global_step,
+        )
+        if self.cfg.export.after_training:
+            from bitmar.export import export_checkpoint
+
+            export_checkpoint(
+                self.output_dir / "checkpoints" / "last.pt",
+                self.output_dir / "hf_export",
+                packed=self.cfg.export.packed,
+                vision_backbone=self.cfg.export.vision_backbone,
+                dtype=self.cfg.export.dtype,
+            )
 
     def _ranks_agree(self) -> bool:
         """DDP keeps replicas identical; verify it (parameters and the persistent memory) before saving."""
