@@ -212,6 +212,21 @@ def test_a_lock_recorded_on_another_host_is_not_taken_over(tmp_path: Path) -> No
         RunLock(tmp_path).acquire()
 
 
+def test_a_filesystem_without_locks_runs_unlocked_with_a_warning(tmp_path: Path, monkeypatch) -> None:
+    import errno
+    import fcntl
+
+    def no_locks(*_args) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with _bitmar_log() as messages:
+        lock = RunLock(tmp_path)
+        lock.acquire()
+        lock.release()
+    assert any("no file locks" in m for m in messages), messages
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Orphaned temporary files
 # ---------------------------------------------------------------------------------------------------------------

@@ -71,6 +71,9 @@ class RunLock:
         except OSError as err:
             owner = _read_record(fd)
             os.close(fd)
+            if err.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                log.warning("%s: this filesystem has no file locks (%s); running without the run lock", self.path, err)
+                return
             if err.errno not in (errno.EWOULDBLOCK, errno.EACCES, errno.EAGAIN):
                 raise
             raise RunDirectoryBusy(
