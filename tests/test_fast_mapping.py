@@ -167,7 +167,7 @@ def test_generation_uses_the_copy_path_like_forward() -> None:
 
 def test_single_latent_episodes_are_unchanged() -> None:
     model = _episode_model(episode_tokens=1)
-    assert model.slot_head is None and model.slot_log_probs(torch.randn(1, 32)) is None
+    assert model.slot_log_scale is None and model.slot_log_probs(torch.randn(1, 32)) is None
     value = model.episode_latent(torch.randint(3, 64, (2, 5)), None, torch.randn(2, 16))
     assert value.shape == (2, 32)
 

@@ -355,6 +355,11 @@ def write_results(results: dict[str, Any], json_path: str | os.PathLike) -> Path
     json_path = Path(json_path)
     atomic_write_text(json_path, json.dumps(_jsonable(results), indent=2, ensure_ascii=False) + "\n")
     atomic_write_text(json_path.with_suffix(".md"), markdown_report(results))
+    recall = results.get("tasks", {}).get("episodic_recall", {})
+    if recall.get("status") == "ok":
+        from bitmar.evaluation.figures import recall_curve
+
+        recall_curve(recall["metrics"], json_path.with_name("recall_curve.png"))
     return json_path
 
 

@@ -13,6 +13,7 @@ Losses live with the trainer; the model returns logits, latents, memory weights 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,7 +66,8 @@ class BitMar(nn.Module):
         self.text_key_proj: BitLinear | None = None  # z_t -> key, when z_v's projection cannot be shared
         self.text_value_proj: BitLinear | None = None  # z_t -> episode value, text-only models
         self.episode_token_proj: BitLinear | None = None  # caption token states -> episode tokens 1..R-1
-        self.slot_head: BitLinear | None = None  # episode token slot -> hidden state read by the LM head (copy path)
+        self.slot_log_scale: nn.Parameter | None = None  # sharpness of the copy path's slot -> token distribution
+        self.episode_context_gate: nn.Parameter | None = None
         if config.use_memory:
             width = config.memory_width  # R episode tokens x E, one memory row
             self.memory = EpisodicMemory(config.memory_size, width, addressing_noise_std=config.addressing_noise_std)
@@ -77,8 +79,11 @@ class BitMar(nn.Module):
                 self.text_value_proj = BitLinear(config.text_latent_size, config.episode_dim, quantize=q)
             if config.episode_tokens > 1:
                 self.episode_token_proj = BitLinear(c, config.episode_dim, quantize=q)
-                # Copy path: each episode token slot i (caption position i) decodes to a token distribution.
-                self.slot_head = BitLinear(config.episode_dim, c, quantize=q)
+                # Context enters a slot through a gate that starts closed: at first a slot is exactly the embedding
+                # of its token, which the tied LM head can already read.
+                self.episode_context_gate = nn.Parameter(torch.zeros(()))
+                # Copy path: a slot names the token whose embedding it is closest to (cosine, learned sharpness).
+                self.slot_log_scale = nn.Parameter(torch.tensor(math.log(16.0)))
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -134,7 +139,8 @@ class BitMar(nn.Module):
         states = token_states[:, :r]  # (B, <=r, C)
         if attention_mask is not None:
             states = states * attention_mask[:, :r, None].to(states.dtype)
-        tokens = self.episode_token_proj(states) + self.embed_tokens(input_ids[:, :r]).to(states.dtype)  # (B, <=r, E)
+        context = self.episode_context_gate * self.episode_token_proj(states)  # (B, <=r, E)
+        tokens = self.embed_tokens(input_ids[:, :r]).to(context.dtype) + context
         if attention_mask is not None:  # BitLinear's bias-free RMSNorm keeps zero rows zero; be explicit anyway
             tokens = tokens * attention_mask[:, :r, None].to(tokens.dtype)
         if tokens.shape[1] < r:
@@ -170,13 +176,13 @@ class BitMar(nn.Module):
     def slot_log_probs(self, memory_readout: Tensor) -> Tensor | None:
         """Token log-probabilities stored in each caption slot of an episode readout: (B, R * E) -> (B, R - 1, V),
         slot i for caption position i (BOS at 0). None when episodes are a single latent (model.episode_tokens=1)."""
-        if self.slot_head is None:
+        if self.slot_log_scale is None:
             return None
         r, e = self.config.episode_tokens, self.config.episode_dim
         slots = memory_readout.view(memory_readout.shape[0], r, e)[:, 1:]  # (B, R - 1, E)
-        slots = slots.to(self.embed_tokens.weight.dtype)
-        hidden = slots + self.slot_head(slots)  # (B, R - 1, C): a slot is read like the embedding it stores
-        return torch.log_softmax(self.lm_logits(hidden).float(), dim=-1)
+        table = F.normalize(self.embed_tokens.weight.float(), dim=-1)  # (V, C)
+        cosine = F.normalize(slots.float(), dim=-1) @ table.mT  # (B, R - 1, V)
+        return torch.log_softmax(self.slot_log_scale.float().exp() * cosine, dim=-1)
 
     def copy_log_probs(self, memory_readout: Tensor, text_index: Tensor) -> Tensor | None:
         """Copy path of a memory-conditioned decoder (a pointer to the aligned slot, as in pointer-generator

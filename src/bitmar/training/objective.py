@@ -134,7 +134,7 @@ class TrainingObjective(nn.Module):
         loss_kl = self.model.memory.kl_divergence(weights)
         total = w.memory_reconstruction * loss_recon + w.memory_autoencoding * loss_ae + w.memory_kl * loss_kl
         slot_metrics = {}
-        if w.memory_slots > 0 and self.model.slot_head is not None:
+        if w.memory_slots > 0 and self.model.slot_log_scale is not None:
             # Each slot of the read-back episode (and of the written one) must name its caption token directly.
             loss_slots = 0.5 * (slot_nll(self.model, readout, ids, mask) + slot_nll(self.model, values, ids, mask))
             total = total + w.memory_slots * loss_slots

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -26,6 +27,7 @@ from tqdm.auto import tqdm
 from bitmar.bitnet import BitLinear, describe_int8_gemm, quantization_stats
 from bitmar.config import BitMarConfig, ConfigError, TrainingConfig, config_from_dict, config_to_dict, save_config
 from bitmar.data.datasets import collate_captions, collate_text
+from bitmar.data.pseudowords import augment_episode_ids, fast_mapping_augmenter
 from bitmar.fileio import atomic_write_text
 from bitmar.memory import EpisodicStore
 from bitmar.model import BitMar
@@ -174,6 +176,7 @@ class Trainer:
         mask_id = tokenizer.mask_token_id if tokenizer.mask_token_id is not None else tokenizer.unk_token_id
         special = [i for i in (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) if i is not None]
         self.objective = TrainingObjective(self.model, cfg, mask_id, special)
+        self.augmenter = fast_mapping_augmenter(cfg) if cfg.model.use_memory and cfg.model.use_vision else None
         t = cfg.training
         self.optimizer = make_optimizer(self.model, t)
         self.phase_epochs = effective_phase_epochs(cfg, start_phase or 1)
@@ -379,6 +382,21 @@ class Trainer:
     def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
         return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
+    def _with_fast_mapping_episodes(self, batch: dict[str, Any], phase: int, epoch: int) -> dict[str, Any]:
+        """Phase 3: the memory episodes get captions with a pseudo-word (data.pseudo_words); deterministic in
+        (seed, phase, epoch, batch, rank), so a resumed run sees the same words."""
+        if phase < 3 or self.augmenter is None or batch.get("kind") != "caption":
+            return batch
+        pw = self.cfg.data.pseudo_words
+        n = min(batch["input_ids"].size(0), self.cfg.training.memory_episodes_per_write)
+        t = self.cfg.training
+        rng = np.random.default_rng([t.seed, pw.seed, phase, epoch, self.progress.batch, self.dist.rank])
+        ids, mask, _ = augment_episode_ids(
+            self.data.tokenizer, self.augmenter, batch["input_ids"][:n], batch["attention_mask"][:n],
+            pw.probability, rng, self.cfg.data.max_caption_length,
+        )  # fmt: skip
+        return {**batch, "episode_input_ids": ids, "episode_attention_mask": mask}
+
     def _forward(self, batch: dict[str, Any], phase: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         with torch.autocast(
             self.device.type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None
@@ -456,7 +474,7 @@ class Trainer:
         for batch in loader:
             if self.progress.batch >= total_batches:
                 break
-            batch = self._to_device(batch)
+            batch = self._to_device(self._with_fast_mapping_episodes(batch, phase, epoch))
             loss, metrics = self._forward(batch, phase)
             tokens = int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
             window_tokens += tokens * self.dist.world_size
