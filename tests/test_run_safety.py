@@ -280,18 +280,21 @@ def _fake_checkpoint(path: Path, world: Path) -> Path:
 def test_resume_with_a_shape_changing_set_is_refused_listing_the_keys(world: Path, tmp_path: Path, capsys) -> None:
     ckpt = _fake_checkpoint(tmp_path / "ckpt.pt", world)
     out = tmp_path / "run"
-    argv = ["--resume", str(ckpt), "--output_dir", str(out), "--set", "model.mlp_ratio=2.0"]
-    assert main([*argv, "--set", "model.memory_size=32"]) == 2
+    tiny = load_config(TINY).model
+    argv = ["--resume", str(ckpt), "--output_dir", str(out), "--set", f"model.mlp_ratio={tiny.mlp_ratio / 2}"]
+    assert main([*argv, "--set", f"model.memory_size={tiny.memory_size // 2}"]) == 2
     err = capsys.readouterr().err
-    assert "model.mlp_ratio: 4.0 -> 2.0" in err and "model.memory_size: 64 -> 32" in err
+    assert f"model.mlp_ratio: {tiny.mlp_ratio} -> {tiny.mlp_ratio / 2}" in err
+    assert f"model.memory_size: {tiny.memory_size} -> {tiny.memory_size // 2}" in err
     assert "Drop those --set overrides" in err and "Traceback" not in err
     assert not (out / "tokenizer").exists()  # refused before any data work
     payload = load_checkpoint(ckpt)
     from bitmar.config import config_from_dict
 
     check_resumable_model(payload, config_from_dict(payload["config"], ["model.dropout=0.1"]))  # not a shape
-    with pytest.raises(CheckpointError, match="model.vision_num_tokens: 4 -> 6"):
-        check_resumable_model(payload, config_from_dict(payload["config"], ["model.vision_num_tokens=6"]))
+    more = tiny.vision_num_tokens + 2
+    with pytest.raises(CheckpointError, match=f"model.vision_num_tokens: {tiny.vision_num_tokens} -> {more}"):
+        check_resumable_model(payload, config_from_dict(payload["config"], [f"model.vision_num_tokens={more}"]))
 
 
 def test_tokenizer_mismatch_ignores_call_settings_and_counts_kept_ids(tmp_path: Path) -> None:
