@@ -55,7 +55,8 @@ def test_shipped_values_of_note() -> None:
     assert full.training.batch_size == 64 and full.training.max_epochs == 10
     tiny = load_config(CONFIG_DIR / "bitmar_tiny.yaml")
     assert tiny.data.sample.generate_if_missing is True
-    assert tiny.evaluation.recall_sizes == [1, 16, -1]
+    assert tiny.evaluation.recall_sizes == [1, 2, 4, 8, 16, 32, 64, -1]  # the recall curve over N
+    assert (tiny.model.episode_tokens, tiny.model.memory_key_input) == (20, "features")
 
 
 def test_defaults_fill_missing_keys(tmp_path: Path) -> None:

@@ -531,3 +531,28 @@ def test_store_refuses_non_finite_episodes_and_stays_unchanged(bad: float, where
     after = store.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
     assert bool(torch.isfinite(store.read(keys[:3])).all()) and rel(store.read(keys[:3]), keys[:3]) <= TOL
+
+
+def test_keys_narrower_than_values_recall_exactly_and_forget_exactly() -> None:
+    torch.manual_seed(0)
+    memory = EpisodicMemory(memory_size=32, episode_dim=48, key_dim=16).eval()
+    assert memory.prior.shape == (32, 16)
+    keys, values = torch.randn(10, 16), torch.randn(10, 48)
+    state = memory.write_kv(keys, values)
+    read, W = memory.read_kv(keys, state)
+    assert read.shape == (10, 48) and W.shape == (10, 32)
+    torch.testing.assert_close(read, values, rtol=1e-4, atol=1e-4)
+    empty, _ = memory.read_kv(keys, memory.empty_state())
+    assert torch.all(empty == 0)  # no episode held: nothing comes back (the prior has the keys' width)
+    store = EpisodicStore(memory)
+    assert store.capacity == 16  # exact recall up to min(K, key_dim) episodes
+    ids = [store.write(k, v) for k, v in zip(keys, values, strict=True)]
+    torch.testing.assert_close(store.read(keys), values, rtol=1e-4, atol=1e-4)
+    for i in ids[:5]:
+        store.forget(i)
+    fresh, _ = memory.read_kv(keys[5:], memory.write_kv(keys[5:], values[5:]))
+    torch.testing.assert_close(store.read(keys[5:]), fresh, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="key_dim == episode_dim"):
+        memory.write(values)
+    with pytest.raises(ValueError, match="key_dim == episode_dim"):
+        store.write(keys[0])

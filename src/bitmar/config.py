@@ -180,6 +180,10 @@ class EvaluationConfig:
     recall_sizes: list[int] = field(default_factory=lambda: [1, 16, 128, -1])  # -1: memory_size
     blimp_dir: str | None = None  # default: <data_dir>/eval/blimp
     batch_size: int = 32
+    # Memory at inference: this many TRAINING episodes (caption + picture) are written once into a support memory,
+    # and captioning / VQA / Winoground are also reported with the readout of each test picture (-1 = memory_size,
+    # 0 = off).
+    memory_support_episodes: int = -1
 
 
 @dataclass
@@ -212,6 +216,7 @@ _SEED_MODEL_KEYS_MOVED_TO_TRAINING = ("learning_rate", "batch_size", "max_epochs
 _CHOICES: dict[str, tuple[str, ...]] = {
     "data.nonfinite_features": ("drop", "error"),
     "training.precision": ("auto", "fp32", "bf16"),
+    "model.memory_key_input": ("latent", "features"),
     "wandb.mode": ("auto", "online", "offline", "disabled"),
     "export.dtype": ("bfloat16", "float32"),
 }
@@ -423,6 +428,11 @@ def validate_config(cfg: BitMarConfig) -> None:
     }.items():
         if value <= 0:
             raise ConfigError(f"{key} must be > 0, got {value}")
+    if e.memory_support_episodes < -1:
+        raise ConfigError(
+            f"evaluation.memory_support_episodes must be -1 (= model.memory_size), 0 (off) or > 0, "
+            f"got {e.memory_support_episodes}"
+        )
     for i, size in enumerate(e.recall_sizes):
         if size <= 0 and size != -1:
             raise ConfigError(f"evaluation.recall_sizes[{i}] must be > 0 or -1 (= model.memory_size), got {size}")
@@ -511,6 +521,8 @@ def validate_config(cfg: BitMarConfig) -> None:
         raise ConfigError(f"data.pseudo_words.probability must be in [0, 1], got {pw.probability}")
     if pw.enabled and pw.pool_size < 1:
         raise ConfigError(f"data.pseudo_words.pool_size must be >= 1 when enabled, got {pw.pool_size}")
+    if m.memory_key_dim is not None and m.memory_key_dim < 1:
+        raise ConfigError(f"model.memory_key_dim must be >= 1 or null (= the memory width), got {m.memory_key_dim}")
     if m.episode_tokens < 1:
         raise ConfigError(f"model.episode_tokens must be >= 1, got {m.episode_tokens}")
     if m.episode_tokens > 1 and m.episode_dim != m.hidden_size:

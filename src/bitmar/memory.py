@@ -211,46 +211,66 @@ class EpisodicMemory(nn.Module):
             to ~1e6).
         addressing_noise_std: std of the Gaussian noise added to the addressing weights W in training mode; also the
             std of q(W) in kl_divergence.
+        key_dim: width of the keys of write_kv / read_kv (default episode_dim). The prior M0 is (K, key_dim): it
+            addresses, while the memory M (K, C) stores values. With key_dim != episode_dim only the key-value
+            operations (and update() with an explicit W) apply; the autoassociative write/read need equal widths.
     """
 
     def __init__(
-        self, memory_size: int, episode_dim: int, ridge: float = 1e-6, addressing_noise_std: float = 0.1
+        self,
+        memory_size: int,
+        episode_dim: int,
+        ridge: float = 1e-6,
+        addressing_noise_std: float = 0.1,
+        key_dim: int | None = None,
     ) -> None:
         super().__init__()
-        if memory_size < 1 or episode_dim < 1:
-            raise ValueError(f"memory_size and episode_dim must be >= 1, got {memory_size}, {episode_dim}")
+        key_dim = episode_dim if key_dim is None else key_dim
+        if memory_size < 1 or episode_dim < 1 or key_dim < 1:
+            raise ValueError(
+                f"memory_size, episode_dim and key_dim must be >= 1, got {memory_size}, {episode_dim}, {key_dim}"
+            )
         if not 0.0 < ridge < 1.0:
             raise ValueError(f"ridge is a relative cutoff and must lie in (0, 1), got {ridge}")
         if addressing_noise_std < 0.0:
             raise ValueError(f"addressing_noise_std must be >= 0, got {addressing_noise_std}")
         self.memory_size = memory_size
         self.episode_dim = episode_dim
+        self.key_dim = key_dim
         self.ridge = ridge
         self.addressing_noise_std = addressing_noise_std
-        self.prior = nn.Parameter(torch.empty(memory_size, episode_dim))  # (K, C) M0
+        self.prior = nn.Parameter(torch.empty(memory_size, key_dim))  # (K, key_dim) M0
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         # Orthogonal rows/columns: condition number 1, so W0 = Z M0^+ is as well conditioned as Z.  The gain makes
         # unit-variance latents give unit-variance addressing weights, matching the N(0, I) prior of the KL term.
-        gain = math.sqrt(min(1.0, self.episode_dim / self.memory_size))
+        gain = math.sqrt(min(1.0, self.key_dim / self.memory_size))
         with torch.no_grad():
             nn.init.orthogonal_(self.prior, gain=gain)
 
     def extra_repr(self) -> str:
         return (
-            f"memory_size={self.memory_size}, episode_dim={self.episode_dim}, ridge={self.ridge}, "
-            f"addressing_noise_std={self.addressing_noise_std}"
+            f"memory_size={self.memory_size}, episode_dim={self.episode_dim}, key_dim={self.key_dim}, "
+            f"ridge={self.ridge}, addressing_noise_std={self.addressing_noise_std}"
         )
 
     # ----------------------------------------------------------------------------------------------------- helpers
 
-    def _flatten(self, x: Tensor, name: str) -> Tensor:
-        if x.dim() < 1 or x.shape[-1] != self.episode_dim:
-            raise ValueError(f"{name} must have shape (..., {self.episode_dim}), got {tuple(x.shape)}")
+    def _flatten(self, x: Tensor, name: str, width: int | None = None) -> Tensor:
+        width = self.episode_dim if width is None else width
+        if x.dim() < 1 or x.shape[-1] != width:
+            raise ValueError(f"{name} must have shape (..., {width}), got {tuple(x.shape)}")
         if not x.is_floating_point():
             raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
-        return x.reshape(-1, self.episode_dim)  # (N, C)
+        return x.reshape(-1, width)  # (N, width)
+
+    def _require_autoassociative(self, what: str) -> None:
+        if self.key_dim != self.episode_dim:
+            raise ValueError(
+                f"{what} addresses with the episode itself, which needs key_dim == episode_dim (got {self.key_dim} "
+                f"and {self.episode_dim}); use the key-value operations (write_kv / read_kv, update with W=...)"
+            )
 
     def _check_state(self, state: MemoryState) -> None:
         if tuple(state.memory.shape) != (self.memory_size, self.episode_dim):
@@ -281,13 +301,19 @@ class EpisodicMemory(nn.Module):
 
     # ------------------------------------------------------------------------------------------------------ public
 
+    def _empty_memory(self, device: torch.device, dtype: torch.dtype) -> Tensor:
+        """The memory holding no episode: the prior when it has the episodes' width, else zeros (reads give 0)."""
+        if self.key_dim == self.episode_dim:
+            return self.prior.detach().to(device=device, dtype=dtype).clone()  # (K, C)
+        return torch.zeros(self.memory_size, self.episode_dim, device=device, dtype=dtype)
+
     def empty_state(self) -> MemoryState:
         """State holding just the (detached) prior and zero episodes; the first update() replaces it by C^+ B."""
         device = self.prior.device
         wd = _work_dtype(device)
         K, C = self.memory_size, self.episode_dim
         return MemoryState(
-            memory=self.prior.detach().to(torch.float32).clone(),  # (K, C)
+            memory=self._empty_memory(device, torch.float32),  # (K, C)
             precision=torch.zeros(K, K, dtype=wd, device=device),
             moment=torch.zeros(K, C, dtype=wd, device=device),
             usage=torch.zeros(K, dtype=torch.float32, device=device),
@@ -300,7 +326,7 @@ class EpisodicMemory(nn.Module):
 
         Returned in float32 (float64 for float64 keys), bit-identical to the addressing that write_kv / update add to
         the statistics, so update(state, values, -a, W=address(keys)) forgets key-value episodes exactly."""
-        k = self._flatten(keys, "keys")
+        k = self._flatten(keys, "keys", self.key_dim)
         with _no_autocast(k.device):
             W = self._address_work(k.to(_work_dtype(k.device)))  # (N, K)
         return W.to(self._memory_dtype(keys.dtype)).reshape(*keys.shape[:-1], self.memory_size)
@@ -316,13 +342,14 @@ class EpisodicMemory(nn.Module):
 
         Exact recall for N <= min(K, C); least squares beyond.  Differentiable w.r.t. Z and the prior.  The returned
         state's precision/moment make update() continue exactly from it."""
+        self._require_autoassociative("write")
         return self.write_kv(Z, Z)
 
     def write_kv(self, keys: Tensor, values: Tensor) -> MemoryState:
         """Key-value write (Larimar editing): W = keys M0^+ (fixed reference = prior), M = W^+ values.
 
         read_kv(keys) returns the values exactly for N <= min(K, C) keys whose addressing has full row rank."""
-        k = self._flatten(keys, "keys")  # (N, C)
+        k = self._flatten(keys, "keys", self.key_dim)  # (N, key_dim)
         v = self._flatten(values, "values")  # (N, C)
         if k.shape[0] != v.shape[0]:
             raise ValueError(
@@ -353,6 +380,7 @@ class EpisodicMemory(nn.Module):
         Training mode adds N(0, addressing_noise_std^2) noise to W before the product; eval mode is deterministic.
         The returned W is the noise-free mean of q(W) (the input of kl_divergence).  The state is never modified."""
         self._check_state(state)
+        self._require_autoassociative("read")
         q = self._flatten(Zq, "Zq")  # (Nq, C)
         device = q.device
         wd = _work_dtype(device)
@@ -366,7 +394,7 @@ class EpisodicMemory(nn.Module):
     def read_kv(self, keys: Tensor, state: MemoryState) -> tuple[Tensor, Tensor]:
         """Key-value read: W = keys M0^+ (same addressing as write_kv), values_read = W M.  Noise as in read()."""
         self._check_state(state)
-        k = self._flatten(keys, "keys")  # (Nq, C)
+        k = self._flatten(keys, "keys", self.key_dim)  # (Nq, key_dim)
         device = k.device
         with _no_autocast(device):
             M = state.memory.to(device=device, dtype=_work_dtype(device))  # (K, C)
@@ -420,6 +448,7 @@ class EpisodicMemory(nn.Module):
         with _no_autocast(device):
             zw = z.to(device=device, dtype=wd)
             if W is None:
+                self._require_autoassociative("update without W")
                 Ww = self._stats_addressing(self._address_work(zw), Z.dtype)  # (N, K) exactly as write() added it
             else:
                 Ww = W.detach().reshape(-1, self.memory_size).to(device=device, dtype=wd)
@@ -459,7 +488,7 @@ class EpisodicMemory(nn.Module):
         mem_dtype = self._memory_dtype(state.memory.dtype)
         device = state.precision.device
         if state.num_episodes == 0:
-            memory = self.prior.detach().to(device=device, dtype=mem_dtype).clone()  # (K, C)
+            memory = self._empty_memory(device, mem_dtype)  # (K, C)
         else:
             with _no_autocast(device):
                 memory = (_gram_pinv(state.precision, self.ridge) @ state.moment).to(mem_dtype)  # (K, C) = C^+ B
@@ -534,15 +563,15 @@ class EpisodicStore:
 
     def __init__(self, memory: EpisodicMemory, capacity: int | None = None, device: torch.device | str | None = None):
         self.memory = memory
-        # default min(K, C): the largest number of episodes that is still recalled exactly (K for K <= C)
-        self.capacity = min(memory.memory_size, memory.episode_dim) if capacity is None else int(capacity)
+        # default min(K, key_dim): the largest number of episodes that is still recalled exactly
+        self.capacity = min(memory.memory_size, memory.key_dim) if capacity is None else int(capacity)
         if self.capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {self.capacity}")
         self.device = torch.device(device) if device is not None else memory.prior.device
         self._state = memory.empty_state().to(self.device)
         self._stale = False  # statistics changed since the memory matrix was last solved
         self._forgot = False  # an episode was forgotten since: rebuild C and B from the held episodes before solving
-        self._keys: dict[int, Tensor] = {}  # id -> (C,)
+        self._keys: dict[int, Tensor] = {}  # id -> (key_dim,)
         self._values: dict[int, Tensor] = {}  # id -> (C,)
         self._addresses: dict[int, Tensor] = {}  # id -> (K,) work dtype, exactly what was added to the statistics
         self._last_used: dict[int, int] = {}  # id -> clock of the last read (or of the write)
@@ -589,7 +618,7 @@ class EpisodicStore:
         )
 
     def _vector(self, x: Tensor, name: str) -> Tensor:
-        C = self.memory.episode_dim
+        C = self.memory.key_dim if name == "key" else self.memory.episode_dim
         if x.dim() != 1 or x.shape[0] != C:
             raise ValueError(f"{name} must have shape ({C},), got {tuple(x.shape)}")
         out = x.detach().to(device=self.device, dtype=torch.float32)
@@ -611,6 +640,8 @@ class EpisodicStore:
 
         A key or value holding NaN or inf raises ValueError before anything changes (it would poison every slot)."""
         k = self._vector(key, "key")
+        if value is None:
+            self.memory._require_autoassociative("a store write without a value")
         v = k.clone() if value is None else self._vector(value, "value")
         while len(self) >= self.capacity:
             lru = min(self._keys, key=lambda i: (self._last_used[i], self._written_at[i]))
@@ -639,7 +670,7 @@ class EpisodicStore:
         """Id of the held episode whose addressing best matches (cosine) each query; does not count as a read."""
         if len(self) == 0:
             return []
-        q = query.reshape(-1, self.memory.episode_dim)
+        q = query.reshape(-1, self.memory.key_dim)
         wq = self._address(q)  # (Nq, K)
         ids = self.episode_ids
         stored = torch.stack([self._addresses[i] for i in ids])  # (E, K)
@@ -650,20 +681,20 @@ class EpisodicStore:
     def read(self, query: Tensor) -> Tensor:
         """Deterministic key-value read of query (Nq, C) or (C,), same shape/dtype out; marks the best-matching
         held episode of each query as used (LRU).  An empty store reads from the prior (query M0^+ M0)."""
-        q = query.reshape(-1, self.memory.episode_dim)  # (Nq, C)
+        q = query.reshape(-1, self.memory.key_dim)  # (Nq, key_dim)
         state = self.state
         M = state.memory.to(device=self.device, dtype=state.precision.dtype)  # (K, C)
         out = self._address(q) @ M  # (Nq, C) noise-free whatever the module's mode
         self._clock += 1
         for eid in self.nearest(q):
             self._last_used[eid] = self._clock
-        return out.to(query.dtype).reshape(query.shape)
+        return out.to(query.dtype).reshape(*query.shape[:-1], self.memory.episode_dim)
 
     # ---------------------------------------------------------------------------------------------------- checkpoint
 
     def state_dict(self) -> dict[str, Tensor]:
         ids = self.episode_ids
-        C, K = self.memory.episode_dim, self.memory.memory_size
+        C, K, Ck = self.memory.episode_dim, self.memory.memory_size, self.memory.key_dim
         wd = self._state.precision.dtype
 
         def stack(table: dict[int, Tensor], shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
@@ -672,7 +703,7 @@ class EpisodicStore:
         d = {f"state.{k}": v for k, v in self.state.state_dict().items()}
         d.update(
             episode_ids=torch.tensor(ids, dtype=torch.int64),
-            keys=stack(self._keys, (0, C), torch.float32),
+            keys=stack(self._keys, (0, Ck), torch.float32),
             values=stack(self._values, (0, C), torch.float32),
             addresses=stack(self._addresses, (0, K), wd),
             last_used=torch.tensor([self._last_used[i] for i in ids], dtype=torch.int64),

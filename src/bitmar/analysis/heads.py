@@ -436,7 +436,7 @@ class HeadImportanceTracker:
         memory = getattr(model, "memory", None)
         if phase >= 3 and memory is not None and vision is not None and out.multimodal_latent is not None:
             # Recall the batch's own episodes from a fresh memory with their image keys: the inference-time prefix.
-            keys = model.memory_key_proj(out.vision_latent)  # (B, E)
+            keys = model.vision_key(vision, out.vision_latent)  # (B, key width)
             state = model.write_memory(keys, out.multimodal_latent)
             readout, _ = memory.read_kv(keys, state)  # (B, E)
             recalled = model(

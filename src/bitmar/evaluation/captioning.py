@@ -47,9 +47,18 @@ def evaluate_captioning(ctx: EvalContext) -> dict[str, Any]:
     blind = greedy_captions(ctx, n)  # no picture: what the caption prior alone says
     metrics: dict[str, Any] = {"samples": n, "max_new_tokens": ctx.ecfg.caption_max_new_tokens}
     blind_scores = caption_metrics(blind, references)
+    with_memory = None
     if ctx.has_vision:
-        generated = greedy_captions(ctx, n, vision_features=ctx.tensor(split.features(positions)))
+        features = ctx.tensor(split.features(positions))
+        generated = greedy_captions(ctx, n, vision_features=features)
         scores = caption_metrics(generated, references)
+        readout = ctx.memory_readout(features)  # support memory of training episodes (None: off)
+        if readout is not None:
+            with_memory = greedy_captions(ctx, n, vision_features=features, memory_readout=readout)
+            metrics["with_memory"] = {
+                **caption_metrics(with_memory, references),
+                "examples": with_memory[:NUM_EXAMPLES],
+            }
     else:
         generated, scores = blind, blind_scores
     metrics.update(scores)
@@ -68,7 +77,23 @@ def evaluate_captioning(ctx: EvalContext) -> dict[str, Any]:
         "headline": [
             {"metric": "BLEU-4", "value": scores["bleu4"], "reference": blind_scores["bleu4"]},
             {"metric": "ROUGE-L F1", "value": scores["rouge_l"], "reference": blind_scores["rouge_l"]},
-        ],
+            *(
+                [
+                    {
+                        "metric": "BLEU-4 with memory",
+                        "value": metrics["with_memory"]["bleu4"],
+                        "reference": scores["bleu4"],
+                    },
+                    {
+                        "metric": "ROUGE-L F1 with memory",
+                        "value": metrics["with_memory"]["rouge_l"],
+                        "reference": scores["rouge_l"],
+                    },
+                ]
+                if with_memory is not None
+                else []
+            ),
+        ],  # fmt: skip
         "notes": [
             f"{n} validation images, greedy decoding; reference column = the same decoder without an image"
             + ("" if ctx.has_vision else " (this model has no vision input: both columns are blind)")

@@ -182,6 +182,46 @@ class EvalContext:
     def has_memory(self) -> bool:
         return bool(self.cfg.model.use_memory)
 
+    def support_memory(self) -> Any:
+        """The support memory of memory-at-inference evaluation (cached), or None when off / no memory.
+
+        `evaluation.memory_support_episodes` TRAINING episodes (the first ones of the training split: never an
+        evaluation item) are written once: key = memory_key(picture), value = episode_latent(caption, picture)."""
+        if "support_memory" in self._cache:
+            return self._cache["support_memory"]
+        state = None
+        want = self.ecfg.memory_support_episodes
+        if self.has_memory and self.has_vision and want != 0:
+            n = self.cfg.model.memory_size if want == -1 else min(want, self.cfg.model.memory_size)
+            store = self.captions().store
+            train, _ = split_indices(len(store), self.cfg.data.validation_fraction, SPLIT_SEED)
+            rows = train[:n]
+            support = CaptionSplit(store, rows)
+            positions = np.arange(len(rows))
+            seqs = caption_token_ids(self.tokenizer, support.captions(positions), self.max_len)
+            features = self.tensor(support.features(positions))
+            keys, values = [], []
+            for s in range(0, len(rows), self.ecfg.batch_size):
+                ids, mask = pad_sequences(seqs[s : s + self.ecfg.batch_size], self.tokenizer.pad_token_id)
+                f = features[s : s + self.ecfg.batch_size]
+                keys.append(self.model.memory_key(f).float())
+                values.append(self.model.episode_latent(ids.to(self.device), mask.to(self.device), f).float())
+            state = self.model.write_memory(torch.cat(keys), torch.cat(values))
+            self._cache["support_episodes"] = len(rows)
+        self._cache["support_memory"] = state
+        return state
+
+    def memory_readout(self, vision_features: Tensor) -> Tensor | None:
+        """Readout (N, R * E) of the support memory for each picture, or None when memory is off."""
+        state = self.support_memory()
+        if state is None:
+            return None
+        out = []
+        for s in range(0, vision_features.shape[0], self.ecfg.batch_size):
+            readout, _ = self.model.read_memory(state, vision_features=vision_features[s : s + self.ecfg.batch_size])
+            out.append(readout)
+        return torch.cat(out)
+
     def captions(self) -> CaptionSplit:
         if self.caption_split is None:
             self.caption_split = CaptionSplit.from_data_dir(self.cfg, self.data_dir)

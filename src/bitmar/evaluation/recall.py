@@ -175,7 +175,7 @@ def evaluate_episodic_recall(ctx: EvalContext) -> dict[str, Any]:
         return _without_memory(ctx, ep)
     model, mcfg = ctx.model, ctx.cfg.model
     total = len(ep)
-    sizes = resolve_recall_sizes(list(ctx.ecfg.recall_sizes), mcfg.memory_size, mcfg.memory_width, total)
+    sizes = resolve_recall_sizes(list(ctx.ecfg.recall_sizes), mcfg.memory_size, mcfg.memory_key_width, total)
     everything = list(range(total))
 
     empty_readout, _ = model.read_memory(model.memory.empty_state(), key=ep.queries)  # (N, E): no episode held
@@ -218,7 +218,7 @@ def evaluate_episodic_recall(ctx: EvalContext) -> dict[str, Any]:
         for steps in SLOW_LEARNING_STEPS
     ]
     forgetting = _forgetting(ctx, ep, largest) if largest >= 2 else None
-    lru = _lru(ctx, ep, min(total, mcfg.memory_size, mcfg.memory_width))
+    lru = _lru(ctx, ep, min(total, mcfg.exact_recall_bound))
 
     examples = [
         {
@@ -233,7 +233,7 @@ def evaluate_episodic_recall(ctx: EvalContext) -> dict[str, Any]:
         "episodes_available": total,
         "memory_size": mcfg.memory_size,
         "episode_dim": mcfg.episode_dim,
-        "exact_recall_bound": min(mcfg.memory_size, mcfg.memory_width),
+        "exact_recall_bound": mcfg.exact_recall_bound,
         "sizes": results,
         "vision_only_no_memory": summarize(vision_only),
         "empty_memory_all": summarize(empty),

@@ -62,7 +62,7 @@ class BitMar(nn.Module):
         self.vision_encoder = VisionEncoder(config) if config.use_vision else None
         self.fusion = CrossModalFusion(config) if config.use_vision else None
         self.memory: EpisodicMemory | None = None
-        self.memory_key_proj: BitLinear | None = None  # z_v -> episode key
+        self.memory_key_proj: BitLinear | None = None  # z_v (or the DINOv2 vector) -> episode key
         self.text_key_proj: BitLinear | None = None  # z_t -> key, when z_v's projection cannot be shared
         self.text_value_proj: BitLinear | None = None  # z_t -> episode value, text-only models
         self.episode_token_proj: BitLinear | None = None  # caption token states -> episode tokens 1..R-1
@@ -70,11 +70,16 @@ class BitMar(nn.Module):
         self.episode_context_gate: nn.Parameter | None = None
         if config.use_memory:
             width = config.memory_width  # R episode tokens x E, one memory row
-            self.memory = EpisodicMemory(config.memory_size, width, addressing_noise_std=config.addressing_noise_std)
+            key_width = config.memory_key_width
+            self.memory = EpisodicMemory(
+                config.memory_size, width, addressing_noise_std=config.addressing_noise_std, key_dim=key_width
+            )
+            from_features = config.memory_key_input == "features"
             if config.use_vision:
-                self.memory_key_proj = BitLinear(config.vision_latent_size, width, quantize=q)
-            if not config.use_vision or config.text_latent_size != config.vision_latent_size:
-                self.text_key_proj = BitLinear(config.text_latent_size, width, quantize=q)
+                key_in = config.vision_encoder_dim if from_features else config.vision_latent_size
+                self.memory_key_proj = BitLinear(key_in, key_width, quantize=q)
+            if not config.use_vision or from_features or config.text_latent_size != config.vision_latent_size:
+                self.text_key_proj = BitLinear(config.text_latent_size, key_width, quantize=q)
             if not config.use_vision:
                 self.text_value_proj = BitLinear(config.text_latent_size, config.episode_dim, quantize=q)
             if config.episode_tokens > 1:
@@ -148,9 +153,21 @@ class BitMar(nn.Module):
         return torch.cat([summary[:, None].to(tokens.dtype), tokens], dim=1).flatten(1)  # (B, R * E)
 
     def memory_key(self, vision_features: Tensor) -> Tensor:
-        """The episode KEY (B, R * E) from the picture alone, so a picture recalls its episode."""
+        """The episode KEY (B, key width) from the picture alone, so a picture recalls its episode."""
+        if self.config.memory_key_input == "features":
+            return self.vision_key(vision_features, None)
         _, vision_latent = self.encode_vision(vision_features)
-        return self._memory_part(self.memory_key_proj)(vision_latent)
+        return self.vision_key(vision_features, vision_latent)
+
+    def vision_key(self, vision_features: Tensor, vision_latent: Tensor | None) -> Tensor:
+        """Key of a picture from what is at hand: its DINOv2 features (B, D) / (B, P, D) or its latent z_v (B, Lv)."""
+        proj = self._memory_part(self.memory_key_proj)
+        if self.config.memory_key_input == "features":
+            features = vision_features.mean(dim=1) if vision_features.dim() == 3 else vision_features  # (B, D)
+            return proj(features.to(proj.weight.dtype))
+        if vision_latent is None:
+            _, vision_latent = self.encode_vision(vision_features)
+        return proj(vision_latent)
 
     def text_memory_key(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """A key (B, R * E) from text (a prompt / question): the vision key projection applied to z_t when the latent
@@ -267,7 +284,7 @@ class BitMar(nn.Module):
         memory_weights = diagnostics = None
         if memory_readout is None and memory_state is not None:
             if vision_latent is not None:
-                key = self.memory_key_proj(vision_latent)
+                key = self.vision_key(vision_features, vision_latent)
             else:
                 key = self._text_key(text_latent)
             memory_readout, memory_weights = self.memory.read_kv(key, memory_state)

@@ -45,6 +45,10 @@ class ModelConfig:
     # multimodal latent z_m, tokens 1.. are the fused caption token states (BOS first), so an episode can carry the
     # exact words of its caption (new words included). 1 = the single pooled latent.
     episode_tokens: int = 1
+    memory_key_dim: int | None = None  # width of episode keys and of the prior M0 (None: the memory width)
+    # What a key is computed from: "latent" = the pooled vision latent z_v, "features" = the DINOv2 input vector
+    # itself (a wider, frozen key space: more episodes stay separable than z_v's width allows).
+    memory_key_input: str = "latent"
     addressing_noise_std: float = 0.1  # Larimar addressing noise, training only
     use_memory: bool = True  # False: ablation without episodic memory
     use_vision: bool = True  # False: ablation without vision input
@@ -55,6 +59,15 @@ class ModelConfig:
     def memory_width(self) -> int:
         """Width of one memory row: episode_tokens x episode_dim."""
         return self.episode_tokens * self.episode_dim
+
+    @property
+    def memory_key_width(self) -> int:
+        return self.memory_width if self.memory_key_dim is None else self.memory_key_dim
+
+    @property
+    def exact_recall_bound(self) -> int:
+        """Most episodes that one write recalls exactly: min(K, key width) (the rank of the addressing)."""
+        return min(self.memory_size, self.memory_key_width)
 
     @property
     def memory_prefix_tokens(self) -> int:

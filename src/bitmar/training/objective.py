@@ -122,7 +122,7 @@ class TrainingObjective(nn.Module):
             values = self.model.episode_latent(ids, mask, features)  # (N, R * E)
         else:
             ids, mask, features, values = ids[:n], mask[:n], features[:n], episodes[:n]  # values: (N, R * E)
-        keys = self.model.memory_key_proj(vision_latent[:n])  # (N, E) from the image alone (= memory_key(features))
+        keys = self.model.vision_key(features, vision_latent[:n])  # (N, key width) from the image alone
         state = self.model.write_memory(keys, values)
         noise_scale = self.cfg.training.memory_query_noise * features.detach().float().std()
         query_features = features + noise_scale * torch.randn_like(features)
@@ -145,7 +145,8 @@ class TrainingObjective(nn.Module):
             "Loss_memory_autoencoding": loss_ae.detach(),
             "Loss_memory_kl": loss_kl.detach(),
             "_memory_keys": keys.detach(),
-            "_memory_values": values.detach(),
+            # the persistent store keeps the real experience (the caption as seen), not its renamed training copy
+            "_memory_values": episodes[:n].detach(),
             "_memory_weights": weights.detach(),
         }
         return total, metrics
