@@ -20,6 +20,7 @@ import torch.nn.functional as F
 import transformers
 from PIL import Image
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 import bitmar.bitnet as bitnet
 from bitmar.bitnet import BitLinear
@@ -27,7 +28,8 @@ from bitmar.config import config_from_dict, config_to_dict, load_config
 from bitmar.data.tokenizer import train_tokenizer
 from bitmar.export import ExportError, build_remote_code, export_checkpoint, flatten_sources, hf_export, score_sentences
 from bitmar.export.__main__ import main as export_main
-from bitmar.export.hf_export import EXPORT_MANIFEST, LEGACY_EXPORT_FILES
+from bitmar.export.hf_export import EXPORT_MANIFEST, LEGACY_EXPORT_FILES, STORE_NAME
+from bitmar.memory import EpisodicStore
 from bitmar.model import BitMar
 from bitmar.training.checkpoint import load_checkpoint, save_checkpoint
 from bitmar.training.losses import sequence_log_probs
@@ -48,18 +50,33 @@ LIBS = frozenset({"torch"})
 # ------------------------------------------------------------------------------------------------- fixtures
 
 
-def make_checkpoint(root: Path, overrides: tuple[str, ...] = ()) -> Path:
-    """A tiny randomly initialised BitMar checkpoint with its own BPE tokenizer (what train_bitmar.py writes)."""
+def make_checkpoint(root: Path, overrides: tuple[str, ...] = (), store_episodes: int = 0) -> Path:
+    """A tiny randomly initialised BitMar checkpoint with its own BPE tokenizer (what train_bitmar.py writes).
+
+    store_episodes > 0: a persistent store as the trainer leaves it: episodes written (the first one read again
+    later, so LRU order differs from write order) while the memory prior was still moving."""
     torch.manual_seed(0)
     tokenizer = train_tokenizer(SENTENCES * 10, 300, root / "tokenizer")
     cfg = load_config(TINY, [f"model.vocab_size={len(tokenizer)}", *overrides])
     model = BitMar(cfg.model)
+    store: dict[str, torch.Tensor] = {}
+    if store_episodes:
+        episodes = EpisodicStore(model.memory)
+        g = torch.Generator().manual_seed(2)
+        keys = torch.randn(store_episodes, model.memory.prior.shape[1], generator=g)  # the prior addresses keys
+        for key in keys:
+            episodes.write(key, torch.randn(model.memory.episode_dim, generator=g))
+        episodes.read(keys[0])
+        with torch.no_grad():  # training goes on after the writes: the prior moves
+            model.memory.prior.add_(0.1 * torch.randn(model.memory.prior.shape, generator=g))
+        store = episodes.state_dict()
     path = root / "checkpoints" / "last.pt"
     payload = {
         "model": model.state_dict(),
         "config": config_to_dict(cfg),
         "tokenizer": tokenizer.backend_tokenizer.to_str(),
         "progress": {"phase": 3, "epoch": 9, "global_step": 1234},
+        "memory_store": store,
     }
     save_checkpoint(payload, path)
     return path
@@ -82,7 +99,7 @@ def hf_tokenizer(path: Path) -> Any:
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_checkpoint(tmp_path_factory.mktemp("run"))
+    return make_checkpoint(tmp_path_factory.mktemp("run"), store_episodes=3)
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +152,9 @@ def test_remote_code_is_self_contained_and_defines_every_name(tmp_path: Path) ->
     for name, source in code.items():
         for node in ast.walk(ast.parse(source)):
             if isinstance(node, ast.ImportFrom) and node.level == 0:
-                assert node.module.split(".")[0] in {"__future__", "torch", "transformers"} | sys.stdlib_module_names
+                # safetensors (the episodic store file) is a dependency of transformers itself
+                libraries = {"__future__", "torch", "transformers", "safetensors"}
+                assert node.module.split(".")[0] in libraries | sys.stdlib_module_names
             if isinstance(node, ast.Import):
                 assert all(a.name.split(".")[0] in {"torch"} | sys.stdlib_module_names for a in node.names), name
         assert "from bitmar" not in source and "import bitmar" not in source
@@ -578,6 +597,179 @@ def test_model_card_includes_the_run_evaluation(ckpt: Path, tmp_path: Path) -> N
     assert "| minimal_pairs/accuracy | 0.75 |" in plain and "note" not in plain
 
 
+# ------------------------------------------------------------------------------------------------- episodic memory
+
+ONE_SHOT = ["the dax sat on the mat", "a wug runs in the park"]  # made-up words the tokenizer never saw
+
+
+def package_store(model: BitMar, keys: torch.Tensor, values: torch.Tensor) -> EpisodicStore:
+    """The store the bitmar package builds from the same episodes, written in order."""
+    store = EpisodicStore(model.memory)
+    for key, value in zip(keys, values, strict=True):
+        store.write(key, value)
+    return store
+
+
+def assert_same_store(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    assert set(got) == set(expected)
+    for name in expected:
+        assert got[name].dtype == expected[name].dtype and torch.equal(got[name], expected[name]), name
+
+
+def test_export_carries_the_checkpoint_store_readdressed_to_the_final_prior(
+    exports: dict[str, Path], ckpt: Path, reference: BitMar
+) -> None:
+    raw = load_checkpoint(ckpt)["memory_store"]
+    lru_order = [1, 2, 0]  # episode 0 was read after the others were written
+    keys, values = raw["keys"][lru_order], raw["values"][lru_order]
+    expected = package_store(reference, keys, values)  # the same episodes addressed against the final prior
+    capacity = expected.capacity
+    for kind in ("f32", "f32_packed", "bf16_packed"):
+        manifest = json.loads((exports[kind] / EXPORT_MANIFEST).read_text())
+        assert manifest["episodic_store"] == {"file": STORE_NAME, "episodes": 3, "capacity": capacity}
+        assert STORE_NAME in manifest["files"]
+        stored = load_file(str(exports[kind] / STORE_NAME))  # plain safetensors, all tensors
+        assert_same_store(stored, expected.state_dict())
+        model = hf_load(exports[kind])
+        assert model.memory_size == 3 and model.memory_episode_ids == [0, 1, 2] and model.memory_capacity == capacity
+        assert model.model.memory.prior.dtype == torch.float32  # also in the bfloat16 export
+        assert torch.equal(model.model.memory.prior, reference.memory.prior)
+        assert_same_store(model.memory_store().state_dict(), stored)  # loads equal
+    assert "carries the training run's store (3 episodes" in (exports["f32"] / "README.md").read_text()
+    # Re-addressing is what makes the carried episodes readable: the final model reads each value back exactly,
+    # while the store as the trainer saved it (addressed with the older prior) does not.
+    with torch.no_grad():
+        readout, _ = reference.read_memory(expected.state, key=keys)
+        stale = EpisodicStore(reference.memory)
+        stale.load_state_dict(raw)
+        stale_readout, _ = reference.read_memory(stale.state, key=keys)
+    assert float((readout - values).abs().max()) < 1e-4 < float((stale_readout - values).abs().max())
+
+
+def test_no_store_flag_and_a_store_that_does_not_fit(
+    ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    assert export_main(["--checkpoint", str(ckpt), "--output_dir", str(out), "--dtype", "float32", "--no_store"]) == 0
+    assert not (out / STORE_NAME).exists()
+    assert json.loads((out / EXPORT_MANIFEST).read_text())["episodic_store"] is None
+    assert "store was left out (`--no_store`)" in (out / "README.md").read_text()
+    model = hf_load(out)
+    assert model.memory_size == 0
+    vision = torch.zeros(1, 768)
+    with pytest.raises(ValueError, match="the episodic store holds no episodes: write one first with"):
+        model.memory_read(vision_features=vision)
+    with pytest.raises(ValueError, match="the episodic store holds no episodes"):
+        model.generate(vision_features=vision, use_memory=True, max_new_tokens=2)
+    with pytest.raises(ValueError, match="reads the store with the picture's key"):
+        model(input_ids=torch.tensor([[1, 5]]), use_memory=True)
+    payload = load_checkpoint(ckpt)
+    payload["memory_store"]["keys"] = payload["memory_store"]["keys"][:, :7]  # from a model of another width
+    bad = tmp_path / "bad.pt"
+    save_checkpoint(payload, bad)
+    capsys.readouterr()
+    assert export_main(["--checkpoint", str(bad), "--output_dir", str(tmp_path / "bad_out")]) == 2
+    err = capsys.readouterr().err
+    assert "persistent memory store ('memory_store') does not fit the model" in err and "--no_store" in err
+    assert not (tmp_path / "bad_out").exists()
+    assert export_main(["--checkpoint", str(bad), "--output_dir", str(tmp_path / "bad_out"), "--no_store"]) == 0
+    payload = load_checkpoint(ckpt)
+    payload["memory_store"]["values"][1, 0] = float("nan")  # would turn every slot of the memory into NaN
+    save_checkpoint(payload, bad)
+    assert export_main(["--checkpoint", str(bad), "--output_dir", str(tmp_path / "nan_out")]) == 2
+    assert "non-finite" in capsys.readouterr().err and not (tmp_path / "nan_out").exists()
+
+
+def test_one_shot_learning_in_the_export_equals_bitmar(
+    exports: dict[str, Path], reference: BitMar, tmp_path: Path
+) -> None:
+    model, tokenizer = hf_load(exports["f32"]), hf_tokenizer(exports["f32"])
+    model.memory_clear()
+    assert model.memory_size == 0
+    ids, mask = batch(tokenizer, ONE_SHOT)
+    vision = torch.randn(2, 768, generator=torch.Generator().manual_seed(11))
+    assert model.memory_write(ids, mask, vision_features=vision) == [0, 1]
+    with torch.no_grad():
+        keys = reference.memory_key(vision)
+        values = reference.episode_latent(ids, mask, vision)
+        store = package_store(reference, keys, values)
+        expected_readout, _ = reference.read_memory(store.state, key=keys)
+        expected_logits = reference(ids, mask, memory_readout=expected_readout, return_latents=False).logits
+        text_readout, _ = reference.read_memory(store.state, key=reference.text_memory_key(ids, mask))
+    assert_same_store(model.memory_store().state_dict(), store.state_dict())
+    readout = model.memory_read(vision_features=vision)
+    assert torch.equal(readout, expected_readout)
+    assert torch.equal(model.memory_read(input_ids=ids, attention_mask=mask), text_readout)  # a text key
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask, vision_features=vision, use_memory=True).logits
+        assert torch.equal(logits, expected_logits)
+        assert torch.equal(model(input_ids=ids, attention_mask=mask, memory_readout=readout).logits, expected_logits)
+    bos = tokenizer.bos_token_id
+    expected_ids = reference.generate(
+        memory_readout=expected_readout, bos_token_id=bos, max_new_tokens=8, eos_token_id=2, pad_token_id=0
+    )
+    for prompt in ({"input_ids": torch.full((2, 1), bos)}, {}):  # without a prompt HF starts from BOS too
+        out = model.generate(**prompt, vision_features=vision, use_memory=True, max_new_tokens=8, do_sample=False)
+        assert torch.equal(out[:, 1:], expected_ids)
+    # The copy path already spells each made-up word from its episode (slots start as the caption's embeddings).
+    recalled = tokenizer.batch_decode(expected_ids, skip_special_tokens=True)
+    assert "dax" in recalled[0] and "wug" in recalled[1]
+    # The packed export (the default kind) learns the same episodes: PackedBitLinear computes BitLinear's products.
+    packed = hf_load(exports["f32_packed"])
+    packed.memory_clear()
+    packed.memory_write(ids, mask, vision_features=vision)
+    torch.testing.assert_close(packed.memory_read(vision_features=vision), expected_readout, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="pass either use_memory=True or memory_readout"):
+        model.generate(vision_features=vision, use_memory=True, memory_readout=readout, max_new_tokens=2)
+
+    # Forgetting: a third episode, then forgotten, leaves exactly the store that never held it.
+    (third,) = model.memory_write(ids[:1], mask[:1], vision_features=vision[1:] + 1.0)
+    assert third == 2 and model.memory_size == 3
+    with pytest.raises(KeyError, match=r"no episodes \[99\] in the store"):
+        model.memory_forget([third, 99])
+    assert model.memory_size == 3  # nothing forgotten on an unknown id
+    model.memory_forget(third)
+    assert model.memory_episode_ids == [0, 1]
+    assert torch.equal(model.memory_read(vision_features=vision), expected_readout)
+
+    # save_pretrained keeps the store; an emptied store removes the file so it does not come back.
+    model.save_pretrained(tmp_path / "saved")
+    reloaded = hf_load(tmp_path / "saved")
+    assert reloaded.memory_episode_ids == [0, 1]
+    assert torch.equal(reloaded.memory_read(vision_features=vision), expected_readout)
+    reloaded.memory_clear()
+    reloaded.save_pretrained(tmp_path / "saved")
+    assert not (tmp_path / "saved" / STORE_NAME).exists() and hf_load(tmp_path / "saved").memory_size == 0
+
+
+def test_memory_api_errors_are_clear(exports: dict[str, Path], tmp_path: Path) -> None:
+    model, tokenizer = hf_load(exports["f32"]), hf_tokenizer(exports["f32"])
+    ids, mask = batch(tokenizer, ONE_SHOT)
+    with pytest.raises(ValueError, match="memory_write needs the picture of each caption"):
+        model.memory_write(ids, mask)
+    with pytest.raises(ValueError, match="got 2 captions but 1 pictures"):
+        model.memory_write(ids, mask, vision_features=torch.zeros(1, 768))
+    with pytest.raises(ValueError, match=r"rows \[1\] give a non-finite key or value \(NaN or inf\); nothing was"):
+        model.memory_write(ids, mask, vision_features=torch.tensor([[0.0] * 768, [float("nan")] * 768]))
+    assert model.memory_size == 3
+    many = model.memory_capacity + 1
+    with pytest.raises(ValueError, match=f"got {many} episodes but the store holds at most {many - 1}"):
+        model.memory_write(ids[:1].expand(many, -1), vision_features=torch.zeros(many, 768))
+    assert model.memory_size == 3
+    (tmp_path / STORE_NAME).write_bytes(b"not safetensors")
+    with pytest.raises(ValueError, match="is not an episodic store of this model"):
+        model.memory_load(tmp_path)
+    assert model.memory_size == 3  # the store in use is kept
+    model.to(torch.bfloat16)
+    with pytest.raises(ValueError, match="the memory prior is torch.bfloat16"):
+        model.memory_read(vision_features=torch.zeros(1, 768))
+    no_memory = make_checkpoint(tmp_path / "run", ("model.use_memory=false",))
+    plain = hf_load(export_checkpoint(no_memory, tmp_path / "plain", dtype="float32"))
+    assert plain.memory_size == 0 and plain.memory_capacity == 0
+    with pytest.raises(ValueError, match="built with model.use_memory=false"):
+        plain.memory_write(ids, mask, vision_features=torch.zeros(2, 768))
+
+
 # ------------------------------------------------------------------------------------------------- fresh process
 
 _FRESH_PROCESS = r"""
@@ -613,6 +805,21 @@ for kind, path in (("f32", sys.argv[1]), ("f32_packed", sys.argv[2])):
     out[kind + "_generate"] = model.generate(**prompt, max_new_tokens=5)
     out["prompt"] = prompt["input_ids"]
     out["input_ids"], out["attention_mask"] = enc["input_ids"], enc["attention_mask"]
+
+# One-shot learning through the export alone: the carried store, a new episode, a read, generation from it.
+model = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)
+tokenizer = transformers.AutoTokenizer.from_pretrained(sys.argv[1], trust_remote_code=True)
+out["store_episodes"] = torch.tensor(model.memory_size)
+model.memory_clear()
+episode = tokenizer(["the dax sat on the mat"], return_tensors="pt")
+vision = torch.randn(1, 768, generator=torch.Generator().manual_seed(7))
+model.memory_write(**episode, vision_features=vision)
+out["episode"], out["vision"] = episode["input_ids"], vision
+out["readout"] = model.memory_read(vision_features=vision)
+out["memory_generate"] = model.generate(vision_features=vision, use_memory=True, max_new_tokens=6)
+model.save_pretrained(sys.argv[3] + ".saved")
+reloaded = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[3] + ".saved", trust_remote_code=True)
+out["reloaded_readout"] = reloaded.memory_read(vision_features=vision)
 assert not [m for m in sys.modules if m == "bitmar" or m.startswith("bitmar.")]
 torch.save(out, sys.argv[3])
 """
@@ -655,3 +862,15 @@ def test_export_loads_in_a_fresh_process_without_bitmar(
     for kind in ("f32", "f32_packed"):
         torch.testing.assert_close(got[kind][real], expected[real], atol=1e-5, rtol=1e-5)
         assert torch.equal(got[f"{kind}_generate"][:, got["prompt"].shape[1] :], generated)
+    assert int(got["store_episodes"]) == 3
+    with torch.no_grad():
+        vision = got["vision"]
+        store = package_store(
+            reference, reference.memory_key(vision), reference.episode_latent(got["episode"], None, vision)
+        )
+        readout, _ = reference.read_memory(store.state, key=reference.memory_key(vision))
+        recalled = reference.generate(
+            memory_readout=readout, bos_token_id=1, max_new_tokens=6, eos_token_id=2, pad_token_id=0
+        )
+    assert torch.equal(got["readout"], readout) and torch.equal(got["reloaded_readout"], readout)
+    assert torch.equal(got["memory_generate"][:, 1:], recalled)

@@ -1,4 +1,5 @@
-"""Command line: python -m bitmar.export --checkpoint PATH --output_dir DIR [--packed] [--vision_backbone NAME]."""
+"""Command line: python -m bitmar.export --checkpoint PATH --output_dir DIR [--packed] [--vision_backbone NAME]
+[--dtype bfloat16|float32] [--no_store]."""
 
 from __future__ import annotations
 
@@ -31,13 +32,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="DINOv2 hub id or local directory (e.g. facebook/dinov2-base) stored with the model so pixel_values work",
     )
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="dtype of the full-precision parts")
+    parser.add_argument(
+        "--no_store",
+        action="store_true",
+        help="leave the checkpoint's persistent episodic store out of the export (episodic_store.safetensors); "
+        "the exported model then starts with an empty store",
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        out = export_checkpoint(args.checkpoint, args.output_dir, args.packed, args.vision_backbone, args.dtype)
+        out = export_checkpoint(
+            args.checkpoint, args.output_dir, args.packed, args.vision_backbone, args.dtype, store=not args.no_store
+        )
     except (CheckpointError, ExportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -6,6 +6,8 @@ An export directory holds
     modeling_bitmar.py          bitnet, memory and model sources + templates/modeling_bitmar.py, flattened
     processing_bitmar.py        templates/processing_bitmar.py (tokenizer + DINOv2 image processor)
     model.safetensors           `model.*` (BitMar) and `vision_backbone.*` (optional frozen DINOv2)
+    episodic_store.safetensors  the checkpoint's persistent episodic store (EpisodicStore.state_dict()), when it holds
+                                episodes and --no_store is not given; the remote code loads it in from_pretrained
     tokenizer.json, tokenizer_config.json, special_tokens_map.json
     preprocessor_config.json, processor_config.json, generation_config.json, README.md (model card)
 
@@ -50,6 +52,7 @@ from bitmar.config import ConfigError, config_from_dict
 from bitmar.data.errors import DataError
 from bitmar.data.tokenizer import load_tokenizer
 from bitmar.fileio import check_writable_dir
+from bitmar.memory import EpisodicMemory, EpisodicStore
 from bitmar.model.bitmar import BitMar
 from bitmar.training.checkpoint import load_checkpoint
 
@@ -68,10 +71,11 @@ MODEL_SOURCES = (
 )
 TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
 SOURCE_LIBRARIES = frozenset({"torch"})  # besides the standard library
-TEMPLATE_LIBRARIES = frozenset({"torch", "transformers"})
+TEMPLATE_LIBRARIES = frozenset({"torch", "transformers", "safetensors"})  # safetensors: a transformers dependency
 GENERATED_MODULES = ("configuration_bitmar", "modeling_bitmar", "processing_bitmar")
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 WEIGHTS_NAME = "model.safetensors"
+STORE_NAME = "episodic_store.safetensors"  # = EPISODIC_STORE_NAME of templates/modeling_bitmar.py
 # Lists the files an export wrote: a re-export replaces the directory only when it holds nothing else.
 EXPORT_MANIFEST = "bitmar_export.json"
 # What an export written before the manifest existed may hold (tokenizer files vary between transformers versions).
@@ -79,6 +83,7 @@ LEGACY_EXPORT_FILES = frozenset(
     {
         *(f"{name}.py" for name in ("configuration_bitmar", "modeling_bitmar", "processing_bitmar")),
         WEIGHTS_NAME,
+        STORE_NAME,
         "config.json",
         "generation_config.json",
         "preprocessor_config.json",
@@ -561,11 +566,14 @@ def export_state_dict(model: BitMar, backbone: nn.Module | None, dtype: torch.dt
     """Tensors of model.safetensors. Packs `model` in place when `packed`.
 
     Full-precision tensors are cast to `dtype`; the packed layers' own tensors (RMSNorm gain, scale) stay float32,
-    which the remote code computes in (they are a few kB). The tied LM head is the embedding: stored once.
+    which the remote code computes in (they are a few kB), and so does the memory prior: episodes are addressed
+    against it (keys M0^+), and a bfloat16 prior would read a stored episode back inexactly. The tied LM head is the
+    embedding: stored once.
     """
     if packed:
         pack_model(model)
-    fp32_prefixes = tuple(f"{name}." for name, m in model.named_modules() if isinstance(m, PackedBitLinear))
+    kept = (PackedBitLinear, EpisodicMemory)
+    fp32_prefixes = tuple(f"{name}." for name, m in model.named_modules() if isinstance(m, kept))
     tensors: dict[str, Tensor] = {}
     for key, value in model.state_dict().items():
         if value.is_floating_point() and not key.startswith(fp32_prefixes):
@@ -593,6 +601,36 @@ def _checkpoint_tensors(model: nn.Module) -> dict[str, Tensor]:
     if not tensors:
         raise ExportError(f"{type(model).__name__}.save_pretrained wrote no safetensors file; cannot store it")
     return tensors
+
+
+def checkpoint_store(payload: dict[str, Any], model: BitMar, path: Path) -> EpisodicStore | None:
+    """The checkpoint's persistent store re-addressed against `model`'s memory prior, or None when it holds nothing.
+
+    The trainer writes episodes into the store throughout phase 3 while the prior still learns, so an episode's
+    stored addressing (key M0^+ with the prior of that step) no longer matches the final prior, and reading it with the
+    final model would not give its value back. Every held episode (key, value) is written afresh, least recently used
+    first, into a store over the final prior: the same episodes and eviction order, exact recall (ids become 0..N-1).
+    """
+    raw = payload.get("memory_store")
+    if not raw or model.memory is None:
+        return None
+    saved = EpisodicStore(model.memory, device="cpu")
+    try:
+        if not isinstance(raw, dict):
+            raise TypeError(f"a {type(raw).__name__}, not a state dict")
+        saved.load_state_dict(raw)
+        if len(saved) == 0:
+            return None
+        order = sorted(range(len(saved)), key=lambda j: (int(raw["last_used"][j]), int(raw["written_at"][j])))
+        store = EpisodicStore(model.memory, capacity=max(saved.capacity, len(saved)), device="cpu")
+        for j in order:
+            store.write(raw["keys"][j], raw["values"][j])
+    except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as err:
+        raise ExportError(
+            f"{path}: its persistent memory store ('memory_store') does not fit the model ({type(err).__name__}: "
+            f"{err}); export without it: --no_store"
+        ) from None
+    return store
 
 
 def _save_tokenizer(tokenizer: PreTrainedTokenizerFast, out: Path) -> None:
@@ -650,6 +688,29 @@ def _format_bytes(n: int) -> str:
     return f"{n / 2**20:.2f} MiB ({n:,} bytes)"
 
 
+def _holds_episodes(raw: Any) -> bool:
+    ids = raw.get("episode_ids") if isinstance(raw, dict) else None
+    return isinstance(ids, Tensor) and ids.numel() > 0
+
+
+def _memory_card_line(cfg: RunConfig, store_info: dict[str, Any] | None, wanted: bool, had_store: bool) -> str:
+    """The model card's paragraph on the episodic memory."""
+    if not cfg.model.use_memory:
+        return ""
+    api = (
+        "`model.memory_write(input_ids, vision_features=...)` stores an episode (caption + picture) in one shot, "
+        "`model.memory_read(...)`, `memory_forget(ids)`, `memory_clear()`, and `generate(..., use_memory=True)` "
+        "decodes from what a picture recalls."
+    )
+    if store_info is not None:
+        held = f"This export carries the training run's store ({store_info['episodes']} episodes, `{STORE_NAME}`)."
+    elif not wanted and had_store:
+        held = "The training run's episodic store was left out (`--no_store`): the store starts empty."
+    else:
+        held = "The checkpoint had no stored episodes: the store starts empty."
+    return f"Episodic memory: {held} {api}"
+
+
 def model_card(info: dict[str, Any]) -> str:
     lines = [
         "---",
@@ -673,6 +734,7 @@ def model_card(info: dict[str, Any]) -> str:
         "",
         "Pictures: " + info["vision"],
         "",
+        *([info["memory"], ""] if info.get("memory") else []),
         "## Size",
         "",
         "| | |",
@@ -770,12 +832,14 @@ def export_checkpoint(
     packed: bool = False,
     vision_backbone: str | None = None,
     dtype: str = "bfloat16",
+    store: bool = True,
 ) -> Path:
     """Write a Hugging Face export of a BitMar checkpoint into `output_dir` (atomically) and return its path.
 
     packed: store the ternary layers at 2 bits per weight (PackedBitLinear) instead of their float master weights.
     vision_backbone: DINOv2 hub id or local directory to store with the model, so `pixel_values` work.
     dtype: storage dtype of the full-precision parts ("bfloat16" or "float32").
+    store: carry the checkpoint's persistent episodic store (episodic_store.safetensors) when it holds episodes.
     Raises CheckpointError (missing / corrupt checkpoint) or ExportError (anything else the user can fix).
     """
     if dtype not in DTYPES:
@@ -785,6 +849,7 @@ def export_checkpoint(
     payload = load_checkpoint(checkpoint_path)
     cfg = _run_config(payload, checkpoint_path)
     model = _load_model(payload, cfg, checkpoint_path)
+    episodic_store = checkpoint_store(payload, model, checkpoint_path) if store else None
     tokenizer = _load_checkpoint_tokenizer(payload, cfg, checkpoint_path)
     backbone, image_processor = _load_backbone(vision_backbone, cfg) if vision_backbone else (None, None)
     remote_code = build_remote_code()
@@ -801,6 +866,12 @@ def export_checkpoint(
         float32_bytes = sum(t.numel() * 4 for t in tensors.values() if t.is_floating_point())
         float32_bytes += 4 * stats["ternary_params"] if packed else 0
         del tensors
+        store_info = None
+        if episodic_store is not None:
+            store_tensors = {k: v.detach().cpu().contiguous() for k, v in episodic_store.state_dict().items()}
+            metadata = {"format": "pt", "episodes": str(len(episodic_store))}
+            save_file(store_tensors, str(tmp / STORE_NAME), metadata=metadata)
+            store_info = {"file": STORE_NAME, "episodes": len(episodic_store), "capacity": episodic_store.capacity}
 
         hf_config_class = import_generated_module(tmp / "configuration_bitmar.py").BitMarConfig
         hf_config = hf_config_class(
@@ -856,11 +927,13 @@ def export_checkpoint(
                 "float32_bytes": float32_bytes,
                 "evaluation": find_evaluation(checkpoint_path),
                 "config_yaml": yaml.safe_dump(payload["config"], sort_keys=False),
+                "memory": _memory_card_line(cfg, store_info, store, _holds_episodes(payload.get("memory_store"))),
             }
         )
         (tmp / "README.md").write_text(card, encoding="utf-8")
         written = sorted(p.name for p in tmp.iterdir())
-        _write_json(tmp / EXPORT_MANIFEST, {"format": 1, "files": sorted([*written, EXPORT_MANIFEST])})
+        manifest = {"format": 1, "files": sorted([*written, EXPORT_MANIFEST]), "episodic_store": store_info}
+        _write_json(tmp / EXPORT_MANIFEST, manifest)
         _swap_into_place(tmp, output_dir)
     except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written export behind

@@ -5,19 +5,31 @@ BitMar network under `self.model` (state-dict keys `model.*`), optionally a froz
 `self.vision_backbone` (keys `vision_backbone.*`) that turns `pixel_values` into the 768-d CLS feature BitMar was
 trained on. `forward` returns next-token logits for the text positions only, so scoring code written for plain
 causal LMs (BLiMP minimal pairs: summed log-probabilities after BOS) works unchanged.
+
+One-shot learning: the model carries a persistent `EpisodicStore` (Larimar memory, exact write / read / forget),
+filled from `episodic_store.safetensors` when the export has one and empty otherwise. `memory_write` stores one
+episode per caption (key from the picture, value = the episode latent of caption + picture), `memory_read` reads it
+back with a picture's key, and `forward` / `generate` with `use_memory=True` decode from that readout (readout prefix
+plus the slot copy path), as the model was trained to and as bitmar's episodic-recall evaluation decodes.
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers import Dinov2Config, Dinov2Model, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils import cached_file
 
 from bitmar.bitnet import BitLinear, PackedBitLinear
+from bitmar.memory import EpisodicStore
 from bitmar.model.bitmar import BitMar
 from bitmar.model.layers import Attention
 
@@ -27,6 +39,16 @@ NO_BACKBONE_MESSAGE = (
     "this export has no vision backbone; pass vision_features or re-export with --vision_backbone (e.g. "
     "facebook/dinov2-base or a local DINOv2 directory); vision_features are the precomputed DINOv2 CLS features, "
     "shape (batch, {dim})"
+)
+
+# The persistent episodic store, next to model.safetensors (tensors of EpisodicStore.state_dict()).
+EPISODIC_STORE_NAME = "episodic_store.safetensors"
+# from_pretrained arguments that say where and how to fetch a file of the model (passed on for the store file).
+_HUB_KWARGS = ("cache_dir", "force_download", "proxies", "token", "revision", "local_files_only", "subfolder")
+EMPTY_STORE_MESSAGE = (
+    "the episodic store holds no episodes: write one first with model.memory_write(input_ids, attention_mask, "
+    "vision_features=... or pixel_values=...), load a store with model.memory_load(path), or use an export made "
+    "from a checkpoint whose persistent store holds episodes (python -m bitmar.export without --no_store)"
 )
 
 # Keyword arguments that harnesses and GenerationMixin pass to every causal LM; BitMar has no use for them
@@ -107,6 +129,11 @@ class BitMarForCausalLM(BitMarPreTrainedModel, GenerationMixin):
         if config.vision_backbone_config is not None:
             self.vision_backbone = Dinov2Model(Dinov2Config.from_dict(config.vision_backbone_config))
             self.vision_backbone.requires_grad_(False)  # frozen: BitMar was trained on fixed DINOv2 features
+        if self.model.memory is not None:
+            # The stored episodes are addressed against the float32 prior (keys M0^+): a bfloat16 prior would read
+            # them back inexactly. Kept float32 on load, as the packed layers are (see _packed_twin); a few kB.
+            self.model.memory.to(torch.float32)
+        self._episodic_store: EpisodicStore | None = None  # built at first use (memory_write) or by from_pretrained
         self.post_init()
 
     # ------------------------------------------------------------------ embeddings (tied inside BitMar)
@@ -148,12 +175,16 @@ class BitMarForCausalLM(BitMarPreTrainedModel, GenerationMixin):
         past_key_values: Any = None,
         use_cache: bool | None = None,
         return_dict: bool | None = None,
-        memory_readout: Tensor | None = None,  # (B, E) episodic-memory readout prefix (BitMar.read_memory)
+        memory_readout: Tensor | None = None,  # (B, R * E) episodic-memory readout (BitMar.read_memory, memory_read)
         inputs_embeds: Tensor | None = None,
+        use_memory: bool = False,  # read the store with the picture's key and decode from the readout
         **kwargs: Any,
     ) -> CausalLMOutputWithPast | tuple[Tensor, ...]:
         """Logits (B, T, V) for the text positions: logits[:, t] predicts input_ids[:, t + 1].
 
+        use_memory=True: the picture (pixel_values / vision_features) is the key of a read of the episodic store and
+        the decoder is conditioned on the readout (prefix + copy path) instead of the picture, as in training's
+        memory reconstruction. For both, pass `memory_readout=model.memory_read(...)` and the picture yourself.
         The model keeps no KV cache: `past_key_values` is ignored and every call recomputes the whole sequence
         (generation stays exact, just not incremental).
         """
@@ -163,6 +194,17 @@ class BitMarForCausalLM(BitMarPreTrainedModel, GenerationMixin):
         if inputs_embeds is not None or input_ids is None:
             raise ValueError("BitMarForCausalLM needs input_ids (inputs_embeds are not supported)")
         vision_features = self._vision_input(pixel_values, vision_features)
+        if use_memory:
+            if memory_readout is not None:
+                raise ValueError("pass either use_memory=True or memory_readout, not both")
+            if vision_features is None:
+                raise ValueError(
+                    "forward(use_memory=True) reads the store with the picture's key: pass pixel_values or "
+                    "vision_features. A key from the text itself would let every position see the whole text; for a "
+                    "prompt, read with model.memory_read(input_ids=prompt_ids) and pass memory_readout=..."
+                )
+            memory_readout = self.memory_read(vision_features=vision_features)
+            vision_features = None  # the picture addressed the memory; the decoder reads the episode
         out = self.model(
             input_ids,
             attention_mask,
@@ -188,10 +230,30 @@ class BitMarForCausalLM(BitMarPreTrainedModel, GenerationMixin):
         inputs: Tensor | None = None,
         pixel_values: Tensor | None = None,
         vision_features: Tensor | None = None,
+        use_memory: bool = False,
         **kwargs: Any,
     ) -> Any:
-        """`GenerationMixin.generate`; a picture goes through DINOv2 once, not at every step."""
+        """`GenerationMixin.generate`; a picture goes through DINOv2 once, not at every step.
+
+        use_memory=True: read the episodic store once, with the picture's key (without a picture: the prompt's text
+        key, as `BitMar.generate(memory_state=...)`), and generate from the readout (prefix + copy path); the picture
+        only addresses the memory. Without a prompt, generation starts from BOS. Equals
+        `BitMar.generate(memory_readout=model.memory_read(...), bos_token_id=...)`.
+        """
         vision_features = self._vision_input(pixel_values, vision_features)
+        if use_memory:
+            if kwargs.get("memory_readout") is not None:
+                raise ValueError("pass either use_memory=True or memory_readout, not both")
+            prompt = inputs if inputs is not None else kwargs.get("input_ids")
+            if vision_features is not None:
+                kwargs["memory_readout"] = self.memory_read(vision_features=vision_features)
+                vision_features = None
+            elif prompt is not None:
+                kwargs["memory_readout"] = self.memory_read(
+                    input_ids=prompt, attention_mask=kwargs.get("attention_mask")
+                )
+            else:
+                raise ValueError("generate(use_memory=True) needs a picture (pixel_values, vision_features) or prompt")
         if vision_features is not None:
             kwargs["vision_features"] = vision_features
         return super().generate(inputs, **kwargs)
@@ -213,3 +275,199 @@ class BitMarForCausalLM(BitMarPreTrainedModel, GenerationMixin):
             "memory_readout": memory_readout,
             "use_cache": False,
         }
+
+    # ------------------------------------------------------------------ episodic memory (one-shot learning)
+
+    def memory_store(self) -> EpisodicStore:
+        """The persistent episodic store (built empty at first use), on the device of the memory prior."""
+        memory = self.model._memory_part(self.model.memory)  # clear error for a model without memory
+        if memory.prior.dtype != torch.float32:
+            raise ValueError(
+                f"the memory prior is {memory.prior.dtype} (was the model cast with .to(dtype)?); the episodic store "
+                "addresses its episodes against the float32 prior: call model.model.memory.float() first"
+            )
+        device = memory.prior.device
+        store = self._episodic_store
+        if store is None:
+            store = EpisodicStore(memory, device=device)
+        elif store.device != device:  # the model moved (e.g. model.to("cuda")): the store follows it
+            moved = EpisodicStore(memory, capacity=store.capacity, device=device)
+            moved.load_state_dict(store.state_dict())
+            store = moved
+        self._episodic_store = store
+        return store
+
+    @property
+    def memory_size(self) -> int:
+        """Episodes the store holds now (0 for a model without memory); not `config.memory_size`, the slot count."""
+        return len(self._episodic_store) if self._episodic_store is not None else 0
+
+    @property
+    def memory_capacity(self) -> int:
+        """Episodes the store holds before it forgets the least-recently-used one (min(slots, width) by default)."""
+        if self._episodic_store is not None:
+            return self._episodic_store.capacity
+        memory = self.model.memory
+        return 0 if memory is None else EpisodicStore(memory, device=memory.prior.device).capacity  # its default
+
+    @property
+    def memory_episode_ids(self) -> list[int]:
+        """Ids of the episodes held (what `memory_write` returned), oldest first."""
+        return self._episodic_store.episode_ids if self._episodic_store is not None else []
+
+    def _memory_key(
+        self, vision_features: Tensor | None, input_ids: Tensor | None, attention_mask: Tensor | None
+    ) -> Tensor:
+        """(B, R * E) key: from the picture, else from the text (text-only models; prompts)."""
+        if vision_features is not None:
+            return self.model.memory_key(vision_features)
+        if input_ids is None:
+            raise ValueError("a memory key needs a picture (pixel_values / vision_features) or input_ids")
+        return self.model.text_memory_key(input_ids, attention_mask)
+
+    @torch.no_grad()
+    def memory_write(
+        self,
+        input_ids: Tensor,  # (B, T) the captions, tokenized by the export's tokenizer (BOS first)
+        attention_mask: Tensor | None = None,  # (B, T), 1 = real token; any padding side
+        pixel_values: Tensor | None = None,  # (B, 3, H, W), through the stored DINOv2
+        vision_features: Tensor | None = None,  # (B, D) precomputed DINOv2 CLS features
+    ) -> list[int]:
+        """Write one episode per row into the store; returns their ids (for memory_forget).
+
+        Key: the picture alone (`BitMar.memory_key`), so the picture recalls the episode. Value: the episode latent
+        of caption + picture (`BitMar.episode_latent`: pooled latent and the caption's tokens), so a new word heard
+        once can be decoded again (copy path). Text-only models (use_vision=false) key the episode by its text.
+        A full store forgets its least-recently-used episode first (exactly). Rows holding NaN/inf change nothing.
+        """
+        store = self.memory_store()
+        vision_features = self._vision_input(pixel_values, vision_features)
+        if vision_features is None and self.model.fusion is not None:
+            raise ValueError(
+                "memory_write needs the picture of each caption (pixel_values or vision_features): the key comes from "
+                "the picture and the episode value fuses caption and picture"
+            )
+        if vision_features is not None and vision_features.shape[0] != input_ids.shape[0]:
+            raise ValueError(
+                f"memory_write got {input_ids.shape[0]} captions but {vision_features.shape[0]} pictures; one per row"
+            )
+        if input_ids.shape[0] > store.capacity:
+            raise ValueError(
+                f"memory_write got {input_ids.shape[0]} episodes but the store holds at most {store.capacity}; the "
+                "later ones would evict the earlier ones of the same call: write at most that many"
+            )
+        keys = self._memory_key(vision_features, input_ids, attention_mask).float()  # (B, R * E)
+        values = self.model.episode_latent(input_ids, attention_mask, vision_features).float()  # (B, R * E)
+        bad = (~torch.isfinite(keys).all(dim=1)) | (~torch.isfinite(values).all(dim=1))
+        if bool(bad.any()):  # refuse the whole batch before writing any of it
+            raise ValueError(
+                f"rows {bad.nonzero().flatten().tolist()} give a non-finite key or value (NaN or inf); nothing was "
+                "written"
+            )
+        return [store.write(key, value) for key, value in zip(keys, values, strict=True)]
+
+    @torch.no_grad()
+    def memory_read(
+        self,
+        pixel_values: Tensor | None = None,
+        vision_features: Tensor | None = None,
+        input_ids: Tensor | None = None,  # a text key (a prompt) when no picture is given
+        attention_mask: Tensor | None = None,
+    ) -> Tensor:
+        """Readout (B, R * E) of the store for each picture's key: `BitMar.read_memory(store.state, key=...)`,
+        noise-free whatever the mode. Pass it as `memory_readout` to forward / generate (or use use_memory=True)."""
+        store = self.memory_store()
+        if len(store) == 0:
+            raise ValueError(EMPTY_STORE_MESSAGE)
+        key = self._memory_key(self._vision_input(pixel_values, vision_features), input_ids, attention_mask)
+        memory = self.model.memory
+        was_training = memory.training
+        memory.eval()  # addressing noise is a training regulariser, not part of a read
+        try:
+            readout, _ = self.model.read_memory(store.state, key=key)
+        finally:
+            memory.train(was_training)
+        store.read(key.float())  # marks the episodes read as recently used: the store's LRU eviction order
+        return readout
+
+    def memory_forget(self, episode_ids: int | Iterable[int]) -> None:
+        """Forget episodes exactly (the rest read back as if these were never written); unknown ids change nothing."""
+        store = self.memory_store()
+        ids = [episode_ids] if isinstance(episode_ids, int) else [int(i) for i in episode_ids]
+        unknown = sorted(set(ids) - set(store.episode_ids))
+        if unknown:
+            raise KeyError(f"no episodes {unknown} in the store (it holds {store.episode_ids}); nothing was forgotten")
+        for episode_id in dict.fromkeys(ids):
+            store.forget(episode_id)
+
+    def memory_clear(self) -> None:
+        """Forget every episode (the store keeps its capacity)."""
+        store = self.memory_store()
+        self._episodic_store = EpisodicStore(store.memory, capacity=store.capacity, device=store.device)
+
+    def memory_save(self, save_directory: str | os.PathLike) -> Path | None:
+        """Write the store as `episodic_store.safetensors` into `save_directory` (atomically) and return its path.
+
+        An empty store writes nothing and removes an older store file there, so loading the directory gives back the
+        store as it is now. `save_pretrained` calls this."""
+        self.model._memory_part(self.model.memory)
+        directory = Path(save_directory)
+        target = directory / EPISODIC_STORE_NAME
+        if self.memory_size == 0:
+            target.unlink(missing_ok=True)
+            return None
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.memory_store().state_dict().items()}
+        tmp = directory / f".{EPISODIC_STORE_NAME}.tmp-{os.getpid()}"
+        try:
+            save_file(tensors, str(tmp), metadata={"format": "pt", "episodes": str(self.memory_size)})
+            os.replace(tmp, target)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return target
+
+    def memory_load(self, path: str | os.PathLike) -> None:
+        """Replace the store by the one saved at `path`: a directory holding episodic_store.safetensors, or the file."""
+        memory = self.model._memory_part(self.model.memory)
+        file = Path(path)
+        if file.is_dir():
+            file = file / EPISODIC_STORE_NAME
+        if not file.is_file():
+            raise FileNotFoundError(f"no episodic store at {file}; memory_save / save_pretrained writes one")
+        try:
+            tensors = load_file(str(file))
+            store = EpisodicStore(memory, device=memory.prior.device)
+            store.load_state_dict(tensors)
+        except Exception as err:  # safetensors, shape and key errors alike: say which file and what to do
+            raise ValueError(
+                f"{file} is not an episodic store of this model ({type(err).__name__}: {err}); it was written for "
+                "another model (re-export the checkpoint) or is damaged (delete it to start with an empty store)"
+            ) from err
+        self._episodic_store = store
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Any, *model_args: Any, **kwargs: Any) -> Any:
+        """`PreTrainedModel.from_pretrained`, then the episodic store from episodic_store.safetensors when present
+        (a local directory, or a hub repository with the same revision / cache / token arguments)."""
+        hub = {name: kwargs[name] for name in _HUB_KWARGS if name in kwargs}
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True
+        if model.model.memory is not None:
+            file = cached_file(
+                pretrained_model_name_or_path,
+                EPISODIC_STORE_NAME,
+                _raise_exceptions_for_missing_entries=False,
+                _raise_exceptions_for_connection_errors=False,
+                **hub,
+            )
+            if file is not None:
+                model.memory_load(file)
+        return loaded
+
+    def save_pretrained(self, save_directory: str | os.PathLike, is_main_process: bool = True, **kwargs: Any) -> None:
+        """`PreTrainedModel.save_pretrained`, plus the episodic store (`memory_save`). `push_to_hub(repo)` saves
+        through here, store included; `save_pretrained(..., push_to_hub=True)` uploads before the store is added."""
+        super().save_pretrained(save_directory, is_main_process=is_main_process, **kwargs)
+        if is_main_process and self.model.memory is not None:
+            self.memory_save(save_directory)
