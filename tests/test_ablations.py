@@ -370,6 +370,28 @@ def test_a_run_trained_with_other_settings_is_refused_before_any_training(
     assert not (tmp_path / "ablations.md").exists()
 
 
+def test_a_run_of_an_older_base_config_is_refused_and_a_bad_override_stops_everything(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spec = plan_runs(tmp_path, ["no_memory"], [2], [], resolve=True)[0]
+    assert spec.config["training"]["seed"] == 2 and spec.config["model"]["use_memory"] is False
+    assert "evaluation" not in spec.config and "wandb" not in spec.config  # they do not change the weights
+    older = json.loads(json.dumps(spec.config))
+    older["model"]["hidden_size"] += 32  # the base config was edited since the run was trained
+    spec.run_dir.mkdir(parents=True)
+    record = {"variant": "no_memory", "overrides": spec.training_overrides, "config": older}
+    (spec.run_dir / ablations.RECORD).write_text(json.dumps(record))
+    with pytest.raises(ablations.ConfigError, match=r"configs/bitmar_tiny.yaml changed: model.hidden_size\)"):
+        check_reusable(spec, retrain=False)
+    record["config"] = json.loads(json.dumps(spec.config))
+    (spec.run_dir / ablations.RECORD).write_text(json.dumps(record))
+    check_reusable(spec, retrain=False)  # same settings: reused
+    monkeypatch.setattr(ablations, "run_all", lambda *a, **k: pytest.fail("trained with a bad override"))
+    assert main(["--output_root", str(tmp_path / "bad"), "--set", "training.no_such_key=1"]) == 2
+    assert "no_such_key" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
@@ -471,9 +493,9 @@ def test_two_seeds_of_two_variants_in_parallel_end_to_end(tmp_path: Path, capsys
     assert set(r1["per_seed"]) == {"full", "no_memory"} and all(len(v) == 2 for v in r1["per_seed"].values())
     assert r1["aggregate"]["full"]["n"] == 2 and r1["aggregate"]["full"]["ci95"] is not None
     assert r1["comparisons"]["no_memory"]["n"] == 2 and r1["comparisons"]["no_memory"]["verdict"]
-    recall = rows[("episodic_recall", "N=4: exact match")]
-    assert recall["aggregate"]["no_memory"] is None
+    assert rows[("episodic_recall", "N=4: exact match")]["aggregate"]["full"]["n"] == 2
+    loss = rows[("training", "final validation loss")]
+    assert loss["higher_is_better"] is False and loss["comparisons"]["no_memory"]["seeds"] == [3, 4]
     assert "| Task | Metric | full | no_memory | Reference (full) |" in md
-    recall_line = next(line for line in md.splitlines() if line.startswith("| episodic_recall | N=4: exact match |"))
-    assert recall_line.split(" | ")[3] == "—"  # the no_memory column
-    assert "- episodic_recall skipped for no_memory" in md
+    assert "| Task | Metric | Better | full − no_memory | verdict |" in md
+    assert "| full | 4 | trained |" in md and "Wall time: " in md

@@ -35,12 +35,12 @@ import sys
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from bitmar.cli_args import positive_int
-from bitmar.config import MAX_SEED, ConfigError
+from bitmar.config import MAX_SEED, ConfigError, config_to_dict, load_config
 from bitmar.evaluation.context import EvaluationError
 from bitmar.evaluation.runner import _device, format_value, md_cell
 from bitmar.fileio import atomic_write_text, check_writable_dir
@@ -58,6 +58,7 @@ QUICK_OVERRIDES = ["training.max_steps_per_epoch=10", "training.validation_batch
 # attention-head analysis and plots are diagnostics the table does not use.
 TRAIN_FIXED = ["evaluation.run_after_training=false", "attention_analysis.enabled=false", "wandb.create_plots=false"]
 RECORD = "ablation_run.json"  # what a run directory was trained with: reuse only what matches the request
+_NOT_TRAINING = ("evaluation", "wandb", "attention_analysis", "export")  # config sections that do not shape training
 _TRAIN_ENTRY = "import sys; from bitmar.training.cli import main; sys.exit(main())"
 _EVAL_ENTRY = "import sys; from bitmar.evaluation.runner import main; sys.exit(main())"
 CONFIDENCE = 0.95
@@ -209,6 +210,7 @@ class RunSpec:
     seed: int
     run_dir: Path
     overrides: tuple[str, ...]  # the --set values after the variant's switch, the seed included
+    config: dict[str, Any] | None = field(default=None, compare=False)  # resolved training sections (reuse check)
 
     @property
     def label(self) -> str:
@@ -219,13 +221,31 @@ class RunSpec:
         return [*VARIANTS[self.variant], *self.overrides]
 
 
-def plan_runs(root: Path, variants: Sequence[str], seeds: Sequence[int], overrides: Sequence[str]) -> list[RunSpec]:
-    """One run per (variant, seed), seeds interleaved so that the first results cover every variant."""
-    return [
-        RunSpec(v, s, root / v / f"seed_{s}", (*TRAIN_FIXED, *overrides, f"training.seed={s}"))
-        for s in seeds
-        for v in variants
-    ]
+def training_config(overrides: Sequence[str]) -> dict[str, Any]:
+    """The resolved base config with `overrides`, without the sections that do not change the trained weights; a
+    bad key or value raises ConfigError here, before any run starts."""
+    resolved = config_to_dict(load_config(REPO_ROOT / BASE_CONFIG, list(overrides)))
+    return {k: v for k, v in resolved.items() if k not in _NOT_TRAINING}
+
+
+def plan_runs(
+    root: Path, variants: Sequence[str], seeds: Sequence[int], overrides: Sequence[str], resolve: bool = False
+) -> list[RunSpec]:
+    """One run per (variant, seed), seeds interleaved so that the first results cover every variant; with `resolve`
+    each spec carries its resolved training config."""
+    specs = []
+    for s in seeds:
+        for v in variants:
+            extra = (*TRAIN_FIXED, *overrides, f"training.seed={s}")
+            config = training_config([*VARIANTS[v], *extra]) if resolve else None
+            specs.append(RunSpec(v, s, root / v / f"seed_{s}", extra, config))
+    return specs
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{prefix}{key}.").items()}
 
 
 def _finished(run_dir: Path) -> bool:
@@ -245,15 +265,22 @@ def check_reusable(spec: RunSpec, retrain: bool) -> None:
     if retrain:
         return
     record = _read_record(spec.run_dir)
-    now = spec.training_overrides
-    if record is None or record.get("overrides") == now:
+    if record is None:
         return
+    now = spec.training_overrides
     before = record.get("overrides") or []
     differ = [f"-{o}" for o in before if o not in now] + [f"+{o}" for o in now if o not in before]
-    raise ConfigError(
-        f"{spec.run_dir} was trained with other settings ({', '.join(differ) or 'same overrides, other order'}); "
-        "pass --retrain to train it again with these settings, or choose another --output_root"
-    )
+    if before != now and not differ:
+        differ = ["same overrides, other order"]
+    if not differ and spec.config is not None and record.get("config") is not None:
+        old, new = _flat(record["config"]), _flat(json.loads(json.dumps(spec.config)))  # JSON: tuples become lists
+        keys = [k.rstrip(".") for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
+        differ = [f"{BASE_CONFIG} changed: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"] if keys else []
+    if differ:
+        raise ConfigError(
+            f"{spec.run_dir} was trained with other settings ({', '.join(differ)}); "
+            "pass --retrain to train it again with these settings, or choose another --output_root"
+        )
 
 
 def subprocess_env(threads: int = 1) -> dict[str, str]:
@@ -280,10 +307,11 @@ def train_run(
     retrain: bool,
     env: dict[str, str] | None = None,
     label: str | None = None,
+    resolved: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train variant `name` in a subprocess (or reuse a finished run, or resume one that stopped half-way); returns
     {"status": trained|reused|failed, "seconds", "log", ...}. `overrides` are the --set values after the variant's
-    switch."""
+    switch; `resolved` (the resolved training sections) is recorded beside them for the next reuse check."""
     label = label or name
     config = REPO_ROOT / BASE_CONFIG
     if not config.is_file():
@@ -296,7 +324,8 @@ def train_run(
     resume = not retrain and record is not None and record.get("overrides") == overrides
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "summary.json").unlink(missing_ok=True)  # a stale summary must not mark a failed retrain as done
-    atomic_write_text(run_dir / RECORD, json.dumps({"variant": name, "overrides": overrides}, indent=2) + "\n")
+    written = {"variant": name, "overrides": overrides, **({"config": resolved} if resolved is not None else {})}
+    atomic_write_text(run_dir / RECORD, json.dumps(written, indent=2) + "\n")
     command = [
         sys.executable, "-c", _TRAIN_ENTRY, "--config", str(config), "--output_dir", str(run_dir),
         "--wandb", "disabled", "--device", device, *(["--resume", "auto"] if resume else []),
@@ -365,7 +394,9 @@ def evaluate_run(
 def run_one(spec: RunSpec, device: str, retrain: bool, eval_overrides: Sequence[str]) -> dict[str, Any]:
     """Train (or reuse) and evaluate one (variant, seed): {"training", "evaluation", "summary", "results", ...}."""
     env = subprocess_env(1)
-    training = train_run(spec.variant, spec.run_dir, spec.overrides, device, retrain, env=env, label=spec.label)
+    training = train_run(
+        spec.variant, spec.run_dir, spec.overrides, device, retrain, env=env, label=spec.label, resolved=spec.config
+    )
     run: dict[str, Any] = {"variant": spec.variant, "seed": spec.seed, "run_dir": str(spec.run_dir)}
     run["training"] = training
     if training["status"] == "failed":
@@ -652,7 +683,7 @@ def main(argv: list[str] | None = None) -> int:
             check_writable_dir(root)
         except OSError as err:
             raise ConfigError(f"--output_root {root}: {err}; choose a directory you can write to") from None
-        specs = plan_runs(root, variants, seeds, overrides)
+        specs = plan_runs(root, variants, seeds, overrides, resolve=True)
         for spec in specs:
             check_reusable(spec, args.retrain)
     except (ConfigError, EvaluationError) as err:
