@@ -217,7 +217,10 @@ def evaluate_episodic_recall(ctx: EvalContext) -> dict[str, Any]:
         for n in sorted({min(n, largest) for n in SLOW_LEARNING_SIZES if largest})
         for steps in SLOW_LEARNING_STEPS
     ]
-    forgetting = _forgetting(ctx, ep, largest) if largest >= 2 else None
+    # Forgetting is measured where one write still recalls (a quarter of the exact-recall bound): "kept episodes
+    # unchanged" then means recalled as before forgetting, and as by a fresh write of only them.
+    forget_n = max((n for n in per_size if n <= max(2, mcfg.exact_recall_bound // 4)), default=0)
+    forgetting = _forgetting(ctx, ep, forget_n) if forget_n >= 2 else None
     lru = _lru(ctx, ep, min(total, mcfg.exact_recall_bound))
 
     examples = [
