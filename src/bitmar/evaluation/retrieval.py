@@ -82,5 +82,8 @@ def evaluate_retrieval(ctx: EvalContext) -> dict[str, Any]:
             "mean_unmatched_cosine": float((sim.sum() - sim.diagonal().sum()) / (n * n - n)),
         },
         "headline": headline,
-        "notes": [f"gallery: {n} validation pairs with distinct captions; reference column = chance k/N"],
+        "notes": [
+            f"gallery: {n} validation pairs with distinct captions; reference column = chance k/N",
+            "no with-memory column: retrieval ranks by cosine(z_t, z_v), which no memory readout enters",
+        ],
     }

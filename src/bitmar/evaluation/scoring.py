@@ -146,6 +146,14 @@ def evaluate_winoground(ctx: EvalContext) -> dict[str, Any]:
     metrics: dict[str, Any] = {"items": len(records), "conditioned_on_image": ctx.has_vision}
     for name, hits in outcome.items():
         metrics[f"{name}_score"] = float(hits.float().mean())
+    readout = ctx.memory_readout(vf) if vf is not None else None  # support memory of training episodes
+    if readout is not None:
+        with_memory, _ = score_sequences(
+            ctx.model, seqs, pad_id=ctx.tokenizer.pad_token_id, batch_size=ctx.ecfg.batch_size, device=ctx.device,
+            vision_features=vf, memory_readout=readout,
+        )  # fmt: skip
+        memory_outcome = winoground_outcomes(with_memory.view(-1, 2, 2))
+        metrics["with_memory"] = {f"{k}_score": float(v.float().mean()) for k, v in memory_outcome.items()}
     tags: dict[str, list[int]] = defaultdict(list)
     for n, r in enumerate(records):
         tags[str(r.get("tag", "all"))].append(n)
@@ -160,7 +168,16 @@ def evaluate_winoground(ctx: EvalContext) -> dict[str, Any]:
         "headline": [
             {"metric": f"{name} score", "value": metrics[f"{name}_score"], "reference": chance[name]}
             for name in ("text", "image", "group")
-        ],
+        ]
+        + [
+            {
+                "metric": f"{name} score with memory",
+                "value": metrics["with_memory"][f"{name}_score"],
+                "reference": metrics[f"{name}_score"],
+            }
+            for name in ("text", "image", "group")
+            if "with_memory" in metrics
+        ],  # fmt: skip
         "notes": [
             f"{len(records)} items; s(c, i) = log p(caption | image); reference column = chance"
             + ("" if ctx.has_vision else " (no vision input: every image scores the same, so image/group fail)")
@@ -197,8 +214,13 @@ def evaluate_vqa(ctx: EvalContext) -> dict[str, Any]:
             images.append(int(r["image"]))
     kw = {"pad_id": tok.pad_token_id, "batch_size": ctx.ecfg.batch_size, "device": ctx.device, "score_from": starts}
     blind, counts = score_sequences(ctx.model, seqs, **kw)
+    with_memory = None
     if ctx.has_vision:
-        seen, _ = score_sequences(ctx.model, seqs, vision_features=ctx.tensor(features[np.asarray(images)]), **kw)
+        vf = ctx.tensor(features[np.asarray(images)])
+        seen, _ = score_sequences(ctx.model, seqs, vision_features=vf, **kw)
+        readout = ctx.memory_readout(vf)  # support memory of training episodes (None: off)
+        if readout is not None:
+            with_memory, _ = score_sequences(ctx.model, seqs, vision_features=vf, memory_readout=readout, **kw)
     else:
         seen = blind
     shape = (len(records), n_choices)
@@ -218,12 +240,22 @@ def evaluate_vqa(ctx: EvalContext) -> dict[str, Any]:
         "chance": 1.0 / n_choices,
         "per_question_type": {t: float(correct[idx].float().mean()) for t, idx in sorted(types.items())},
     }
+    headline = [
+        {"metric": "accuracy", "value": metrics["accuracy"], "reference": metrics["chance"]},
+        {"metric": "accuracy without image", "value": metrics["accuracy_no_image"], "reference": metrics["chance"]},
+    ]
+    if with_memory is not None:
+        metrics["accuracy_with_memory"] = float(multiple_choice_accuracy(with_memory.view(shape)).float().mean())
+        headline.append(
+            {
+                "metric": "accuracy with memory",
+                "value": metrics["accuracy_with_memory"],
+                "reference": metrics["accuracy"],
+            }
+        )
     return {
         "metrics": metrics,
-        "headline": [
-            {"metric": "accuracy", "value": metrics["accuracy"], "reference": metrics["chance"]},
-            {"metric": "accuracy without image", "value": metrics["accuracy_no_image"], "reference": metrics["chance"]},
-        ],
+        "headline": headline,
         "notes": [
             f"{len(records)} questions, {n_choices} candidates; log p(answer | question, image); reference = chance"
         ],
