@@ -120,6 +120,10 @@ class BitMarPreTrainedModel(PreTrainedModel):
 
 
 class BitMarForCausalLM(BitMarPreTrainedModel, GenerationMixin):
+    # save_pretrained copies the remote code next to the weights (transformers 5.x sets this when AutoModel loads the
+    # class; 4.x does not, and its saved folder could not be loaded again: no modeling_bitmar.py).
+    _auto_class = "AutoModelForCausalLM"
+
     def __init__(self, config: BitMarConfig) -> None:
         super().__init__(config)
         self.model = BitMar(config.model_config())
