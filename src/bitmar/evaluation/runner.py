@@ -321,7 +321,7 @@ def markdown_report(results: dict[str, Any]) -> str:
             cells = (md_cell(ex["reference"]), md_cell(ex["generated"]), md_cell(ex["generated_no_image"]))
             lines.append("| " + " | ".join(cells) + " |")
     recall = results["tasks"].get("episodic_recall", {})
-    if recall.get("status") == "ok" and recall["metrics"]["examples"]:
+    if recall.get("status") == "ok" and recall["metrics"].get("examples"):
         lines += [
             "",
             "## Episodic recall examples (largest N)",
@@ -329,7 +329,7 @@ def markdown_report(results: dict[str, Any]) -> str:
             "| Episode caption | From memory | Empty memory | Vision only |",
             "|---|---|---|---|",
         ]
-        for ex in recall["metrics"]["examples"]:
+        for ex in recall["metrics"].get("examples", []):
             lines.append(
                 f"| {md_cell(ex['caption'])} | {md_cell(ex['memory'])} | {md_cell(ex['empty_memory'])} "
                 f"| {md_cell(ex['vision_only'])} |"
@@ -356,7 +356,7 @@ def write_results(results: dict[str, Any], json_path: str | os.PathLike) -> Path
     atomic_write_text(json_path, json.dumps(_jsonable(results), indent=2, ensure_ascii=False) + "\n")
     atomic_write_text(json_path.with_suffix(".md"), markdown_report(results))
     recall = results.get("tasks", {}).get("episodic_recall", {})
-    if recall.get("status") == "ok":
+    if recall.get("status") == "ok" and recall["metrics"].get("sizes"):  # the no-memory ablation has no curve
         from bitmar.evaluation.figures import recall_curve
 
         recall_curve(recall["metrics"], json_path.with_name("recall_curve.png"))

@@ -164,7 +164,7 @@ class BitMar(nn.Module):
         proj = self._memory_part(self.memory_key_proj)
         if self.config.memory_key_input == "features":
             features = vision_features.mean(dim=1) if vision_features.dim() == 3 else vision_features  # (B, D)
-            return proj(features.to(proj.weight.dtype))
+            return proj(features.to(self.embed_tokens.weight.dtype))  # model dtype (a packed layer has no .weight)
         if vision_latent is None:
             _, vision_latent = self.encode_vision(vision_features)
         return proj(vision_latent)
