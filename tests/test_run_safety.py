@@ -433,3 +433,18 @@ def test_sigterm_during_the_post_training_evaluation_stops_it(world: Path, tmp_p
     assert (out / "summary.json").is_file()
     assert signal.getsignal(signal.SIGTERM) == handler_before
     assert (out / LOCK_NAME).read_text() == ""  # the lock was released on the way out
+
+
+def test_a_run_directory_where_the_post_training_step_cannot_write_is_refused_before_training(
+    unwritable_dir: Path,
+) -> None:
+    from bitmar.config import ConfigError
+    from bitmar.training.cli import check_end_of_run_outputs
+
+    cfg = load_config(None, ["evaluation.run_after_training=true"])
+    with pytest.raises(ConfigError, match=r"post-training step writes into .*evaluation"):
+        check_end_of_run_outputs(cfg, unwritable_dir / "run")
+    cfg = load_config(None, ["evaluation.run_after_training=false", "export.after_training=true"])
+    with pytest.raises(ConfigError, match=r"hf_export"):
+        check_end_of_run_outputs(cfg, unwritable_dir / "run")
+    check_end_of_run_outputs(load_config(None, ["evaluation.run_after_training=false"]), unwritable_dir / "run")

@@ -139,10 +139,13 @@ def _train(
     output_dir: Path,
     dist_info: DistInfo,
 ) -> int:
+    from bitmar.evaluation.context import EvaluationError
+    from bitmar.export.hf_export import ExportError
     from bitmar.training.trainer import Trainer, TrainingError, TrainingInterrupted
 
     trainer = None
     try:
+        check_end_of_run_outputs(cfg, output_dir)  # before hours of training, not after
         if cfg.training.max_steps_per_epoch is not None:
             log.info("training.max_steps_per_epoch=%d: a capped smoke run", cfg.training.max_steps_per_epoch)
         from bitmar.data.datasets import build_data
@@ -186,10 +189,39 @@ def _train(
         log.error("%s", err)
         cleanup(dist_info)
         return 1
+    except (EvaluationError, ExportError) as err:  # the post-training step could not write (disk full, ...)
+        log.error(
+            "%s. Training itself finished: checkpoints/last.pt and summary.json are saved; evaluate or export "
+            "it again with evaluate_bitmar.py / python -m bitmar.export once the problem is fixed",
+            err,
+        )
+        cleanup(dist_info)
+        return 2
     if dist_info.is_main:
         print_summary(summary, output_dir)
     cleanup(dist_info, wait_for_all=True)
     return 0
+
+
+def check_end_of_run_outputs(cfg: BitMarConfig, output_dir: Path) -> None:
+    """ConfigError unless the post-training evaluation results and the export can be written into the run
+    directory: found at the end, a read-only directory would cost the whole training run its last step."""
+    from bitmar.fileio import check_writable_dir
+
+    targets = []
+    if cfg.evaluation.run_after_training:
+        targets.append(output_dir / "evaluation")
+    if cfg.export.after_training:
+        targets.append(output_dir / "hf_export")
+    for target in targets:
+        try:
+            check_writable_dir(target)
+        except OSError as err:
+            raise ConfigError(
+                f"{err}: the post-training step writes into {target}; make the run directory writable, choose "
+                "another --output_dir, or turn the step off (evaluation.run_after_training=false / "
+                "export.after_training=false)"
+            ) from None
 
 
 def print_summary(summary: dict, output_dir: Path) -> None:
