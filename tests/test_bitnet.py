@@ -180,6 +180,15 @@ def test_probe_picks_float_when_int8_is_slower(int8_per_mac: float, reason: str,
     assert result["seconds"] < 1.0
 
 
+def test_probe_on_a_busy_machine_trusts_the_guard_when_int8_is_the_faster_route() -> None:
+    # Background load makes every call ~600x slower: the full shape would take seconds either way, so it is not
+    # timed; int8 beat float side by side at the guard, so int8 it is (a first version picked float here).
+    machine = FakeMachine(int8_per_mac=3e-8, float_per_mac=6e-8)
+    result = machine.probe()
+    assert result["route"] == "int8" and "not timed" in result["reason"]
+    assert ("int8", PROBE_ROWS) not in machine.calls and ("float", PROBE_ROWS) not in machine.calls
+
+
 def test_probe_stays_short_in_real_time_when_the_int8_kernel_is_pathological() -> None:
     def reference_kernel(w: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
         def call(q: torch.Tensor) -> torch.Tensor:  # the right result at ~12M multiply-adds/s, like the report

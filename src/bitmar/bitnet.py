@@ -312,6 +312,13 @@ def probe_int8_gemm(
         # 2. Projection: no timed call of the representative shape may take long.
         macs = math.prod(PROBE_SHAPE) / math.prod(PROBE_GUARD_SHAPE)
         if t_i * macs > PROBE_CALL_CAP_S:
+            if t_i < t_f:  # a slow or busy machine, not a slow kernel: the guard's side-by-side comparison decides
+                return done(
+                    "int8",
+                    f"int8 GEMM faster at the guard ({_ms_text(t_i)} vs float {_ms_text(t_f)} on a {guard_text} "
+                    f"GEMM); the {result['shape']} shape would take ~{t_i * macs:.1f} s a call here, so it is not "
+                    "timed: int8 GEMMs",
+                )
             return done(
                 "float",
                 f"oneDNN's int8 GEMM is slow on this CPU ({_ms_text(t_i)} vs float {_ms_text(t_f)} on a {guard_text} "

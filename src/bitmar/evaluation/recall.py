@@ -432,7 +432,8 @@ def _slow_learning(ctx: EvalContext, ep: _Episodes, n: int, steps: int) -> dict[
 
 def _without_memory(ctx: EvalContext, ep: _Episodes) -> dict[str, Any]:
     """The no-memory ablation: caption each test view (it cannot know a new name), and learn by gradient steps."""
-    vision_only = summarize(per_episode(ctx, ep, list(range(len(ep))), None, via_vision=True))
+    per_vision = per_episode(ctx, ep, list(range(len(ep))), None, via_vision=True)
+    vision_only = summarize(per_vision)
     largest = min(len(ep), max(SLOW_LEARNING_SIZES))
     slow = [
         _slow_learning(ctx, ep, n, steps)
@@ -440,6 +441,18 @@ def _without_memory(ctx: EvalContext, ep: _Episodes) -> dict[str, Any]:
         for steps in SLOW_LEARNING_STEPS
     ]
     rows = [_row("no memory: nonce-word recall from the test view", vision_only["nonce_word_recall"], None)]
+    # The rows of the memory model under the same names: with no memory, N study episodes leave nothing to recall
+    # from but the test view itself, so the ablation table pairs "N=n: nonce-word recall" across variants.
+    sizes = resolve_recall_sizes(list(ctx.ecfg.recall_sizes), ctx.cfg.model.memory_size, 10**9, len(ep))
+    for r in sizes:
+        n = r["written"]
+        if n == 0:
+            continue
+        asked = f" (asked {r['requested']})" if n != r["requested"] else ""
+        measured = [i for g in range(min(len(ep) // n, MAX_GROUPS)) for i in range(g * n, (g + 1) * n)]
+        part = summarize(per_vision, measured)
+        rows.append(_row(f"N={n}{asked}: nonce-word recall", part["nonce_word_recall"], None))
+        rows.append(_row(f"N={n}{asked}: exact match", part["exact_match"], None))
     rows += [
         _row(f"slow learning, N={sl['episodes']}, {sl['steps']} decoder step(s): nonce-word recall",
              sl["nonce_word_recall"], sl["before"]["nonce_word_recall"])
