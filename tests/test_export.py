@@ -834,6 +834,8 @@ def test_export_loads_in_a_fresh_process_without_bitmar(
     result_file = tmp_path / "result.pt"
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSTARTUP")}
     env["HF_MODULES_CACHE"] = str(tmp_path / "hf_modules")
+    # One thread like this process (conftest): float64 memory solves are bit-identical only at equal thread counts.
+    env["OMP_NUM_THREADS"] = "1"
     # The command line itself, in a real process (started alongside): a missing checkpoint is exit status 2.
     cli = subprocess.Popen(
         [sys.executable, "-m", "bitmar.export", "--checkpoint", str(tmp_path / "missing.pt"), "--output_dir", "x"],

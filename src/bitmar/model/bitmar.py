@@ -385,8 +385,12 @@ class BitMar(nn.Module):
         return quantization_stats(self)
 
     def parameter_breakdown(self) -> dict[str, int]:
-        """Parameters per top-level component."""
-        return {name: sum(p.numel() for p in child.parameters()) for name, child in self.named_children()}
+        """Parameters per top-level component (the copy path's own scalars under "episode_scalars")."""
+        parts = {name: sum(p.numel() for p in child.parameters()) for name, child in self.named_children()}
+        own = sum(p.numel() for p in self._parameters.values() if p is not None)
+        if own:
+            parts["episode_scalars"] = own
+        return parts
 
     # ------------------------------------------------------------------ helpers
 
