@@ -14,6 +14,11 @@ object by an elementwise product with the noun's embedding), a random 2-layer ta
 affine map that gives DINOv2-CLS-like statistics (per-dim mean ~0, std ~1.4 with a few heavy dims, norm ~45),
 plus per-view Gaussian noise. The function depends only on the seed. Captions describe the scene with varied
 templates, so for a given template the attribute words can be read off the features but not guessed from the text.
+A share of the CC3M-style captions (`QA_SHARE`) open with a child-directed question-answer exchange about the picture
+("what color is the ball? red. a red ball next to a dog"; `question_answers` lists the questions a scene affords,
+all true of it, yes/no ones also false), and the subject of a CC3M-style scene is uncoloured now and then
+(`P_COLOUR0`), as in "a dog on a box". Evaluation scenes are drawn on their own stream and held out: no Winoground
+caption occurs in any training caption, even inside a longer one (an item that would is redrawn).
 Nonce nouns (`wug`, `dax`, ...) have their own embeddings but occur only in the novel-word episodes.
 
 Files (paths relative to data_dir)
@@ -33,8 +38,8 @@ Files (paths relative to data_dir)
 - `eval/winoground.jsonl`: `id`, `caption_0`, `caption_1` (same words, different order), `image_0`, `image_1`
   (row indices into `eval/winoground_features.npy`; image_k is the picture caption_k describes), `tag`
   (`object_swap` | `attribute_swap`).
-- `eval/vqa.jsonl`: `id`, `question`, `answer`, `distractors` (exactly 7 wrong answers), `image` (row index into
-  `eval/vqa_features.npy`), `question_type` (`colour` | `object` | `count` | `setting`).
+- `eval/vqa.jsonl`: `id`, `question` ("what color are the balls?"), `answer`, `distractors` (exactly 7 wrong answers),
+  `image` (row index into `eval/vqa_features.npy`), `question_type` (`colour` | `object` | `count` | `setting`).
 - `eval/novel_episodes.jsonl`: `id`, `caption` (mentions a nonce object, "a red wug next to a dog"), `nonce_words`,
   `study_image` / `test_image` (row indices into `eval/novel_episodes_features.npy`: two views of the same scene
   with independent noise: write the study view into memory, query with the test view), `foils` (3 captions that
@@ -244,13 +249,19 @@ def sample_scene(
     nouns: tuple[str, ...] = tuple(NOUNS),
     p_two: float = 0.6,
     p_setting: float = 0.4,
+    p_colour0: float = 1.0,
 ) -> Scene:
-    """A random scene over `nouns` (slot 0 always has a colour; the two objects never share a noun)."""
+    """A random scene over `nouns` (slot 0 has a colour with probability `p_colour0`, slot 1 with 0.7; the two
+    objects never share a noun). The default p_colour0 = 1 draws exactly the random numbers it always drew."""
     n_objects = 2 if rng.random() < p_two else 1
     objects = []
     for slot in range(n_objects):
         noun = _pick(rng, [n for n in nouns if not objects or n != objects[0].noun])
-        colour = _pick(rng, COLOURS) if slot == 0 or rng.random() < 0.7 else None
+        if slot == 0 and p_colour0 >= 1.0:
+            coloured = True
+        else:
+            coloured = rng.random() < (p_colour0 if slot == 0 else 0.7)
+        colour = _pick(rng, COLOURS) if coloured else None
         size = _pick(rng, SIZES) if rng.random() < 0.35 else None
         u = rng.random()
         count = 1 if u < 0.75 else (2 if u < 0.92 else 3)
@@ -313,6 +324,74 @@ def long_caption(scene: Scene, rng: np.random.Generator) -> str:
             )
         )
     return " ".join(s[0].upper() + s[1:] + "." for s in sentences)
+
+
+QA_SHARE = 0.35  # share of the training image captions that open with a child-directed question-answer exchange
+P_COLOUR0 = 0.8  # CC3M-style training scenes: the subject has a colour this often ("a dog on a box" happens too)
+
+
+def question_answers(scene: Scene) -> list[tuple[str, str, str, str]]:
+    """Every question a parent could ask about `scene`: (kind, question, short answer, sentence answer).
+
+    kind is `colour`, `count`, `object`, `where` or `yes_no`; the answers are true of the scene. Yes/no questions
+    come in pairs, one true and one false (a swapped colour or a swapped relation), so a child hears what is not so.
+    """
+    qa: list[tuple[str, str, str, str]] = []
+    two = len(scene.objects) == 2
+    for slot, obj in enumerate(scene.objects):
+        the, be = f"the {obj.noun_form}", _be(obj)
+        pron = "they" if obj.plural else "it"
+        if obj.colour is not None:
+            for word in ("color", "colour"):
+                qa.append(("colour", f"what {word} {be} {the}?", obj.colour, f"{pron} {be} {obj.colour}"))
+            other = COLOURS[(COLOURS.index(obj.colour) + 1 + slot) % len(COLOURS)]
+            qa.append(("yes_no", f"{be} {the} {obj.colour}?", "yes", f"yes, {pron} {be} {obj.colour}"))
+            qa.append(("yes_no", f"{be} {the} {other}?", "no", f"no, {pron} {be} {obj.colour}"))
+        count = COUNT_WORDS[obj.count]
+        qa.append(("count", f"how many {NOUNS.get(obj.noun, obj.noun_form)} are there?", count,
+                   f"there {be} {count} {obj.noun_form}"))  # fmt: skip
+        if slot == 0 and scene.setting is not None:
+            where = SETTINGS[scene.setting]
+            qa.append(("where", f"where {be} {the}?", scene.setting, f"{pron} {be} {where}"))
+    if two:
+        o0, o1 = scene.objects
+        rel = scene.relation
+        qa.append(("object", f"what is {rel} the {o1.noun_form}?", o0.noun_form, noun_phrase(o0)))
+        pron = "they" if o0.plural else "it"
+        qa.append(("where", f"where {_be(o0)} the {o0.noun_form}?", f"{rel} the {o1.noun_form}",
+                   f"{pron} {_be(o0)} {rel} the {o1.noun_form}"))  # fmt: skip
+        qa.append(("yes_no", f"{_be(o0)} the {o0.noun_form} {rel} the {o1.noun_form}?", "yes",
+                   f"yes, {pron} {_be(o0)} {rel} the {o1.noun_form}"))  # fmt: skip
+        if rel in ASYMMETRIC_RELATIONS:
+            qa.append(("yes_no", f"{_be(o1)} the {o1.noun_form} {rel} the {o0.noun_form}?", "no",
+                       f"no, the {o0.noun_form} {_be(o0)} {rel} the {o1.noun_form}"))  # fmt: skip
+    else:
+        o0 = scene.objects[0]
+        qa.append(("object", "what are these?" if o0.plural else "what is this?", o0.noun_form, noun_phrase(o0)))
+    return qa
+
+
+def qa_caption(scene: Scene, rng: np.random.Generator) -> str:
+    """A child-directed exchange about the picture, then its description: 'what color is the ball? red. a red
+    ball next to two dogs'. One or two questions of different kinds, answered with one word or a sentence."""
+    by_kind: dict[str, list[tuple[str, str, str]]] = {}
+    for kind, question, short, sentence in question_answers(scene):
+        by_kind.setdefault(kind, []).append((question, short, sentence))
+    kinds = sorted(by_kind)
+    n = 1 if rng.random() < 0.6 else 2
+    turns = []
+    for k in rng.choice(len(kinds), size=min(n, len(kinds)), replace=False):
+        question, short, sentence = _pick(rng, by_kind[kinds[int(k)]])
+        turns.append(f"{question} {short if rng.random() < 0.5 else sentence}.")
+    description = short_caption(scene, rng)
+    while len(turns) > 1 and len(" ".join([*turns, description]).split()) > 30:  # within max_caption_length
+        turns.pop()
+    return " ".join([*turns, description])
+
+
+def training_caption(scene: Scene, rng: np.random.Generator) -> str:
+    """A CC3M-style training caption: a description, or (QA_SHARE of the time) a question-answer exchange first."""
+    return qa_caption(scene, rng) if rng.random() < QA_SHARE else short_caption(scene, rng)
 
 
 def scene_caption_pairs(
@@ -507,20 +586,42 @@ def _blimp_sets(rng: np.random.Generator, seen: set[str]) -> dict[str, list[dict
     return sets
 
 
-def _winoground(world: SampleWorld, rng: np.random.Generator) -> tuple[list[dict[str, Any]], np.ndarray]:
+def _winoground_pair(k: int, rng: np.random.Generator) -> tuple[Scene, Scene, str]:
+    a, b = rng.choice(list(NOUNS), size=2, replace=False)
+    rel = _pick(rng, ASYMMETRIC_RELATIONS)
+    if k % 2 == 0:  # "a dog on a box" vs "a box on a dog"
+        s0 = Scene((SceneObject(a, None, None), SceneObject(b, None, None)), rel)
+        s1 = Scene((SceneObject(b, None, None), SceneObject(a, None, None)), rel)
+        return s0, s1, "object_swap"
+    # "a red ball on a blue cup" vs "a blue ball on a red cup"
+    c0, c1 = rng.choice(list(COLOURS), size=2, replace=False)
+    s0 = Scene((SceneObject(a, c0, None), SceneObject(b, c1, None)), rel)
+    s1 = Scene((SceneObject(a, c1, None), SceneObject(b, c0, None)), rel)
+    return s0, s1, "attribute_swap"
+
+
+def training_text_index(texts: Iterable[str]) -> str:
+    """Normalized training texts, one per line and padded with spaces: `occurs_in_training` searches it."""
+    return "\n".join(f" {normalize_sentence(t)} " for t in texts)
+
+
+def occurs_in_training(sentence: str, index: str) -> bool:
+    """True when `sentence` (normalized) is a training text or a run of whole words inside one."""
+    return f" {normalize_sentence(sentence)} " in index
+
+
+def _winoground(
+    world: SampleWorld, rng: np.random.Generator, training_index: str = ""
+) -> tuple[list[dict[str, Any]], np.ndarray]:
+    """Held out: no caption of an item occurs in a training text, not even inside a longer caption. A colliding
+    item is redrawn from its own stream, so `rng` draws the same numbers whatever the training data holds."""
     items, scenes = [], []
     for k in range(NUM_WINOGROUND):
-        a, b = rng.choice(list(NOUNS), size=2, replace=False)
-        rel = _pick(rng, ASYMMETRIC_RELATIONS)
-        if k % 2 == 0:  # "a dog on a box" vs "a box on a dog"
-            tag = "object_swap"
-            s0 = Scene((SceneObject(a, None, None), SceneObject(b, None, None)), rel)
-            s1 = Scene((SceneObject(b, None, None), SceneObject(a, None, None)), rel)
-        else:  # "a red ball on a blue cup" vs "a blue ball on a red cup"
-            tag = "attribute_swap"
-            c0, c1 = rng.choice(list(COLOURS), size=2, replace=False)
-            s0 = Scene((SceneObject(a, c0, None), SceneObject(b, c1, None)), rel)
-            s1 = Scene((SceneObject(a, c1, None), SceneObject(b, c0, None)), rel)
+        s0, s1, tag = _winoground_pair(k, rng)
+        attempt = 0
+        while any(occurs_in_training(canonical_caption(s), training_index) for s in (s0, s1)):
+            s0, s1, tag = _winoground_pair(k, np.random.default_rng([world.seed, 0x3170, k, attempt]))
+            attempt += 1
         captions = [canonical_caption(s) for s in (s0, s1)]
         items.append(
             {"id": k, "caption_0": captions[0], "caption_1": captions[1], "image_0": 2 * k, "image_1": 2 * k + 1,
@@ -538,14 +639,14 @@ def _vqa(world: SampleWorld, rng: np.random.Generator) -> tuple[list[dict[str, A
         scene = sample_scene(rng, p_two=1.0 if qtype == "object" else 0.6, p_setting=1.0 if qtype == "setting" else 0.4)
         o0 = scene.objects[0]
         if qtype == "colour":
-            question, answer, pool = f"what color is the {o0.noun_form}?", o0.colour, COLOURS
+            question, answer, pool = f"what color {_be(o0)} the {o0.noun_form}?", o0.colour, COLOURS
         elif qtype == "object":
             o1 = scene.objects[1]
             question, answer, pool = f"what is {scene.relation} the {o1.noun_form}?", o0.noun, tuple(NOUNS)
         elif qtype == "count":
             question, answer, pool = f"how many {NOUNS[o0.noun]} are there?", COUNT_WORDS[o0.count], COUNT_WORDS[1:]
         else:
-            question, answer, pool = f"where is the {o0.noun_form}?", scene.setting, tuple(SETTINGS)
+            question, answer, pool = f"where {_be(o0)} the {o0.noun_form}?", scene.setting, tuple(SETTINGS)
         others = [x for x in pool if x != answer]
         distractors = [others[i] for i in rng.choice(len(others), size=7, replace=False)]
         items.append(
@@ -644,8 +745,8 @@ def _words(texts: Iterable[str]) -> int:
 def world_scenes(sample_cfg: SampleDataConfig) -> dict[str, tuple[list[Scene], list[str]]]:
     """The scenes and captions `generate_sample_dataset` writes, row by row: {"cc3m": ..., "local_narratives": ...}."""
     rng = np.random.default_rng([sample_cfg.seed, 2])
-    cc_scenes = [sample_scene(rng) for _ in range(sample_cfg.num_cc3m)]
-    cc_captions = [short_caption(s, rng) for s in cc_scenes]
+    cc_scenes = [sample_scene(rng, p_colour0=P_COLOUR0) for _ in range(sample_cfg.num_cc3m)]
+    cc_captions = [training_caption(s, rng) for s in cc_scenes]
     ln_scenes = [sample_scene(rng, p_setting=0.7) for _ in range(sample_cfg.num_local_narratives)]
     ln_captions = [long_caption(s, rng) for s in ln_scenes]
     return {"cc3m": (cc_scenes, cc_captions), "local_narratives": (ln_scenes, ln_captions)}
@@ -810,7 +911,7 @@ def generate_sample_dataset(
     seen |= {normalize_sentence(c) for c in cc_captions + ln_captions}
     eval_rng = np.random.default_rng([seed, 3])
     blimp = _blimp_sets(eval_rng, seen)
-    winoground, wino_features = _winoground(world, eval_rng)
+    winoground, wino_features = _winoground(world, eval_rng, training_text_index(cc_captions + ln_captions))
     vqa, vqa_features = _vqa(world, eval_rng)
     novel, novel_features = _novel_episodes(world, cfg.num_novel_episodes, eval_rng)
 

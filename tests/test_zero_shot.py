@@ -1,0 +1,289 @@
+"""Zero-shot vision-language understanding (issue 17, part 3): what the sample world teaches, what it holds out, the
+PMI columns of Winoground / VQA, and the hard-negative (word-swap) binding terms of the objective."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from tiny_model import TINY_MODEL
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import PreTrainedTokenizerFast
+
+from bitmar.config import BitMarConfig, SampleDataConfig
+from bitmar.data import layout, sample
+from bitmar.data.sample import (
+    COLOURS,
+    COUNT_WORDS,
+    NOUNS,
+    SETTINGS,
+    Scene,
+    SceneObject,
+    generate_sample_dataset,
+    normalize_sentence,
+    question_answers,
+    world_scenes,
+)
+from bitmar.evaluation.captioning import token_log_probs
+from bitmar.evaluation.context import EvalContext, score_sequences
+from bitmar.evaluation.scoring import evaluate_vqa, evaluate_winoground
+from bitmar.model import BitMar
+from bitmar.training.hard_negatives import WordSwapper, swap_token_classes
+from bitmar.training.objective import TrainingObjective, binding_loss
+
+WORLD = SampleDataConfig(seed=5, num_cc3m=600, num_local_narratives=40, num_text_lines=300, num_novel_episodes=8)
+
+# ----------------------------------------------------------------------------------------------------------------
+# The sample world: question forms in training, evaluation items held out
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _exchanges(caption: str) -> list[tuple[str, str]]:
+    """(question, answer) turns at the start of a training caption: 'q? a. q? a. description'."""
+    return re.findall(r"([a-z][a-z ]*\?) ([a-z ,]+)\.", caption)
+
+
+def test_training_captions_ask_every_vqa_question_form_with_true_answers() -> None:
+    scenes, captions = world_scenes(WORLD)["cc3m"]
+    forms = {
+        "colour": r"^what colou?r (is|are) the \w+\?$",
+        "object": r"^what is (next to|on|under|behind|in front of|near) the \w+\?$",
+        "count": r"^how many \w+ are there\?$",
+        "where": r"^where (is|are) the \w+\?$",
+    }
+    seen = dict.fromkeys(forms, 0)
+    with_qa = 0
+    for scene, caption in zip(scenes, captions, strict=True):
+        turns = _exchanges(caption)
+        with_qa += bool(turns)
+        truth = {(q, a) for _, q, short, sentence in question_answers(scene) for a in (short, sentence)}
+        for question, answer in turns:
+            assert (question, answer) in truth, (caption, question, answer)  # grounded in THIS picture
+            for kind, pattern in forms.items():
+                seen[kind] += bool(re.match(pattern, question))
+    assert 0.25 < with_qa / len(captions) < 0.45  # a minority: most captions stay plain descriptions
+    assert min(seen.values()) >= 15, seen
+    # one-word answers (the VQA form) as well as sentences
+    answers = [a for c in captions for _, a in _exchanges(c)]
+    assert sum(a in COLOURS for a in answers) >= 10 and sum(a in SETTINGS for a in answers) >= 5
+    assert sum(a in COUNT_WORDS for a in answers) >= 5 and sum(" " in a for a in answers) >= 50
+
+
+def test_question_answers_are_true_of_the_scene_and_yes_no_come_in_true_false_pairs() -> None:
+    scene = Scene((SceneObject("ball", "red", None, 2), SceneObject("box", None, None)), "on", "park")
+    qa = {(kind, q): (short, sentence) for kind, q, short, sentence in question_answers(scene)}
+    assert qa[("colour", "what color are the balls?")] == ("red", "they are red")
+    assert qa[("count", "how many balls are there?")] == ("two", "there are two balls")
+    assert qa[("count", "how many boxes are there?")] == ("one", "there is one box")
+    assert qa[("object", "what is on the box?")] == ("balls", "two red balls")
+    where = [(short, sentence) for _, q, short, sentence in question_answers(scene) if q == "where are the balls?"]
+    assert where == [("park", "they are in the park"), ("on the box", "they are on the box")]
+    yes_no = {q: short for kind, q, short, _ in question_answers(scene) if kind == "yes_no"}
+    assert yes_no["are the balls red?"] == "yes" and yes_no["is the box on the balls?"] == "no"
+    assert sum(v == "no" for v in yes_no.values()) >= 2 and sum(v == "yes" for v in yes_no.values()) >= 2
+    assert not any(q.startswith("what color is the box") for _, q in qa)  # the box has no colour to ask about
+
+
+def test_training_scenes_include_uncoloured_subjects_like_the_winoground_object_swaps() -> None:
+    scenes, captions = world_scenes(WORLD)["cc3m"]
+    bare = [c for s, c in zip(scenes, captions, strict=True) if len(s.objects) == 2 and s.objects[0].colour is None
+            and s.objects[1].colour is None]  # fmt: skip
+    assert len(bare) >= 10
+    assert all(not any(w in COLOURS for w in c.split()) for c in bare if "?" not in c)
+
+
+def test_evaluation_items_are_held_out_of_training(tmp_path: Path) -> None:
+    generate_sample_dataset(tmp_path, WORLD)
+    captions = json.loads((tmp_path / layout.CC3M_CAPTIONS).read_text(encoding="utf-8"))
+    captions += json.loads((tmp_path / layout.LOCAL_NARR_CAPTIONS).read_text(encoding="utf-8"))
+    index = sample.training_text_index(captions)
+    wino = [json.loads(line) for line in (tmp_path / layout.WINOGROUND_FILE).read_text().splitlines()]
+    for item in wino:  # not a training caption, nor a run of words inside one
+        for key in ("caption_0", "caption_1"):
+            assert f" {normalize_sentence(item[key])} " not in index, item[key]
+    # the pictures are new: no evaluation feature row is a training row
+    train_x = np.concatenate([np.load(tmp_path / name) for name in layout.CC3M_FEATURES]).astype(np.float32)
+    for rel in (sample.WINOGROUND_FEATURES, sample.VQA_FEATURES):
+        x = np.load(tmp_path / rel).astype(np.float32)
+        nearest = ((x[:, None, :] - train_x[None, :200, :]) ** 2).sum(-1).min()
+        assert nearest > 1.0
+    vqa = [json.loads(line) for line in (tmp_path / layout.VQA_FILE).read_text().splitlines()]
+    for q in vqa:  # questions are grammatical: "what color are the balls?"
+        noun = q["question"].rstrip("?").split()[-1]
+        if q["question_type"] in ("colour", "setting") and noun in NOUNS.values():
+            assert " are the " in q["question"], q["question"]
+
+
+def test_a_winoground_item_that_occurs_in_training_is_redrawn_without_changing_the_others() -> None:
+    world = sample.SampleWorld(0, feature_dim=16)
+    items, _ = sample._winoground(world, np.random.default_rng(7))
+    first = items[0]["caption_0"]
+    index = sample.training_text_index([f"look at {first} in the park"])
+    redrawn, features = sample._winoground(world, np.random.default_rng(7), index)
+    assert redrawn[0]["caption_0"] != first and first not in (redrawn[0]["caption_1"],)
+    assert redrawn[1:] == items[1:]  # the evaluation stream drew the same numbers
+    assert features.shape == (2 * len(items), 16)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# PMI columns on a toy model whose caption prior outweighs the picture
+# ----------------------------------------------------------------------------------------------------------------
+
+WORDS = ["<pad>", "<s>", "</s>", "<unk>", "a", "b", "c", "d", "e", "f", "g", "h"]
+
+
+def _tokenizer() -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+class PriorDominatedModel(torch.nn.Module):
+    """Next-token distribution given the CURRENT token: a strong prior (the first word is 'a' 70% of the time, after
+    the question word 'b' the answer 'c' is likely) plus, at position `picture_at`, a bonus of log 3 for the word the
+    picture shows, vision_features[:, 0] (a token id). Without a picture: the prior alone."""
+
+    def __init__(self, picture_at: int) -> None:
+        super().__init__()
+        self.picture_at = picture_at
+        self.unused = torch.nn.Parameter(torch.zeros(1))
+        prior = torch.full((len(WORDS), len(WORDS)), math.log(0.05))
+        prior[:, :4] = -1e4
+        prior[1, 4], prior[1, 5] = math.log(0.7), math.log(0.1)  # after BOS
+        prior[5, 6] = math.log(0.5)  # after "b": "c"
+        prior[4:, 2] = math.log(0.2)  # EOS
+        self.register_buffer("prior", prior)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask=None, vision_features=None, **_: object):  # noqa: ANN001
+        logits = self.prior[input_ids].clone()  # (B, T, V)
+        if vision_features is not None:
+            shown = vision_features[:, 0].long()  # (B,)
+            logits[torch.arange(len(shown)), self.picture_at, shown] += math.log(3.0)
+        return SimpleNamespace(logits=logits)
+
+
+def _context(tmp_path: Path, picture_at: int) -> EvalContext:
+    cfg = BitMarConfig()
+    cfg.model.vision_encoder_dim = 2
+    cfg.model.use_memory = False  # the toy has no memory (no support-memory rows)
+    return EvalContext(PriorDominatedModel(picture_at), _tokenizer(), cfg, tmp_path, torch.device("cpu"))
+
+
+def test_winoground_pmi_column_removes_the_caption_prior(tmp_path: Path) -> None:
+    # image 0 shows "a" (caption "a b"), image 1 shows "b" (caption "b a"); the prior prefers "a ..." either way
+    (tmp_path / "eval").mkdir()
+    item = {"id": 0, "caption_0": "a b", "caption_1": "b a", "image_0": 0, "image_1": 1, "tag": "object_swap"}
+    (tmp_path / layout.WINOGROUND_FILE).write_text(json.dumps(item) + "\n", encoding="utf-8")
+    np.save(tmp_path / sample.WINOGROUND_FEATURES, np.array([[4, 0], [5, 0]], dtype=np.float32))
+    out = evaluate_winoground(_context(tmp_path, picture_at=0))["metrics"]
+    assert (out["text_score"], out["image_score"], out["group_score"]) == (0.0, 1.0, 0.0)  # the reported score
+    assert (out["text_score_pmi"], out["image_score_pmi"], out["group_score_pmi"]) == (1.0, 1.0, 1.0)
+
+
+def test_vqa_pmi_column_removes_the_answer_prior(tmp_path: Path) -> None:
+    (tmp_path / "eval").mkdir()
+    rows = [{"id": 0, "question": "b", "answer": "d", "distractors": list("acefgh") + ["b"], "image": 0}]
+    (tmp_path / layout.VQA_FILE).write_text(json.dumps(rows[0]) + "\n", encoding="utf-8")
+    np.save(tmp_path / sample.VQA_FEATURES, np.array([[7, 0]], dtype=np.float32))  # the picture shows "d"
+    out = evaluate_vqa(_context(tmp_path, picture_at=1))["metrics"]
+    assert out["accuracy"] == 0.0 and out["accuracy_no_image"] == 0.0  # "c" (prior 0.5) beats "d" (0.05 * 3)
+    assert out["accuracy_pmi"] == 1.0
+
+
+def test_grounding_token_log_probs_add_up_to_the_sequence_scores(tmp_path: Path) -> None:
+    ctx = _context(tmp_path, picture_at=0)
+    ctx.cfg.evaluation.batch_size = 2  # chunks of different widths are padded to one
+    seqs = [[1, 4, 5, 2], [1, 5, 2], [1, 6, 7, 8, 2]]
+    vf = torch.tensor([[4.0, 0.0], [5.0, 0.0], [6.0, 0.0]])
+    logp, targets, valid = token_log_probs(ctx, seqs, vf)
+    assert logp.shape == targets.shape == valid.shape == (3, 4)
+    assert valid.sum(1).tolist() == [3, 2, 4] and targets[1, :2].tolist() == [5, 2]
+    expected, _ = score_sequences(
+        ctx.model, seqs, pad_id=0, batch_size=3, device=torch.device("cpu"), vision_features=vf
+    )
+    assert logp.sum(1).tolist() == pytest.approx(expected.tolist(), rel=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Hard negatives
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_word_swapper_exchanges_two_words_of_one_class_everywhere() -> None:
+    swapper = WordSwapper([[10, 11, 12], [20, 21]])
+    ids = torch.tensor([[1, 10, 20, 5, 11, 2], [1, 10, 5, 10, 2, 0], [1, 20, 7, 21, 20, 2]])
+    mask = torch.tensor([[1] * 6, [1] * 5 + [0], [1] * 6])
+    neg, has = swapper(ids, mask, torch.Generator().manual_seed(0))
+    assert has.tolist() == [True, False, True]
+    assert neg[1].tolist() == ids[1].tolist()  # one colour word, twice: nothing to swap
+    assert neg[2].tolist() == [1, 21, 7, 20, 21, 2]  # every occurrence swapped
+    assert sorted(neg[0].tolist()) == sorted(ids[0].tolist()) and neg[0].tolist() != ids[0].tolist()
+    assert ((neg[0] != ids[0]).sum() == 2) and neg[0, 3] == 5  # only the two class words moved
+
+
+def test_swap_classes_keep_single_token_words_of_the_tokenizer() -> None:
+    tok = _tokenizer()
+    classes = swap_token_classes(tok, {"letters": ["a", "b", "zz"], "one": ["c"], "pair": ["d", "e"]})
+    assert classes == [[4, 5], [7, 8]]  # "zz" is not one token; a class of one word cannot swap
+
+
+def test_binding_loss_ranks_the_caption_above_its_negative() -> None:
+    pos = torch.tensor([-3.0, -2.0], requires_grad=True)
+    neg = torch.tensor([-3.0, -6.0], requires_grad=True)
+    loss = binding_loss(pos, neg)
+    assert loss.shape == () and loss.item() == pytest.approx((math.log(2) + math.log1p(math.exp(-4))) / 2)
+    loss.backward()
+    assert pos.grad[0] < 0 < neg.grad[0] and abs(pos.grad[1]) < abs(pos.grad[0])  # a solved pair pulls less
+
+
+def _objective(**weights: float) -> tuple[TrainingObjective, dict[str, torch.Tensor]]:
+    cfg = BitMarConfig()
+    cfg.model = dataclasses.replace(TINY_MODEL)
+    for key, value in weights.items():
+        setattr(cfg.training.loss_weights, key, value)
+    torch.manual_seed(0)
+    model = BitMar(cfg.model).eval()  # no dropout: the same inputs give the same loss
+    swaps = [[10, 11, 12, 13], [20, 21]] if weights.get("hard_negative") else None
+    batch = {
+        "kind": "caption",
+        "input_ids": torch.tensor([[1, 5, 10, 20, 2], [1, 5, 11, 21, 2], [1, 5, 12, 2, 0], [1, 5, 13, 10, 2]]),
+        "attention_mask": torch.tensor([[1] * 5, [1] * 5, [1] * 4 + [0], [1] * 5]),
+        "vision_features": torch.randn(4, TINY_MODEL.vision_encoder_dim),
+    }
+    return TrainingObjective(model, cfg, 3, [0, 1, 2], swaps), batch
+
+
+def test_visual_words_loss_counts_content_words_and_trains_the_vision_encoder() -> None:
+    objective, batch = _objective(visual_words=1.0)
+    ids, mask, features = batch["input_ids"], batch["attention_mask"], batch["vision_features"]
+    base = objective._visual_words_loss(ids, mask, features)
+    common = ids.clone()
+    common[:, 1] = 6  # the word every caption holds changes: idf 0, the loss does not move
+    assert objective._visual_words_loss(common, mask, features).item() == pytest.approx(base.item())
+    content = ids.clone()
+    content[0, 2] = 30  # a content word changes: the loss does
+    assert objective._visual_words_loss(content, mask, features).item() != pytest.approx(base.item())
+    total, metrics = objective(batch, 2)
+    assert "Loss_visual_words" in metrics
+    total.backward()
+    assert objective.model.vision_encoder.expand.weight.grad.abs().sum() > 0
+    off, _ = _objective(visual_words=0.0)
+    assert "Loss_visual_words" not in off(batch, 2)[1]
+
+
+def test_hard_negative_term_reports_binding_and_reaches_the_decoder() -> None:
+    objective, batch = _objective(visual_words=0.0, hard_negative=1.0)
+    total, metrics = objective(batch, 2)
+    assert metrics["Loss_binding"] > 0 and 0.0 <= metrics["Binding_accuracy"] <= 1.0
+    total.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in objective.model.decoder.parameters())
