@@ -5,7 +5,9 @@ captioning: greedy captions from the DINOv2 features of `evaluation.caption_samp
     `rouge_score.rouge_scorer` (ROUGE-L F1, 0-1). The same decoder run without any image (the unconditional LM
     from BOS) gives the blind baseline that every caption-prior-only model reaches.
 grounding: caption NLL per token with the true features, with the features of another image of the set (rolled by
-    one) and with no features. gain = NLL(shuffled) - NLL(true) > 0 means the decoder reads the picture.
+    one) and with no features. gain = NLL(shuffled) - NLL(true) > 0 means the decoder reads the picture. The gain is
+    also given for the tokens of two word classes (`WORD_CLASSES`: colour words and concrete nouns, when they are one
+    token after a space): a decoder can gain on a caption's frame ("a photo of ...") while still guessing its content.
 """
 
 from __future__ import annotations
@@ -16,15 +18,21 @@ from typing import Any
 
 import numpy as np
 import sacrebleu
+import torch
 from rouge_score import rouge_scorer
+from torch import Tensor
 
+from bitmar.data.pseudowords import COMMON_NOUNS
 from bitmar.evaluation.context import (
     EvalContext,
     TaskSkipped,
     caption_token_ids,
     greedy_captions,
-    score_sequences,
+    pad_sequences,
 )
+from bitmar.training.hard_negatives import COLOUR_WORDS, swap_token_classes
+
+WORD_CLASSES = {"colour_words": COLOUR_WORDS, "nouns": (*COMMON_NOUNS, *COMMON_NOUNS.values())}
 
 NUM_EXAMPLES = 3
 
@@ -101,6 +109,27 @@ def evaluate_captioning(ctx: EvalContext) -> dict[str, Any]:
     }
 
 
+@torch.no_grad()
+def token_log_probs(
+    ctx: EvalContext, seqs: Sequence[Sequence[int]], vision_features: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """log p of every token after BOS given its prefix (N, T - 1) float32 (0 at padding), the tokens (N, T - 1) and
+    which are real (N, T - 1) bool; T is the longest sequence."""
+    longest = max(len(seq) for seq in seqs)
+    out = []
+    for start in range(0, len(seqs), ctx.ecfg.batch_size):
+        ids, mask = pad_sequences(seqs[start : start + ctx.ecfg.batch_size], ctx.tokenizer.pad_token_id)
+        ids = torch.nn.functional.pad(ids, (0, longest - ids.shape[1]), value=ctx.tokenizer.pad_token_id)
+        mask = torch.nn.functional.pad(mask, (0, longest - mask.shape[1]))
+        ids, mask = ids.to(ctx.device), mask.to(ctx.device)
+        vf = None if vision_features is None else vision_features[start : start + ctx.ecfg.batch_size]
+        logits = ctx.model(input_ids=ids, attention_mask=mask, vision_features=vf, return_latents=False).logits
+        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, ids[:, 1:, None])[..., 0]  # (B, T - 1)
+        valid = mask[:, 1:].bool()
+        out.append((logp.masked_fill(~valid, 0.0).cpu(), ids[:, 1:].cpu(), valid.cpu()))
+    return tuple(torch.cat(parts) for parts in zip(*out, strict=True))  # type: ignore[return-value]
+
+
 def evaluate_grounding(ctx: EvalContext) -> dict[str, Any]:
     if not ctx.has_vision:
         raise TaskSkipped("model.use_vision=false: captions cannot be conditioned on an image")
@@ -111,11 +140,18 @@ def evaluate_grounding(ctx: EvalContext) -> dict[str, Any]:
         raise TaskSkipped("grounding needs at least 2 validation images (to shuffle features)")
     seqs = caption_token_ids(ctx.tokenizer, split.captions(positions), ctx.max_len)
     features = ctx.tensor(split.features(positions))  # (N, D)
-    kw = {"pad_id": ctx.tokenizer.pad_token_id, "batch_size": ctx.ecfg.batch_size, "device": ctx.device}
-    nll = {}
+    classes = {
+        name: torch.as_tensor([i for ids in swap_token_classes(ctx.tokenizer, {name: words}) for i in ids])
+        for name, words in WORD_CLASSES.items()
+    }
+    nll, class_nll = {}, {}
     for name, vf in (("true", features), ("shuffled", features.roll(1, dims=0)), ("none", None)):
-        logp, count = score_sequences(ctx.model, seqs, vision_features=vf, **kw)
-        nll[name] = float(-logp.sum() / count.sum())
+        logp, targets, valid = token_log_probs(ctx, seqs, vf)  # (N, T - 1) each
+        nll[name] = float(-logp.sum() / valid.sum())
+        for word_class, ids in classes.items():
+            chosen = valid & torch.isin(targets, ids)
+            if bool(chosen.any()):
+                class_nll.setdefault(word_class, {})[name] = float(-logp[chosen].mean())
     metrics = {
         "samples": n,
         "nll_true_image": nll["true"],
@@ -126,12 +162,21 @@ def evaluate_grounding(ctx: EvalContext) -> dict[str, Any]:
         "perplexity_true_image": math.exp(min(nll["true"], 50.0)),
         "perplexity_shuffled_image": math.exp(min(nll["shuffled"], 50.0)),
     }
+    headline = [
+        {"metric": "caption NLL/token, true image", "value": nll["true"], "reference": nll["shuffled"]},
+        {"metric": "grounding gain (shuffled − true)", "value": metrics["gain_vs_shuffled"], "reference": 0.0},
+        {"metric": "caption NLL/token, no image", "value": nll["none"], "reference": None},
+    ]
+    for word_class, values in class_nll.items():
+        metrics[f"nll_true_image_{word_class}"] = values["true"]
+        metrics[f"nll_shuffled_image_{word_class}"] = values["shuffled"]
+        metrics[f"gain_vs_shuffled_{word_class}"] = values["shuffled"] - values["true"]
+        label = word_class.replace("_", " ")
+        headline.append(
+            {"metric": f"grounding gain, {label}", "value": values["shuffled"] - values["true"], "reference": 0.0}
+        )
     return {
         "metrics": metrics,
-        "headline": [
-            {"metric": "caption NLL/token, true image", "value": nll["true"], "reference": nll["shuffled"]},
-            {"metric": "grounding gain (shuffled − true)", "value": metrics["gain_vs_shuffled"], "reference": 0.0},
-            {"metric": "caption NLL/token, no image", "value": nll["none"], "reference": None},
-        ],
+        "headline": headline,
         "notes": [f"{n} validation captions; reference of the NLL row = the same captions with shuffled images"],
     }

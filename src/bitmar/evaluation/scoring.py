@@ -9,10 +9,14 @@ minimal_pairs: every `*.jsonl` under `evaluation.blimp_dir` (default `<data_dir>
 winoground: two captions with the same words in another order and their two images. s(c, i) = log p(c | i), the
     caption (BOS + tokens + EOS) scored with the image's features as the decoder prefix. Scores exactly as Thrush et
     al. 2022: text = s(c0,i0) > s(c1,i0) and s(c1,i1) > s(c0,i1); image = s(c0,i0) > s(c0,i1) and s(c1,i1) > s(c1,i0);
-    group = text and image (chance 1/4, 1/4, 1/6; ties fail).
+    group = text and image (chance 1/4, 1/4, 1/6; ties fail). These are the reported scores. An extra column uses the
+    pointwise mutual information PMI(c, i) = log p(c | i) - log p(c) (log p(c): the same caption without an image),
+    which removes the caption prior from the text comparison; the image comparison is unchanged by it (log p(c)
+    cancels between the two images of one caption).
 vqa: a question about an image, the answer among 7 distractors. Each candidate scores log p(" answer" | BOS question,
-    image), summed over the answer tokens (lm-eval's multiple-choice `acc`); also per-token mean (`acc_norm` style)
-    and the blind model (no image). Accuracy; chance 1/8; ties fail.
+    image), summed over the answer tokens (lm-eval's multiple-choice `acc`, the reported accuracy); also per-token mean
+    (`acc_norm` style), the blind model (no image) and, as an extra column, PMI = log p(a | q, i) - log p(a | q).
+    Accuracy; chance 1/8; ties fail.
 """
 
 from __future__ import annotations
@@ -142,10 +146,18 @@ def evaluate_winoground(ctx: EvalContext) -> dict[str, Any]:
         ctx.model, seqs, pad_id=ctx.tokenizer.pad_token_id, batch_size=ctx.ecfg.batch_size, device=ctx.device,
         vision_features=vf,
     )  # fmt: skip
-    outcome = winoground_outcomes(scores.view(-1, 2, 2))
+    scores = scores.view(-1, 2, 2)  # (N, caption, image)
+    outcome = winoground_outcomes(scores)
     metrics: dict[str, Any] = {"items": len(records), "conditioned_on_image": ctx.has_vision}
     for name, hits in outcome.items():
         metrics[f"{name}_score"] = float(hits.float().mean())
+    if ctx.has_vision:  # the PMI column: log p(c | i) - log p(c), each caption scored once without an image
+        prior, _ = score_sequences(
+            ctx.model, seqs[::2], pad_id=ctx.tokenizer.pad_token_id, batch_size=ctx.ecfg.batch_size,
+            device=ctx.device,
+        )  # fmt: skip
+        for name, hits in winoground_outcomes(scores - prior.view(-1, 2, 1)).items():
+            metrics[f"{name}_score_pmi"] = float(hits.float().mean())
     readout = ctx.memory_readout(vf) if vf is not None else None  # support memory of training episodes
     if readout is not None:
         with_memory, _ = score_sequences(
@@ -177,9 +189,15 @@ def evaluate_winoground(ctx: EvalContext) -> dict[str, Any]:
             }
             for name in ("text", "image", "group")
             if "with_memory" in metrics
+        ]
+        + [
+            {"metric": f"{name} score, PMI (extra)", "value": metrics[f"{name}_score_pmi"], "reference": chance[name]}
+            for name in ("text", "image", "group")
+            if f"{name}_score_pmi" in metrics
         ],  # fmt: skip
         "notes": [
-            f"{len(records)} items; s(c, i) = log p(caption | image); reference column = chance"
+            f"{len(records)} items; s(c, i) = log p(caption | image) (PMI rows: log p(c | i) - log p(c), an extra "
+            "view); reference column = chance"
             + ("" if ctx.has_vision else " (no vision input: every image scores the same, so image/group fail)")
         ],
     }
@@ -227,6 +245,7 @@ def evaluate_vqa(ctx: EvalContext) -> dict[str, Any]:
     correct = multiple_choice_accuracy(seen.view(shape))
     correct_norm = multiple_choice_accuracy((seen / counts.clamp(min=1)).view(shape))
     correct_blind = multiple_choice_accuracy(blind.view(shape))
+    correct_pmi = multiple_choice_accuracy((seen - blind).view(shape))
     types: dict[str, list[int]] = defaultdict(list)
     for n, r in enumerate(records):
         types[str(r.get("question_type", "all"))].append(n)
@@ -237,6 +256,7 @@ def evaluate_vqa(ctx: EvalContext) -> dict[str, Any]:
         "accuracy": float(correct.float().mean()),
         "accuracy_per_token": float(correct_norm.float().mean()),
         "accuracy_no_image": float(correct_blind.float().mean()),
+        "accuracy_pmi": float(correct_pmi.float().mean()) if ctx.has_vision else None,
         "chance": 1.0 / n_choices,
         "per_question_type": {t: float(correct[idx].float().mean()) for t, idx in sorted(types.items())},
     }
@@ -244,6 +264,10 @@ def evaluate_vqa(ctx: EvalContext) -> dict[str, Any]:
         {"metric": "accuracy", "value": metrics["accuracy"], "reference": metrics["chance"]},
         {"metric": "accuracy without image", "value": metrics["accuracy_no_image"], "reference": metrics["chance"]},
     ]
+    if ctx.has_vision:
+        headline.append(
+            {"metric": "accuracy, PMI (extra)", "value": metrics["accuracy_pmi"], "reference": 1 / n_choices}
+        )
     if with_memory is not None:
         metrics["accuracy_with_memory"] = float(multiple_choice_accuracy(with_memory.view(shape)).float().mean())
         headline.append(
