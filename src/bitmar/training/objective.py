@@ -1,8 +1,10 @@
 """The three-phase training objective as one nn.Module, so DDP sees every parameter use in a single forward.
 
 Phase 1 (text): causal LM loss of the decoder + masked-token loss of the bidirectional encoder.
-Phase 2 (alignment): caption loss conditioned on the image + symmetric InfoNCE between text and vision latents;
-    text-only batches keep flowing (data.text_ratio).
+Phase 2 (alignment): caption loss conditioned on the image + symmetric InfoNCE between text and vision latents +
+    visual words (the pooled vision tokens predict the caption's content words through the tied LM head) and,
+    optionally, a ranking of each caption above its word-swapped hard negative (`hard_negatives`); text-only
+    batches keep flowing (data.text_ratio). Phase 3 keeps all of these.
 Phase 3 (memory): Larimar's objective on top of phase 2. A batch's episodes are written into a fresh memory
     as (key = vision-only key, value = caption+image episode latent); they are read back with a *noisy* vision
     query, which holds no caption tokens, and the decoder must reconstruct the caption from the readout alone
@@ -14,10 +16,12 @@ Phase 3 (memory): Larimar's objective on top of phase 2. A batch's episodes are 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bitmar.config import BitMarConfig
-from bitmar.training.losses import contrastive_loss, lm_loss
+from bitmar.training.hard_negatives import WordSwapper
+from bitmar.training.losses import contrastive_loss, lm_loss, sequence_log_probs
 
 
 def mask_tokens(
@@ -41,13 +45,29 @@ def slot_nll(model: nn.Module, episodes: Tensor, ids: Tensor, mask: Tensor) -> T
     return (nll * valid).sum() / valid.sum().clamp(min=1.0)
 
 
+def binding_loss(positive: Tensor, negative: Tensor) -> Tensor:
+    """Sequence-level ranking of a caption over its word-swapped negative under the same picture:
+    mean softplus(log p(c' | i) - log p(c | i)) = -log sigmoid of the margin, the Winoground text comparison."""
+    return F.softplus(negative - positive).mean()
+
+
 class TrainingObjective(nn.Module):
-    def __init__(self, model: nn.Module, cfg: BitMarConfig, mask_token_id: int, special_token_ids: list[int]) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        cfg: BitMarConfig,
+        mask_token_id: int,
+        special_token_ids: list[int],
+        swap_token_classes: list[list[int]] | None = None,
+    ) -> None:
+        """swap_token_classes: token ids per swappable word class (`hard_negatives.swap_token_classes(tokenizer)`);
+        without them (or with loss weight 0) captions get no hard negatives."""
         super().__init__()
         self.model = model
         self.cfg = cfg
         self.mask_token_id = mask_token_id
         self.special_token_ids = special_token_ids
+        self.swapper = WordSwapper(swap_token_classes) if swap_token_classes else None
 
     def forward(self, batch: dict[str, Tensor], phase: int) -> tuple[Tensor, dict[str, Tensor]]:
         if batch["kind"] == "text":
@@ -96,6 +116,16 @@ class TrainingObjective(nn.Module):
             "Loss_contrastive": loss_contrastive.detach(),
             "Contrastive_accuracy": accuracy,
         }
+        if w.visual_words > 0:
+            loss_words = self._visual_words_loss(ids, mask, features)
+            total = total + w.visual_words * loss_words
+            metrics["Loss_visual_words"] = loss_words.detach()
+        if w.hard_negative > 0 and self.swapper is not None:
+            loss_binding, binding_accuracy = self._binding_loss(out.logits, ids, mask, features)
+            total = total + w.hard_negative * loss_binding
+            metrics["Loss_binding"] = loss_binding.detach()
+            if binding_accuracy is not None:
+                metrics["Binding_accuracy"] = binding_accuracy
         if phase >= 3 and self.cfg.model.use_memory:
             memory_total, memory_metrics = self._memory_losses(
                 ids, mask, features, out.vision_latent, out.multimodal_latent, batch
@@ -103,6 +133,41 @@ class TrainingObjective(nn.Module):
             total = total + memory_total
             metrics.update(memory_metrics)
         return total, metrics
+
+    def _visual_words_loss(self, ids: Tensor, mask: Tensor, features: Tensor) -> Tensor:
+        """The pooled vision tokens, read through the tied LM head, predict the caption's words (a bag of words).
+
+        Why: the caption loss alone teaches the decoder to read the picture very slowly, because most caption tokens
+        are predictable from the text prefix; measured on the sample world, a tiny run's decoder predicted nouns
+        barely better with the true picture than with a shuffled one (0.2 nats) and colours not at all, although
+        both can be read off its vision tokens with a linear probe. This term gives the vision encoder a direct
+        signal, in the decoder's own word-embedding space, for every word the picture determines (the tied table
+        learns too: measured, detaching it halves the noun grounding of a 300-step phase-2 run). Words are
+        weighted by their inverse document frequency within the batch, so words in every caption ("a", "the")
+        weigh nothing and rare content words (nouns, colours, settings) carry the loss.
+        """
+        tokens, _ = self.model.encode_vision(features)  # (B, N, C)
+        log_probs = torch.log_softmax(self.model.lm_logits(tokens.mean(dim=1)).float(), dim=-1)  # (B, V)
+        words = mask.bool().clone()  # (B, T)
+        for special in self.special_token_ids:
+            words &= ids != special
+        present = torch.zeros_like(log_probs).scatter_(1, ids, words.float())  # (B, V): the caption holds word v
+        idf = torch.log(ids.shape[0] / present.sum(dim=0).clamp(min=1.0))  # (V,)
+        weight = idf[ids] * words  # (B, T)
+        per_caption = (log_probs.gather(1, ids) * weight).sum(dim=1) / weight.sum(dim=1).clamp(min=1e-6)  # (B,)
+        return -per_caption.mean()
+
+    def _binding_loss(
+        self, logits: Tensor, ids: Tensor, mask: Tensor, features: Tensor
+    ) -> tuple[Tensor, Tensor | None]:
+        """binding_loss of each caption against its word-swapped negative (`hard_negatives`), under its picture."""
+        negatives, has = self.swapper(ids, mask)  # (B, T), (B,)
+        if not bool(has.any()):  # no caption of this batch has a swappable pair: keep the graph connected
+            return logits.sum() * 0.0, None
+        neg = self.model(negatives[has], mask[has], vision_features=features[has], return_latents=False)
+        positive = sequence_log_probs(logits[has], ids[has], mask[has])  # (H,)
+        negative = sequence_log_probs(neg.logits, negatives[has], mask[has])  # (H,)
+        return binding_loss(positive, negative), (positive > negative).float().mean().detach()
 
     def _memory_losses(
         self,

@@ -43,6 +43,7 @@ from bitmar.training.checkpoint import (
     tokenizer_mismatch,
 )
 from bitmar.training.distributed import DistInfo, all_reduce_mean, barrier, broadcast_tensors
+from bitmar.training.hard_negatives import swap_token_classes
 from bitmar.training.losses import contrastive_loss, token_nll
 from bitmar.training.objective import TrainingObjective
 from bitmar.training.run_logger import RunLogger
@@ -175,7 +176,8 @@ class Trainer:
         self.store = EpisodicStore(self.model.memory, device=self.device) if self.model.memory is not None else None
         mask_id = tokenizer.mask_token_id if tokenizer.mask_token_id is not None else tokenizer.unk_token_id
         special = [i for i in (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) if i is not None]
-        self.objective = TrainingObjective(self.model, cfg, mask_id, special)
+        swaps = swap_token_classes(tokenizer) if cfg.training.loss_weights.hard_negative > 0 else None
+        self.objective = TrainingObjective(self.model, cfg, mask_id, special, swaps)
         self.augmenter = fast_mapping_augmenter(cfg) if cfg.model.use_memory and cfg.model.use_vision else None
         t = cfg.training
         self.optimizer = make_optimizer(self.model, t)
