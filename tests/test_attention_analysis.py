@@ -270,6 +270,32 @@ def test_tracker_logs_metrics(tracked_run) -> None:
     assert "Attention/Memory_Mean" not in logger.metrics[0][1]  # text batch: no prefix
 
 
+def test_memory_attention_only_with_a_readout_and_the_vision_prefix_under_its_own_name(tracked_run) -> None:
+    _, _, logger = tracked_run
+    phase2, phase3 = logger.metrics[1][1], logger.metrics[2][1]
+    # Phase 2: the prefix holds only vision tokens, so there is no memory attention to report.
+    assert "Attention/Memory_Mean" not in phase2 and "Attention/Memory_Entropy" not in phase2
+    assert phase2["Attention/Vision_Prefix_Mean"] == pytest.approx(phase2["Attention/Prefix_Mean"])
+    # Phase 3: readout + vision = the whole prefix; the readout's entropy is over its own R tokens.
+    total = phase3["Attention/Memory_Mean"] + phase3["Attention/Vision_Prefix_Mean"]
+    assert total == pytest.approx(phase3["Attention/Prefix_Mean"], rel=1e-6)
+    assert 0 < phase3["Attention/Vision_Prefix_Mean"] < 1
+    assert 0 <= phase3["Attention/Memory_Entropy"] <= math.log(CFG.model.memory_prefix_tokens) + 1e-6
+
+
+def test_tracker_without_log_metrics_writes_files_but_logs_nothing(tmp_path: Path) -> None:
+    """wandb.log_attention: false reaches the tracker: no Attention/* metric or figure goes to the run logger."""
+    model, objective = _model()
+    cfg = replace(CFG.attention_analysis, viz_every_n_epochs=1)
+    tracker = HeadImportanceTracker(model, cfg, tmp_path / "attention_analysis", log_metrics=False)
+    logger = FakeLogger()
+    metrics = tracker.measure(objective, _batch("caption", seed=3), 2, 4, logger)
+    assert "Attention/Vision_Prefix_Mean" in metrics  # measured all the same
+    assert (tmp_path / "attention_analysis" / "history_decoder.npz").is_file()
+    assert tracker.on_epoch_end(1, 4, logger)  # figures drawn on disk
+    assert logger.metrics == [] and logger.figures == []
+
+
 def test_tracker_figures_every_viz_interval(tracked_run) -> None:
     run_dir, tracker, _ = tracked_run
     logger = FakeLogger()

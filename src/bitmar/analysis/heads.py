@@ -143,7 +143,8 @@ def prefix_statistics(
 
     weights (B, H, P + T, P + T) of the decoder; text_mask (B, T). "mass" is the attention mass on the P prefix
     positions, "entropy"/"concentration" describe that attention renormalised over the prefix, "readout_mass" the
-    mass on the first `readout_tokens` positions (the memory readout).
+    mass on the first `readout_tokens` positions (the memory readout) and "readout_entropy" the entropy of the
+    attention renormalised over those positions (0 without readout tokens).
     """
     if prefix_length <= 0:
         raise ValueError("prefix_statistics needs a decoder prefix (prefix_length > 0)")
@@ -157,6 +158,9 @@ def prefix_statistics(
         "concentration": _masked_head_mean(renormalised.amax(dim=-1), text_mask),
         "readout_mass": _masked_head_mean(rows[..., :readout_tokens].sum(dim=-1), text_mask),
     }
+    on_readout = rows[..., :readout_tokens]  # (B, H, T, R)
+    readout_p = on_readout / on_readout.sum(dim=-1, keepdim=True).clamp(min=1e-12)
+    stats["readout_entropy"] = _masked_head_mean(_entropy(readout_p), text_mask)
     return {k: v.double().cpu().numpy() for k, v in stats.items()}
 
 
@@ -345,6 +349,7 @@ class _Observation:
     maps: list[Tensor]  # per layer (H, Tq, Tk), first example, cropped to its real tokens
     score: np.ndarray | None = None  # memory type: prefix mass (L, H)
     readout_mass: np.ndarray | None = None
+    readout_entropy: np.ndarray | None = None
     prefix_length: int = 0
     readout_tokens: int = 0
 
@@ -358,9 +363,14 @@ class HeadImportanceTracker:
     logger is enabled measures and writes.
     """
 
-    def __init__(self, model: nn.Module, cfg: Any, output_dir: Path, ema_decay: float = 0.9) -> None:
+    def __init__(
+        self, model: nn.Module, cfg: Any, output_dir: Path, ema_decay: float = 0.9, log_metrics: bool = True
+    ) -> None:
+        """log_metrics=False (the trainer passes `wandb.log_attention`): measure and write the files, but send no
+        Attention/* metric or figure to the run logger."""
         if not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"ema_decay must lie in [0, 1), got {ema_decay}")
+        self.log_metrics = log_metrics
         self.model = model
         self.cfg = cfg
         self.output_dir = Path(output_dir)
@@ -402,7 +412,8 @@ class HeadImportanceTracker:
             return {}
         metrics = self._record(raw, observed, phase, step)
         metrics["Attention/Analysis_Seconds"] = time.perf_counter() - start
-        logger.log_metrics(metrics, step=step)
+        if self.log_metrics:
+            logger.log_metrics(metrics, step=step)
         return metrics
 
     def _observe(self, batch: dict[str, Any], phase: int) -> dict[str, _Observation]:
@@ -452,6 +463,7 @@ class HeadImportanceTracker:
                 maps=[self._crop("decoder", w[0], n0, prefix) for w in decoder_maps],
                 score=np.stack([s["mass"] for s in stats]),
                 readout_mass=np.stack([s["readout_mass"] for s in stats]) if readout_tokens else None,
+                readout_entropy=np.stack([s["readout_entropy"] for s in stats]) if readout_tokens else None,
                 prefix_length=prefix,
                 readout_tokens=readout_tokens,
             )
@@ -539,10 +551,17 @@ class HeadImportanceTracker:
             metrics[f"Attention/{name}_Concentration"] = float(obs.concentration.mean())
         if "memory" in observed:
             obs = observed["memory"]
-            metrics["Attention/Memory_Mean"] = float(obs.score.mean())
-            metrics["Attention/Memory_Entropy"] = float(obs.entropy.mean())
-            if obs.readout_mass is not None:
-                metrics["Attention/Memory_Readout_Mean"] = float(obs.readout_mass.mean())
+            # The whole decoder prefix (readout + vision tokens), and the vision part under its own name.
+            metrics["Attention/Prefix_Mean"] = float(obs.score.mean())
+            metrics["Attention/Prefix_Entropy"] = float(obs.entropy.mean())
+            readout = obs.readout_mass if obs.readout_mass is not None else np.zeros_like(obs.score)
+            metrics["Attention/Vision_Prefix_Mean"] = float((obs.score - readout).mean())
+            if obs.readout_mass is not None and obs.readout_entropy is not None:
+                # Memory attention only when a memory readout is in the prefix (phase >= 3): the mass the text
+                # queries put on the readout tokens, and the entropy of that attention over the readout tokens.
+                metrics["Attention/Memory_Mean"] = float(obs.readout_mass.mean())
+                metrics["Attention/Memory_Readout_Mean"] = metrics["Attention/Memory_Mean"]  # earlier name
+                metrics["Attention/Memory_Entropy"] = float(obs.readout_entropy.mean())
         scores = dict(raw)
         if "memory" in observed:
             scores["memory"] = observed["memory"].score
@@ -616,7 +635,8 @@ class HeadImportanceTracker:
             )
             if path is not None:
                 written.append(path)
-                logger.log_figure(f"Attention/Heads_{METRIC_NAMES[kind]}", path, step)
+                if self.log_metrics:
+                    logger.log_figure(f"Attention/Heads_{METRIC_NAMES[kind]}", path, step)
         path = safe_plot(
             report.plot_timeline,
             histories,
@@ -625,5 +645,6 @@ class HeadImportanceTracker:
         )
         if path is not None:
             written.append(path)
-            logger.log_figure("Attention/Timeline", path, step)
+            if self.log_metrics:
+                logger.log_figure("Attention/Timeline", path, step)
         return written
