@@ -413,6 +413,27 @@ def test_cli_single_type_and_output_dir(tracked_run, tmp_path: Path, capsys) -> 
     assert (out / "reports" / "attention_analysis_report.md").is_file()
 
 
+def test_cli_original_invocation_and_no_analysis_dir_use_the_default_run(
+    tracked_run, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """From the repository root, `--analysis_dir ./attention_analysis` (the original invocation) and no
+    --analysis_dir at all both read the default run's outputs/attention_analysis."""
+    import shutil
+
+    run_dir, _, _ = tracked_run
+    repo = tmp_path / "repo"
+    shutil.copytree(run_dir / "attention_analysis", repo / "outputs" / "attention_analysis")
+    monkeypatch.chdir(repo)
+    assert main(["--analysis_dir", "./attention_analysis", "--attention_type", "decoder"]) == 0
+    assert "using outputs/attention_analysis" in capsys.readouterr().err
+    assert main(["--attention_type", "decoder", "--output_dir", str(tmp_path / "out")]) == 0
+    assert "== decoder" in capsys.readouterr().out
+    assert list((tmp_path / "out").glob("*.png"))  # figures drawn from the default run's histories
+    shutil.rmtree(repo / "outputs")
+    assert main([]) == 2  # no default run here: a clear message, not a traceback
+    assert "does not exist" in capsys.readouterr().err
+
+
 def test_cli_bad_inputs_exit_2_with_a_clear_message(tmp_path: Path, capsys) -> None:
     assert main(["--analysis_dir", str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err

@@ -176,8 +176,20 @@ def plot_timeline(histories: dict[str, HeadHistory], path: Path, k: int) -> Path
 # ---------------------------------------------------------------------------------------------------- loading
 
 
-def resolve_analysis_dir(path: Path) -> Path:
-    """The directory holding history_*.npz: the given one, or RUN/attention_analysis when given a run directory."""
+DEFAULT_RUN_DIR = Path("outputs")  # train_bitmar.py's default --output_dir
+
+
+def resolve_analysis_dir(path: Path | None) -> Path:
+    """The directory holding history_*.npz: the given one, or RUN/attention_analysis when given a run directory.
+
+    None means the default run (`outputs/`, train_bitmar.py's default --output_dir). A relative path that does not
+    exist but does under the default run is taken from there: the original invocation `--analysis_dir
+    ./attention_analysis` from the repository root finds `outputs/attention_analysis`."""
+    if path is None:
+        path = DEFAULT_RUN_DIR
+    if not path.exists() and not path.is_absolute() and (DEFAULT_RUN_DIR / path).is_dir():
+        print(f"note: {path} does not exist; using {DEFAULT_RUN_DIR / path} (the default run's)", file=sys.stderr)
+        path = DEFAULT_RUN_DIR / path
     if not path.exists():
         raise AnalysisError(
             f"analysis directory {path} does not exist: pass the attention_analysis/ folder of a training run "
@@ -404,7 +416,10 @@ def build_parser() -> argparse.ArgumentParser:
         "history the trainer writes under <run>/attention_analysis/.",
     )
     parser.add_argument(
-        "--analysis_dir", required=True, help="the run's attention_analysis/ folder (or the run folder)"
+        "--analysis_dir",
+        default=None,
+        help="the run's attention_analysis/ folder or the run folder (default: the default run, outputs/; a relative "
+        "path missing here is also looked up under outputs/)",
     )
     parser.add_argument("--attention_type", default="all", choices=[*ANALYSIS_TYPES, "all"], help="default: all")
     parser.add_argument("--top_k", type=int, default=None, help="heads per type (default: the run's track_top_k)")
@@ -422,7 +437,7 @@ def run(args: argparse.Namespace) -> dict[str, Path]:
     """The CLI's work; raises AnalysisError on bad input. Returns the written files by name."""
     if args.top_k is not None and args.top_k < 1:
         raise AnalysisError(f"--top_k must be >= 1, got {args.top_k}")
-    analysis_dir = resolve_analysis_dir(Path(args.analysis_dir))
+    analysis_dir = resolve_analysis_dir(Path(args.analysis_dir) if args.analysis_dir else None)
     required = ANALYSIS_TYPES if args.attention_type == "all" else (args.attention_type,)
     histories = load_histories(analysis_dir, required)
     if args.attention_type == "all":
