@@ -273,6 +273,12 @@ def test_visual_words_loss_counts_content_words_and_trains_the_vision_encoder() 
     content = ids.clone()
     content[0, 2] = 30  # a content word changes: the loss does
     assert objective._visual_words_loss(content, mask, features).item() != pytest.approx(base.item())
+    model = objective.model
+    table = model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
+    objective._visual_words_loss(ids, mask, features).backward()
+    assert table.grad[40].abs().sum() == 0  # a word outside the batch (a pseudo-word's piece) keeps its embedding
+    assert table.grad[10].abs().sum() > 0 and table.grad[5].abs().sum() == 0  # informative word vs one in every caption
+    model.zero_grad()
     total, metrics = objective(batch, 2)
     assert "Loss_visual_words" in metrics
     total.backward()

@@ -147,14 +147,25 @@ class TrainingObjective(nn.Module):
         weigh nothing and rare content words (nouns, colours, settings) carry the loss.
         """
         tokens, _ = self.model.encode_vision(features)  # (B, N, C)
-        log_probs = torch.log_softmax(self.model.lm_logits(tokens.mean(dim=1)).float(), dim=-1)  # (B, V)
         words = mask.bool().clone()  # (B, T)
         for special in self.special_token_ids:
             words &= ids != special
-        present = torch.zeros_like(log_probs).scatter_(1, ids, words.float())  # (B, V): the caption holds word v
-        idf = torch.log(ids.shape[0] / present.sum(dim=0).clamp(min=1.0))  # (V,)
-        weight = idf[ids] * words  # (B, T)
-        per_caption = (log_probs.gather(1, ids) * weight).sum(dim=1) / weight.sum(dim=1).clamp(min=1e-6)  # (B,)
+        vocab = torch.unique(ids[words])  # (W,) the words of this batch's captions
+        logits = self.model.lm_logits(tokens.mean(dim=1))[:, vocab].float()  # (B, W)
+        if vocab.numel() == 0:
+            return logits.sum() * 0.0
+        column = torch.searchsorted(vocab, ids).clamp(max=vocab.numel() - 1)  # (B, T) each word's column
+        counts = torch.zeros_like(logits).scatter_add_(1, column, words.float())  # (B, W) occurrences in caption b
+        idf = torch.log(ids.shape[0] / (counts > 0).sum(dim=0).clamp(min=1))  # (W,)
+        informative = idf > 0  # a word that every caption holds says nothing about the picture
+        if not bool(informative.any()):
+            return logits.sum() * 0.0
+        # The softmax runs over the batch's informative words only: the rest of the table (rare words, the BPE
+        # pieces that pseudo-words are made of) gets no gradient, so the memory's copy-by-embedding keeps its geometry.
+        log_probs = torch.log_softmax(logits.masked_fill(~informative, float("-inf")), dim=-1)  # (B, W)
+        weight = idf[column] * words  # (B, T)
+        picked = torch.where(weight > 0, log_probs.gather(1, column), torch.zeros_like(weight))  # (B, T)
+        per_caption = (picked * weight).sum(dim=1) / weight.sum(dim=1).clamp(min=1e-6)  # (B,)
         return -per_caption.mean()
 
     def _binding_loss(
