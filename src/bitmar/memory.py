@@ -559,9 +559,25 @@ class EpisodicStore:
     the exact alpha = -1 update, so the memory is always the least-squares solution over the episodes held.  The store
     keeps each episode's key, value and addressing so that forgetting subtracts exactly what was added.  If the prior
     changes (more training), rebuild the store: the addressing of the held episodes refers to the old prior.
+
+    `alpha` in (0, 1] is the write strength (Larimar's alpha in M_i = M_{i-1} + alpha C^+ W^T (Z - W M_{i-1})): a write
+    moves the recall of its key `alpha` of the way from what the store recalled for that key before (r) to the new
+    value v.  The store holds v' = r + alpha (v - r) as the episode's value and solves the least squares over the held
+    episodes as always, so for a key independent of the held ones read(key) == v' exactly and the other episodes are
+    recalled as before; forgetting removes v'.  alpha = 1 (default) stores v itself (one-shot, exact); 0.1 moves the
+    recall 10% of the way (a new key of an empty key-value store with key_dim != C, which recalls 0, reads 0.1 v).
     """
 
-    def __init__(self, memory: EpisodicMemory, capacity: int | None = None, device: torch.device | str | None = None):
+    def __init__(
+        self,
+        memory: EpisodicMemory,
+        capacity: int | None = None,
+        device: torch.device | str | None = None,
+        alpha: float = 1.0,
+    ):
+        if not 0.0 < alpha <= 1.0:
+            raise ValueError(f"alpha (the write strength) must lie in (0, 1], got {alpha}")
+        self.alpha = float(alpha)
         self.memory = memory
         # default min(K, key_dim): the largest number of episodes that is still recalled exactly
         self.capacity = min(memory.memory_size, memory.key_dim) if capacity is None else int(capacity)
@@ -638,7 +654,9 @@ class EpisodicStore:
     def write(self, key: Tensor, value: Tensor | None = None) -> int:
         """Store one episode: key (C,), value (C,) or None (= key).  Returns its id.  Evicts the LRU episode if full.
 
-        A key or value holding NaN or inf raises ValueError before anything changes (it would poison every slot)."""
+        With `alpha` < 1 the held value is v' = r + alpha (v - r), r the recall of the key just before (after any
+        eviction), see the class docstring.  A key or value holding NaN or inf raises ValueError before anything
+        changes (it would poison every slot)."""
         k = self._vector(key, "key")
         if value is None:
             self.memory._require_autoassociative("a store write without a value")
@@ -647,6 +665,10 @@ class EpisodicStore:
             lru = min(self._keys, key=lambda i: (self._last_used[i], self._written_at[i]))
             self.forget(lru)
         w = self._address(k[None])  # (1, K)
+        if self.alpha != 1.0:  # partial write: move the key's recall alpha of the way to the value
+            state = self.state
+            before = (w.to(state.precision.dtype) @ state.memory.to(state.precision.dtype))[0]  # (C,) recall of key
+            v = (before + self.alpha * (v.to(before.dtype) - before)).to(torch.float32)
         self._state = self.memory.accumulate(self._state, v[None], alpha=1.0, W=w)
         self._stale = True
         self._clock += 1
