@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -105,8 +106,9 @@ def test_tiny_run_writes_every_artifact(small_world: Path, tmp_path: Path) -> No
                 "Memory/Usage_Mean", "Memory/Active_Slots_Percentage", "Quantization/Compression_Ratio",
                 "Gradients/Total_Norm"):  # fmt: skip
         assert key in keys, key
+    _check_metric_names_and_values(out)
     plots = {p.name for p in (out / "plots").iterdir()}
-    assert "loss_curves.png" in plots and "gradient_norms.png" in plots
+    assert "loss_curves.png" in plots and "gradient_norms.png" in plots and "compression_ratio.png" in plots
     assert any(p.startswith("memory_slots_step_") for p in plots)
     assert any(p.startswith("quantization_step_") for p in plots)
     assert any(p.startswith("attention_decoder_step_") for p in plots)
@@ -118,6 +120,71 @@ def test_tiny_run_writes_every_artifact(small_world: Path, tmp_path: Path) -> No
     results = json.loads((out / "evaluation" / "results.json").read_text())
     for task in ("retrieval", "grounding", "minimal_pairs"):
         assert results["tasks"][task]["status"] == "ok", task
+
+
+# The names of BitMar's original description (dashboards and scripts are built on them); the run logs more.
+ORIGINAL_METRIC_NAMES = (
+    "Training/Loss", "Training/Learning_Rate", "Training/Epoch", "Training/Step",
+    "Memory/Usage_Mean", "Memory/Active_Slots_Percentage", "Memory/Analysis_Avg_Similarity",
+    "Memory/Top_5_Slot_Access",
+    "Attention/CrossModal_layer_0_Entropy", "Attention/Memory_Mean", "Attention/Memory_Entropy",
+    "Features/Text_Mean", "Features/Text_Std", "Features/Text_Norm",
+    "Features/Vision_Mean", "Features/Vision_Std", "Features/Vision_Norm", "Features/CrossModal_Similarity",
+    "Quantization/Compression_Ratio",
+    "Gradients/Total_Norm", "Gradients/Encoder_Norm", "Gradients/Decoder_Norm", "Gradients/Fusion_Norm",
+)  # fmt: skip
+
+
+def documented_name(key: str) -> str:
+    """A logged metric name as the README's logging table writes it (layer names and ranks as placeholders)."""
+    if key.startswith(("Summary/", "Evaluation/")):  # open-ended families, documented as one line each
+        return {"Summary": "Summary/<key>", "Evaluation": "Evaluation/<task>/<metric>"}[key.split("/")[0]]
+    key = re.sub(r"^Quantization/(WeightScale|Sparsity)_.+$", r"Quantization/\1_<layer>", key)
+    key = re.sub(r"_layer_\d+_", "_layer_X_", key)
+    return re.sub(r"_\d+$", "_N", key)
+
+
+def _check_metric_names_and_values(out: Path) -> None:
+    """Every original name is in metrics.jsonl, the metrics move as documented, and the README lists every name."""
+    records = _records(out)
+    keys = {k for r in records for k in r if k != "step"}
+    missing = [k for k in ORIGINAL_METRIC_NAMES if k not in keys]
+    assert not missing, f"original metric names not logged: {missing}"
+    config = load_checkpoint(out / "checkpoints" / "last.pt")["config"]
+    from bitmar.bitnet import BitLinear
+    from bitmar.config import config_from_dict
+    from bitmar.model import BitMar
+
+    cfg = config_from_dict(config)
+    ternary = [n for n, m in BitMar(cfg.model).named_modules() if isinstance(m, BitLinear) and m.quantize]
+    for layer in ternary:  # per-layer scale and sparsity of every ternary layer
+        assert f"Quantization/WeightScale_{layer}" in keys and f"Quantization/Sparsity_{layer}" in keys, layer
+    phase_of = {r["step"]: r["Training/Phase"] for r in records if "Training/Phase" in r}
+    series = {k: [(r["step"], r[k]) for r in records if k in r] for k in keys}
+    # memory attention only with a readout (phase 3); the vision prefix from phase 2
+    assert {phase_of[s] for s, _ in series["Attention/Memory_Mean"]} == {3}
+    assert {phase_of[s] for s, _ in series["Attention/Vision_Prefix_Mean"]} >= {2, 3}
+    # fusion: 0 before phase 3 (nothing reads its output), trained in phase 3
+    fusion = dict(series["Gradients/Fusion_Norm"])
+    assert all(v == 0.0 for s, v in fusion.items() if phase_of[s] < 3)
+    assert any(v > 0.0 for s, v in fusion.items() if phase_of[s] == 3)  # caption batches (text ones: 0)
+    # usage moves with what the memory does (not pinned at 1/K and 100%)
+    usage = [v for _, v in series["Memory/Usage_Mean"]]
+    assert len(set(usage)) > 1 and all(0 < v <= 1 for v in usage)
+    assert all(0 < v <= 100 for _, v in series["Memory/Active_Slots_Percentage"])
+    assert all(0 < v < 1 for _, v in series["Memory/Top_5_Slot_Access"])
+    # whole-model compression ratio (as the evaluation reports), ternary layers alone under their own name
+    whole = {v for _, v in series["Quantization/Compression_Ratio"]}
+    assert len(whole) == 1 and 1.0 < whole.pop() < 16.0
+    assert all(v == pytest.approx(16.0) for _, v in series["Quantization/Ternary_Compression_Ratio"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["compression_ratio"] == pytest.approx(series["Quantization/Compression_Ratio"][0][1])
+    # the README's logging section names every metric the run wrote
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("### Logged metrics") :]
+    section = section[: section.index("\n## ")]
+    undocumented = sorted({documented_name(k) for k in keys} - set(re.findall(r"`([^`]+)`", section)))
+    assert not undocumented, f"metrics missing from the README's logging table: {undocumented}"
 
 
 @pytest.mark.slow

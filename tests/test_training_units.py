@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,7 +25,9 @@ from bitmar.training.losses import contrastive_loss, lm_loss, sequence_log_probs
 from bitmar.training.objective import mask_tokens
 from bitmar.training.run_logger import RunLogger, resolve_wandb_mode
 from bitmar.training.schedule import TwoStageSchedule
-from bitmar.training.trainer import effective_phase_epochs, make_optimizer
+from bitmar.training.trainer import effective_phase_epochs, epoch_fraction, make_optimizer
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _optimizer() -> torch.optim.Optimizer:
@@ -63,14 +66,30 @@ def test_schedule_state_round_trip() -> None:
 
 
 @pytest.mark.parametrize(
-    ("budget", "expected"),
-    [(10, {1: 2, 2: 3, 3: 5}), (5, {1: 1, 2: 2, 3: 2}), (3, {1: 1, 2: 1, 3: 1}), (1, {1: 1})],
+    ("budget", "expected", "fraction"),
+    [
+        (10, {1: 2, 2: 3, 3: 5}, 1.0),
+        (5, {1: 1, 2: 2, 3: 2}, 1.0),
+        (3, {1: 1, 2: 1, 3: 1}, 1.0),
+        (2, {1: 1, 2: 1, 3: 1}, 2 / 3),  # a budget below the number of phases: every phase, on a share of an epoch
+        (1, {1: 1, 2: 1, 3: 1}, 1 / 3),
+    ],
 )
-def test_phase_epochs_fit_the_budget(budget: int, expected: dict[int, int]) -> None:
+def test_phase_epochs_fit_the_budget(budget: int, expected: dict[int, int], fraction: float) -> None:
     cfg = load_config(None, [f"training.max_epochs={budget}"])
     epochs = effective_phase_epochs(cfg)
-    assert sum(epochs.values()) <= budget
     assert epochs == expected
+    assert epoch_fraction(cfg) == pytest.approx(fraction)
+    assert sum(epochs.values()) * epoch_fraction(cfg) <= budget + 1e-9  # never more data than max_epochs
+
+
+def test_readme_quick_test_budget_runs_all_three_phases() -> None:
+    """The original quick test `--config configs/bitmar_config.yaml --max_epochs 1 --batch_size 4` exercises every
+    phase, a third of an epoch each (README, Training)."""
+    cfg = load_config(ROOT / "configs" / "bitmar_config.yaml", ["training.max_epochs=1", "training.batch_size=4"])
+    assert sorted(effective_phase_epochs(cfg)) == [1, 2, 3]
+    assert epoch_fraction(cfg) == pytest.approx(1 / 3)
+    assert epoch_fraction(cfg, start_phase=3) == 1.0  # --phase 3 alone: a whole epoch fits the budget
 
 
 def test_phase_epochs_from_a_later_phase() -> None:
@@ -166,7 +185,7 @@ def test_plots_are_written_for_any_slot_count_and_failures_only_warn(tmp_path, c
     for k in (1, 7, 64, 512):
         path = plots.plot_memory_slots(np.random.rand(k), np.arange(k), tmp_path / f"mem_{k}.png", step=1)
         assert path.is_file() and path.stat().st_size > 1000
-    assert plots.plot_quantization({"layer": np.random.randn(100)}, tmp_path / "q.png", step=1).is_file()
+    assert plots.plot_quantization({"decoder": {"layer": np.random.randn(100)}}, tmp_path / "q.png", step=1).is_file()
     assert plots.plot_attention_heatmap(np.random.rand(2, 4, 4), tmp_path / "a.png", "t").is_file()
     with caplog.at_level("WARNING", logger="bitmar"):
         assert plots.safe_plot(plots.plot_curves, [], ["Training/Loss"], tmp_path / "c.png", "t", "y") is None

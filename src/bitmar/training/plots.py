@@ -72,21 +72,59 @@ def plot_memory_slots(usage: np.ndarray, age: np.ndarray, path: Path, step: int)
     return _save(fig, path)
 
 
-def plot_quantization(latent_weights: dict[str, np.ndarray], path: Path, step: int) -> Path:
-    """Histogram of W / gamma for each ternary layer, with the rounding thresholds at +-0.5."""
-    names = list(latent_weights)[:6]
-    fig, axes = plt.subplots(1, len(names), figsize=(3.4 * len(names), 3.6), squeeze=False, layout="constrained")
-    for ax, name in zip(axes[0], names, strict=True):
-        scaled = np.asarray(latent_weights[name], dtype=np.float64).ravel()
+def plot_quantization(latent_weights: dict[str, dict[str, np.ndarray]], path: Path, step: int) -> Path:
+    """Histogram of W / gamma of every ternary layer, one panel per component (text encoder, vision encoder,
+    fusion, decoder, memory projections, ...), with the rounding thresholds at +-0.5 and the -1/0/+1 shares.
+
+    latent_weights: {component: {layer name: W / gamma}}; a component's layers are pooled into one histogram."""
+    components = [c for c in latent_weights if latent_weights[c]]
+    if not components:
+        raise ValueError("no ternary layers to draw")
+    cols = min(3, len(components))
+    rows = math.ceil(len(components) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.0 * cols, 3.4 * rows), squeeze=False, layout="constrained")
+    for ax in axes.ravel()[len(components) :]:
+        ax.axis("off")
+    for ax, component in zip(axes.ravel(), components, strict=False):
+        layers = latent_weights[component]
+        scaled = np.concatenate([np.asarray(w, dtype=np.float64).ravel() for w in layers.values()])
         ax.hist(np.clip(scaled, -3, 3), bins=60, color="tab:blue")
         for threshold in (-0.5, 0.5):
             ax.axvline(threshold, color="tab:red", linestyle="--", linewidth=1)
         ternary = np.clip(np.round(scaled), -1, 1)
         shares = [(ternary == v).mean() for v in (-1, 0, 1)]
-        ax.set_title(f"{name}\n-1/0/+1: {shares[0]:.2f}/{shares[1]:.2f}/{shares[2]:.2f}", fontsize=8)
+        ax.set_title(
+            f"{component} ({len(layers)} layers, {scaled.size:,} weights)\n"
+            f"-1/0/+1: {shares[0]:.2f}/{shares[1]:.2f}/{shares[2]:.2f}",
+            fontsize=8,
+        )
         ax.set_xlabel("W / gamma (latent weight)")
         ax.set_ylabel("count")
-    fig.suptitle(f"Ternary weight distributions, step {step}")
+    fig.suptitle(f"Ternary weight distributions by component, step {step}")
+    return _save(fig, path)
+
+
+def plot_compression(sizes: dict[str, tuple[int, int]], path: Path, step: int) -> Path:
+    """Bytes as trained (float32) vs packed for inference (ternary layers at 2 bits) per component, with each
+    component's compression ratio; the title gives the whole model's ratio. sizes: {component: (float, packed)}
+    with a "total" entry (`bitmar.training.diagnostics.model_size_by_component`)."""
+    parts = [c for c in sizes if c != "total" and sizes[c][0] > 0]
+    if not parts or "total" not in sizes:
+        raise ValueError("no component sizes to draw")
+    unpacked = np.array([sizes[c][0] for c in parts], dtype=np.float64) / 2**20
+    packed = np.array([sizes[c][1] for c in parts], dtype=np.float64) / 2**20
+    x = np.arange(len(parts))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(parts)), 4.0), layout="constrained")
+    ax.bar(x - 0.2, unpacked, width=0.4, label="float32 (as trained)", color="tab:gray")
+    ax.bar(x + 0.2, packed, width=0.4, label="packed (2-bit ternary)", color="tab:green")
+    for i, (u, p) in enumerate(zip(unpacked, packed, strict=True)):
+        ax.text(i, max(u, p), f"{u / p:.1f}x" if p > 0 else "", ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(x, parts, rotation=20, fontsize=8)
+    ax.set_ylabel("MiB")
+    total_u, total_p = sizes["total"]
+    ax.set_title(f"Model size by component, step {step}: whole model {total_u / total_p:.2f}x smaller packed")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, axis="y")
     return _save(fig, path)
 
 
@@ -131,4 +169,65 @@ def plot_curves(records: Sequence[dict[str, Any]], keys: Sequence[str], path: Pa
     ax.set_ylabel(ylabel)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+# Loss terms grouped by scale, one panel each, so that no term flattens the others (the memory KL sits at hundreds:
+# it holds a constant 0.5 K (s^2 - 1 - log s^2), see README "Training/Loss_memory_kl").
+LOSS_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("total", ("Training/Loss",)),
+    (
+        "token NLL terms",
+        (
+            "Training/Loss_lm",
+            "Training/Loss_encoder_mlm",
+            "Training/Loss_caption",
+            "Training/Loss_visual_words",
+            "Training/Loss_memory_reconstruction",
+            "Training/Loss_memory_autoencoding",
+            "Training/Loss_memory_slots",
+        ),
+    ),
+    ("alignment / ranking", ("Training/Loss_contrastive", "Training/Loss_binding")),
+    ("memory KL (per episode, summed over slots)", ("Training/Loss_memory_kl",)),
+)
+
+
+def loss_panels(keys: Sequence[str]) -> list[tuple[str, list[str]]]:
+    """The panels of the loss figure: LOSS_GROUPS restricted to `keys`, unknown keys in an "other terms" panel."""
+    panels, placed = [], set()
+    for title, members in LOSS_GROUPS:
+        present = [k for k in members if k in keys]
+        placed.update(present)
+        if present:
+            panels.append((title, present))
+    rest = [k for k in keys if k not in placed]
+    if rest:
+        panels.append(("other terms", rest))
+    return panels
+
+
+def plot_loss_panels(records: Sequence[dict[str, Any]], keys: Sequence[str], path: Path) -> Path:
+    """Training losses against the optimizer step, one panel per group of terms (each with its own y axis)."""
+    panels = [
+        (title, members)
+        for title, members in loss_panels(keys)
+        if any(isinstance(r.get(k), (int, float)) for r in records for k in members)
+    ]
+    if not panels:
+        raise ValueError(f"no values for {list(keys)} yet")
+    fig, axes = plt.subplots(len(panels), 1, figsize=(7, 2.6 * len(panels)), squeeze=False, sharex=True)
+    for ax, (title, members) in zip(axes[:, 0], panels, strict=True):
+        for key in members:
+            points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+            if points:
+                steps, values = zip(*points, strict=True)
+                ax.plot(steps, values, label=key.removeprefix("Training/"), linewidth=1.2)
+        ax.set_title(title, fontsize=9)
+        ax.set_ylabel("loss")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    axes[-1, 0].set_xlabel("optimizer step")
+    fig.suptitle("Training losses")
+    fig.tight_layout()
     return _save(fig, path)

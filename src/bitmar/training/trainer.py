@@ -42,6 +42,12 @@ from bitmar.training.checkpoint import (
     save_checkpoint,
     tokenizer_mismatch,
 )
+from bitmar.training.diagnostics import (
+    SlotUsageWindow,
+    addressing_kl,
+    component_of,
+    model_size_by_component,
+)
 from bitmar.training.distributed import DistInfo, all_reduce_mean, barrier, broadcast_tensors
 from bitmar.training.hard_negatives import swap_token_classes
 from bitmar.training.losses import contrastive_loss, token_nll
@@ -94,14 +100,16 @@ class Progress:
 
 
 def effective_phase_epochs(cfg: BitMarConfig, start_phase: int = 1) -> dict[int, int]:
-    """Epochs per phase, fitted into training.max_epochs (proportionally, each enabled phase keeps >= 1)."""
+    """Epochs per phase, fitted into training.max_epochs (proportionally, each enabled phase keeps >= 1).
+
+    A budget smaller than the number of enabled phases gives every phase one epoch of `epoch_fraction(cfg)` of
+    the data (e.g. max_epochs 1 with three phases: a third of an epoch each), so every phase still runs."""
     requested = {p: e for p, e in enumerate(cfg.phase_epochs(), start=1) if p >= start_phase and e > 0}
     budget = cfg.training.max_epochs
     if sum(requested.values()) <= budget:
         return requested
     if budget < len(requested):
-        phases = sorted(requested)[:budget]
-        return {p: 1 for p in phases}
+        return {p: 1 for p in requested}
     total = sum(requested.values())
     shares = {p: max(1, int(budget * e / total)) for p, e in requested.items()}
     while sum(shares.values()) > budget:
@@ -113,6 +121,13 @@ def effective_phase_epochs(cfg: BitMarConfig, start_phase: int = 1) -> dict[int,
             break
         shares[p] += 1
     return shares
+
+
+def epoch_fraction(cfg: BitMarConfig, start_phase: int = 1) -> float:
+    """Share of an epoch's batches that each epoch of this run covers: 1.0, or max_epochs / phases when the
+    budget is smaller than the number of enabled phases (the total then stays within max_epochs of data)."""
+    phases = sum(1 for p, e in enumerate(cfg.phase_epochs(), start=1) if p >= start_phase and e > 0)
+    return min(1.0, cfg.training.max_epochs / max(phases, 1))
 
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -137,13 +152,6 @@ def make_optimizer(model: nn.Module, t: TrainingConfig) -> torch.optim.AdamW:
     """
     groups = _param_groups(model, t.weight_decay)
     return torch.optim.AdamW(groups, lr=t.learning_rate, betas=tuple(t.betas), eps=1e-8)
-
-
-def _component_of(name: str) -> str:
-    for component in ("text_encoder", "vision_encoder", "fusion", "decoder", "memory"):
-        if component in name:
-            return component
-    return "other"
 
 
 class Trainer:
@@ -173,7 +181,13 @@ class Trainer:
         torch.manual_seed(cfg.training.seed)
         self.model = BitMar(cfg.model).to(self.device)
         # The persistent store of training episodes (None for the ablation without memory).
-        self.store = EpisodicStore(self.model.memory, device=self.device) if self.model.memory is not None else None
+        self.store = (
+            EpisodicStore(self.model.memory, device=self.device, alpha=cfg.model.memory_alpha)
+            if self.model.memory is not None
+            else None
+        )
+        self.usage_window = SlotUsageWindow()  # memory addressing of the current logging window (Memory/ metrics)
+        self._model_sizes: dict[str, tuple[int, int]] | None = None  # float32 vs packed bytes, computed once
         mask_id = tokenizer.mask_token_id if tokenizer.mask_token_id is not None else tokenizer.unk_token_id
         special = [i for i in (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) if i is not None]
         swaps = swap_token_classes(tokenizer) if cfg.training.loss_weights.hard_negative > 0 else None
@@ -182,6 +196,14 @@ class Trainer:
         t = cfg.training
         self.optimizer = make_optimizer(self.model, t)
         self.phase_epochs = effective_phase_epochs(cfg, start_phase or 1)
+        self.epoch_fraction = epoch_fraction(cfg, start_phase or 1)
+        if self.epoch_fraction < 1.0:
+            log.info(
+                "training.max_epochs=%d is below the %d enabled phases: each phase runs %.0f%% of an epoch",
+                cfg.training.max_epochs,
+                len(self.phase_epochs),
+                100 * self.epoch_fraction,
+            )
         self.schedule = TwoStageSchedule(
             self.optimizer,
             total_steps=self._planned_steps(),
@@ -234,6 +256,8 @@ class Trainer:
 
     def _batches_in_epoch(self, phase: int) -> int:
         batches = len(self.data.loader(phase, 0))
+        if self.epoch_fraction < 1.0:  # a budget below one epoch per phase (epoch_fraction)
+            batches = max(1, int(batches * self.epoch_fraction))
         cap = self.cfg.training.max_steps_per_epoch
         if cap is not None:
             batches = min(batches, cap * self.cfg.training.gradient_accumulation_steps)
@@ -248,7 +272,12 @@ class Trainer:
             return None
         from bitmar.analysis.heads import HeadImportanceTracker
 
-        return HeadImportanceTracker(self.model, self.cfg.attention_analysis, self.output_dir / "attention_analysis")
+        return HeadImportanceTracker(
+            self.model,
+            self.cfg.attention_analysis,
+            self.output_dir / "attention_analysis",
+            log_metrics=self.cfg.wandb.log_attention,  # files are written either way; Attention/* only when on
+        )
 
     def _load_resume(self, resume_from: str | None, start_phase: int | None = None) -> dict[str, Any] | None:
         """Continue a run exactly; with `start_phase`, start that phase from the checkpoint's weights instead."""
@@ -280,6 +309,7 @@ class Trainer:
         self.schedule.load_state_dict(payload["schedule"])
         self.progress = Progress(**payload["progress"])
         self.phase_epochs = {int(k): int(v) for k, v in payload["phase_epochs"].items()}
+        self.epoch_fraction = float(payload.get("epoch_fraction", 1.0))
         if payload.get("memory_store") and self.store is not None:
             self.store.load_state_dict(payload["memory_store"])
         restore_rng_state(payload["rng"])
@@ -328,6 +358,7 @@ class Trainer:
             "schedule": self.schedule.state_dict(),
             "progress": self.progress.as_dict(),
             "phase_epochs": {str(k): v for k, v in self.phase_epochs.items()},
+            "epoch_fraction": self.epoch_fraction,
             "rng": capture_rng_state(),
             "memory_store": self.store.state_dict() if self.store is not None else {},
             "config": config_to_dict(self.cfg),
@@ -406,13 +437,23 @@ class Trainer:
             return self.train_module(batch, phase)
 
     def _gradient_norms(self) -> dict[str, float]:
+        """L2 norm of the gradient per component; 0.0 for a component whose parameters got none this step (e.g. the
+        fusion before phase 3: its output is only the memory's episode value), so every series starts at step 1."""
         sums: dict[str, float] = defaultdict(float)
         for name, param in self.model.named_parameters():
+            if not param.requires_grad:
+                continue
+            component = component_of(name)
+            sums[component] += 0.0
             if param.grad is not None:
                 value = float(param.grad.detach().float().pow(2).sum())
-                sums[_component_of(name)] += value
+                sums[component] += value
                 sums["total"] += value
-        return {f"Gradients/{k.title().replace('_', '')}_Norm": math.sqrt(v) for k, v in sums.items()}
+        sums["total"] += 0.0
+        norms = {f"Gradients/{k.title().replace('_', '')}_Norm": math.sqrt(v) for k, v in sums.items()}
+        if "Gradients/TextEncoder_Norm" in norms:  # the original name of the text encoder's series
+            norms["Gradients/Encoder_Norm"] = norms["Gradients/TextEncoder_Norm"]
+        return norms
 
     def _feed_persistent_store(self, metrics: dict[str, torch.Tensor]) -> None:
         """Copy a few training episodes into the persistent store, identically on every rank."""
@@ -424,6 +465,8 @@ class Trainer:
         broadcast_tensors([keys, values], self.dist)
         for key, value in zip(keys, values, strict=True):
             self.store.write(key, value)
+        if self.dist.is_main and self.cfg.wandb.log_memory:
+            self.usage_window.add(self.model.memory.address(keys.to(self.model.memory.prior.dtype)))
 
     def train(self) -> dict[str, Any]:
         previous_handlers = self._install_signal_handlers()
@@ -488,6 +531,12 @@ class Trainer:
             for key, value in metrics.items():
                 if not key.startswith("_"):
                     step_metrics[key] += float(value) / accum
+            if "_memory_weights" in metrics and self.dist.is_main and self.cfg.wandb.log_memory:
+                weights = metrics["_memory_weights"]  # (N, K) the training reads' addressing (mean of q(W))
+                self.usage_window.add(weights)
+                kl_part, rms = addressing_kl(weights)
+                step_metrics["Memory_KL_Addressing"] += kl_part / accum
+                step_metrics["Memory_Addressing_RMS"] += rms / accum
             micro += 1
             self.progress.batch += 1
             bar.update(1)
@@ -566,7 +615,9 @@ class Trainer:
                 {
                     "Training/Learning_Rate": self.schedule.current_lr,
                     "Training/Weight_Decay": self.schedule.weight_decay_at(self.schedule.step_count),
-                    "Training/Epoch": self.progress.epochs_done + self.progress.batch / self._batches_in_epoch(phase),
+                    # epochs of data: an epoch of a run with epoch_fraction < 1 covers that share of the data
+                    "Training/Epoch": self.epoch_fraction
+                    * (self.progress.epochs_done + self.progress.batch / self._batches_in_epoch(phase)),
                     "Training/Step": step,
                     "Training/Phase": phase,
                     "Training/Tokens_per_s": window_tokens / elapsed,
@@ -607,22 +658,21 @@ class Trainer:
         wb = self.cfg.wandb
         metrics: dict[str, Any] = {}
         if wb.log_quantization:
-            stats = quantization_stats(self.model)
-            layers = stats["layers"]
-            if layers:
-                metrics["Quantization/Weight_Scale_Mean"] = sum(s["scale"] for s in layers.values()) / len(layers)
-                metrics["Quantization/Sparsity"] = sum(s["zero_fraction"] for s in layers.values()) / len(layers)
-            metrics["Quantization/Compression_Ratio"] = stats["compression_ratio"]
-            metrics["Quantization/Ternary_Fraction"] = stats["ternary_fraction"]
+            metrics.update(self._quantization_metrics())
+        usage = self.usage_window.take()  # the window ends at every log step, logged or not
+        if wb.log_memory and usage is not None:
+            # Addressing mass of the window's memory writes and reads (training memories and the persistent store)
+            metrics["Memory/Usage_Mean"] = usage.usage_mean
+            metrics["Memory/Active_Slots_Percentage"] = usage.active_pct
+            metrics["Memory/Top_5_Slot_Access"] = usage.top5_share
+            metrics["Memory/Window_Episodes"] = usage.episodes
+            for rank, slot in enumerate(usage.top5_slots, start=1):
+                metrics[f"Memory/Top_5_Slot_Index_{rank}"] = slot
         if wb.log_memory and self.store is not None and len(self.store) > 0:
             diag = self.model.memory.diagnostics(self.store.state)
-            metrics["Memory/Usage_Mean"] = float(diag["usage"].float().mean())
-            metrics["Memory/Active_Slots_Percentage"] = float(diag["active_pct"])
             metrics["Memory/Analysis_Avg_Similarity"] = float(diag["mean_slot_cosine"])
             metrics["Memory/Memory_Norm"] = float(diag["memory_norm"])
             metrics["Memory/Episodes_Stored"] = len(self.store)
-            for rank, slot in enumerate(list(diag["top5_slots"])[:5], start=1):
-                metrics[f"Memory/Top_5_Slot_Access_{rank}"] = int(slot)
         if (wb.log_features or wb.log_attention) and self.cfg.model.use_vision:
             batch = self._analysis_batch(max(phase, 2), size=16)
             self.model.eval()
@@ -640,10 +690,34 @@ class Trainer:
                     metrics[f"Features/{name}_Std"] = float(latent.std())
                     metrics[f"Features/{name}_Norm"] = float(latent.norm(dim=-1).mean())
                 similarity = nn.functional.cosine_similarity(out.text_latent.float(), out.vision_latent.float(), dim=-1)
-                metrics["Features/Cross_Modal_Similarity"] = float(similarity.mean())
+                metrics["Features/CrossModal_Similarity"] = float(similarity.mean())
+                metrics["Features/Cross_Modal_Similarity"] = metrics["Features/CrossModal_Similarity"]  # earlier name
             if wb.log_attention and out.attentions and self.analyzer is None:
                 # With attention analysis on, the tracker logs these keys from its own batch (one series per key).
                 metrics.update(attention_entropy_metrics(out.attentions))
+        return metrics
+
+    def model_sizes(self) -> dict[str, tuple[int, int]]:
+        """{component: (float32 bytes, packed bytes)} and "total" (architecture only, so computed once per run)."""
+        if self._model_sizes is None:
+            self._model_sizes = model_size_by_component(self.model)
+        return self._model_sizes
+
+    def _quantization_metrics(self) -> dict[str, float]:
+        stats = quantization_stats(self.model)
+        layers = stats["layers"]
+        metrics: dict[str, float] = {}
+        if layers:
+            metrics["Quantization/Weight_Scale_Mean"] = sum(s["scale"] for s in layers.values()) / len(layers)
+            metrics["Quantization/Sparsity"] = sum(s["zero_fraction"] for s in layers.values()) / len(layers)
+        for name, layer in layers.items():  # gamma and the share of zero weights of every ternary layer
+            metrics[f"Quantization/WeightScale_{name}"] = layer["scale"]
+            metrics[f"Quantization/Sparsity_{name}"] = layer["zero_fraction"]
+        unpacked, packed = self.model_sizes()["total"]
+        # The whole model (float32 as trained / packed for inference), as the evaluation's efficiency task reports it
+        metrics["Quantization/Compression_Ratio"] = unpacked / packed
+        metrics["Quantization/Ternary_Compression_Ratio"] = stats["compression_ratio"]  # the ternary layers alone
+        metrics["Quantization/Ternary_Fraction"] = stats["ternary_fraction"]
         return metrics
 
     # --------------------------------------------------------------------------------------- validation
@@ -745,26 +819,31 @@ class Trainer:
         written: list[Path | None] = []
         if wb.plot_memory_usage and self.store is not None:
             state = self.store.state if len(self.store) > 0 else self.model.memory.empty_state()
-            diag = self.model.memory.diagnostics(state)
+            mass = state.usage.detach().float()  # (K,) addressing mass of the held episodes
+            usage = mass / mass.max() if bool(mass.max() > 0) else mass  # relative to the busiest slot, as logged
             written.append(
                 plots.safe_plot(
                     plots.plot_memory_slots,
-                    diag["usage"].float().cpu().numpy(),
-                    diag["age"].float().cpu().numpy(),
+                    usage.cpu().numpy(),
+                    state.age.float().cpu().numpy(),
                     plot_dir / f"memory_slots_step_{step}.png",
                     step,
                 )
             )
         if wb.plot_quantization_dist:
-            latent = {}
+            latent: dict[str, dict[str, np.ndarray]] = {}  # component -> layer -> W / gamma
             for name, module in self.model.named_modules():
-                if isinstance(module, BitLinear) and module.quantize and len(latent) < 6:
+                if isinstance(module, BitLinear) and module.quantize:
                     weight = module.weight.detach().float()
-                    latent[name] = (weight / weight.abs().mean().clamp(min=1e-5)).cpu().numpy()
+                    scaled = (weight / weight.abs().mean().clamp(min=1e-5)).cpu().numpy()
+                    latent.setdefault(component_of(name), {})[name] = scaled
             if latent:  # none in the full-precision ablation
                 written.append(
                     plots.safe_plot(plots.plot_quantization, latent, plot_dir / f"quantization_step_{step}.png", step)
                 )
+            written.append(
+                plots.safe_plot(plots.plot_compression, self.model_sizes(), plot_dir / "compression_ratio.png", step)
+            )
         if wb.plot_attention_heatmaps and self.cfg.model.use_vision:
             batch = self._analysis_batch(max(phase, 2), size=2)
             with torch.no_grad():
@@ -789,11 +868,7 @@ class Trainer:
                     )
         records = plots.read_metrics(self.logger.metrics_path)
         loss_keys = sorted({k for r in records for k in r if k.startswith("Training/Loss")})
-        written.append(
-            plots.safe_plot(
-                plots.plot_curves, records, loss_keys, plot_dir / "loss_curves.png", "Training losses", "loss"
-            )
-        )
+        written.append(plots.safe_plot(plots.plot_loss_panels, records, loss_keys, plot_dir / "loss_curves.png"))
         grad_keys = sorted({k for r in records for k in r if k.startswith("Gradients/")})
         if grad_keys:
             written.append(
@@ -831,7 +906,9 @@ class Trainer:
             summary["ranks_agree"] = self._ranks_agree()
         stats = quantization_stats(self.model)
         summary["ternary_fraction"] = stats["ternary_fraction"]
-        summary["compression_ratio"] = stats["compression_ratio"]
+        unpacked, packed = self.model_sizes()["total"]
+        summary["compression_ratio"] = unpacked / packed  # whole model, float32 / packed (as the evaluation reports)
+        summary["ternary_compression_ratio"] = stats["compression_ratio"]
         self.save("last.pt")
         if self.dist.is_main:
             self.logger.log_metrics(
