@@ -41,6 +41,7 @@ from bitmar.bitnet import (
     unpack_ternary,
     unpack_ternary_base3,
 )
+from bitmar.kernels.packed_cpu import packed_kernel_mode
 
 # DESIGN.md worked example (Hugging Face blog).
 W_EXAMPLE = [[0.8, -0.5, 1.2], [-1.5, 0.4, -0.9], [1.3, -0.7, 0.2]]
@@ -292,7 +293,7 @@ def test_layers_take_the_decided_route(
     x = torch.randn(300, 32, requires_grad=True)
     out = layer(x)  # training forward (fused autograd node)
     out.sum().backward()
-    with torch.no_grad():
+    with torch.no_grad(), packed_kernel_mode("off"):  # the route of PackedBitLinear's pure-torch path
         assert torch.equal(layer.eval()(x), out) and torch.equal(packed(x), out)
     used = route == "int8" and int8_gemm_available()
     assert calls == ([300] * 3 if used else [])

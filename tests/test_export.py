@@ -419,6 +419,7 @@ def test_exported_code_measures_its_cpu_route_and_obeys_the_switch(
     monkeypatch.setattr(remote, "_onednn_int8_gemm", counting_gemm)
     ids = torch.randint(3, 200, (8, 40))  # 320 rows per ternary matmul: above the int8 row threshold
     logits = []
+    remote.set_packed_kernel("off")  # the int8 route belongs to the pure-torch path; the packed kernel has its own
     try:
         for mode in ("off", "on"):
             monkeypatch.setenv("BITMAR_INT8_GEMM", mode)
@@ -440,6 +441,7 @@ def test_exported_code_measures_its_cpu_route_and_obeys_the_switch(
         assert pathological["route"] == "float" and "pathologically slow" in pathological["reason"]
     finally:
         remote.set_int8_gemm(None)
+        remote.set_packed_kernel(None)
 
 
 def test_pixel_values_without_backbone_is_a_clear_error(exports: dict[str, Path]) -> None:
@@ -801,6 +803,8 @@ for kind, path in (("f32", sys.argv[1]), ("f32_packed", sys.argv[2])):
     enc = tokenizer(sys.argv[4:], padding=True, return_tensors="pt")
     with torch.no_grad():
         out[kind] = model(**enc).logits
+    if kind == "f32_packed":  # no compiler here (CXX=/bin/false): the packed layers took the pure-torch path
+        out["packed_kernel_used"] = torch.tensor(sys.modules[type(model).__module__].packed_kernel_decision()["use"])
     prompt = tokenizer(["the cat"], return_tensors="pt")
     out[kind + "_generate"] = model.generate(**prompt, max_new_tokens=5)
     out["prompt"] = prompt["input_ids"]
@@ -836,6 +840,8 @@ def test_export_loads_in_a_fresh_process_without_bitmar(
     env["HF_MODULES_CACHE"] = str(tmp_path / "hf_modules")
     # One thread like this process (conftest): float64 memory solves are bit-identical only at equal thread counts.
     env["OMP_NUM_THREADS"] = "1"
+    # No compiler and an empty kernel cache: the packed kernel cannot build, the export falls back to pure torch.
+    env["CXX"], env["TORCH_EXTENSIONS_DIR"] = "/bin/false", str(tmp_path / "no_kernels")
     # The command line itself, in a real process (started alongside): a missing checkpoint is exit status 2.
     cli = subprocess.Popen(
         [sys.executable, "-m", "bitmar.export", "--checkpoint", str(tmp_path / "missing.pt"), "--output_dir", "x"],
@@ -856,6 +862,8 @@ def test_export_loads_in_a_fresh_process_without_bitmar(
     assert cli.returncode == 2 and "does not exist" in cli_err and not (tmp_path / "x").exists()
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = torch.load(result_file, weights_only=True)
+    assert not bool(got["packed_kernel_used"])
+    assert proc.stderr.count("PackedBitLinear on CPU: pure torch") == 1, proc.stderr[-3000:]  # one log line
     ids, mask = got["input_ids"], got["attention_mask"]
     with torch.no_grad():
         expected = reference(ids, mask, return_latents=False).logits

@@ -8,7 +8,9 @@ Reference definition (Microsoft, "The Era of 1-bit LLMs: Training Tips, Code and
 
 Storage: ternary values pack at 2 bits per weight (`pack_ternary`, 4 per byte) or 1.6 bits per weight
 (`pack_ternary_base3`, 5 trits per byte since 3^5 = 243 <= 256). `PackedBitLinear` keeps only the packed
-bytes and runs inference with int8 activations; `pack_model` swaps every quantized BitLinear for one.
+bytes and runs inference with int8 activations; `pack_model` swaps every quantized BitLinear for one. On CPU its
+product runs in a compiled kernel straight from the packed bytes (`bitmar.kernels.packed_cpu`: AVX-512 VNNI / AVX2,
+exact, built at first use), falling back to the pure-torch path below where the kernel cannot be built.
 
 On CPU the ternary matmuls of both BitLinear and PackedBitLinear run as exact int8 GEMMs (oneDNN) when the
 torch build has them (`int8_gemm_available()`), a short measurement at first use found them faster than float
@@ -34,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
+
+from bitmar.kernels.packed_cpu import packed_ternary_linear, use_packed_kernel
 
 WEIGHT_EPS = 1e-5
 ACTIVATION_EPS = 1e-5
@@ -880,11 +884,15 @@ class PackedBitLinear(nn.Module):
 
     State: `packed_weight` (uint8, ceil(out*in/4) bytes), `weight_scale` (0-dim float32 gamma), `norm.weight`
     (RMSNorm gain) and `bias`. The forward quantizes activations to int8 like BitLinear (`quantize_activations`)
-    and computes (x_int @ W_t^T) * (s * gamma) + bias with an exact integer product (int8 GEMM on CPU when
-    available), exactly like BitLinear's fused forward: the outputs of a float32 BitLinear in eval mode are
-    reproduced bit for bit. With `cache_weights=True` the unpacked ternary matrix (and its prepacked int8 copy) is
-    kept after the first call outside the state dict (a non-persistent buffer): faster, but it costs 5 bytes per
-    weight in memory while cached; `cache_weights=False` unpacks on every call.
+    and computes (x_int @ W_t^T) * (s * gamma) + bias with an exact integer product, exactly like BitLinear's fused
+    forward: the outputs of a float32 BitLinear in eval mode are reproduced bit for bit.
+
+    On CPU the product runs in the packed kernel (`bitmar.kernels.packed_cpu.packed_ternary_linear`) straight from
+    the 2-bit bytes: no float or int8 copy of the weight exists, resident memory is the packed bytes plus the scale.
+    Where that kernel is not used (not built, switched off with BITMAR_PACKED_KERNEL=off, other devices, inside
+    torch.compile) the pure-torch path unpacks the weight: `cache_weights=None` (default) or True keeps the unpacked
+    ternary matrix (and its prepacked int8 copy) after the first call outside the state dict (a non-persistent
+    buffer): faster, but 5 bytes per weight while cached; `cache_weights=False` unpacks on every call.
 
     Inputs of any float dtype are computed in float32 and returned in the input dtype. A BitLinear with
     quantize=False cannot be packed (`from_bitlinear` raises; `pack_model` leaves it as it is).
@@ -897,7 +905,7 @@ class PackedBitLinear(nn.Module):
         bias: bool = False,
         input_norm: bool = True,
         activation_bits: int = 8,
-        cache_weights: bool = True,
+        cache_weights: bool | None = None,
         device: torch.device | None = None,
     ) -> None:
         super().__init__()
@@ -917,7 +925,7 @@ class PackedBitLinear(nn.Module):
         self._cache_key: tuple[Any, ...] | None = None
 
     @classmethod
-    def from_bitlinear(cls, layer: BitLinear, cache_weights: bool = True) -> PackedBitLinear:
+    def from_bitlinear(cls, layer: BitLinear, cache_weights: bool | None = None) -> PackedBitLinear:
         """Pack a trained BitLinear (quantize=True); float32 eval outputs are reproduced bit for bit."""
         if not isinstance(layer, BitLinear):
             raise TypeError(f"from_bitlinear expects a BitLinear, got {type(layer).__name__}")
@@ -961,11 +969,11 @@ class PackedBitLinear(nn.Module):
         (both cached if asked; the int8 copy is built on the first call that uses it)."""
         use_int8 = _use_int8_gemm(device, rows)
         key = (self.packed_weight.data_ptr(), self.packed_weight._version, device)
-        if not (self.cache_weights and self._weight_cache is not None and self._cache_key == key):
+        if not (self.cache_weights is not False and self._weight_cache is not None and self._cache_key == key):
             w = self.ternary_weight().to(device).float()
-            if not self.cache_weights:
+            if self.cache_weights is False:
                 return w, _pack_int8_weight(w.to(torch.int8)) if use_int8 else None
-            self._weight_cache, self._int8_cache, self._cache_key = w, None, key
+            self._weight_cache, self._int8_cache, self._cache_key = w, None, key  # cache_weights None or True
         if use_int8 and self._int8_cache is None:
             self._int8_cache = _pack_int8_weight(self._weight_cache.to(torch.int8))
         return self._weight_cache, self._int8_cache if use_int8 else None
@@ -986,6 +994,20 @@ class PackedBitLinear(nn.Module):
         with torch.no_grad():
             # Norm and scales in float32 whatever the input dtype (the buffers are float32).
             x32 = x.reshape(-1, self.in_features).float()  # (N, in)
+            if use_packed_kernel(x32.device):
+                # The kernel quantizes y like _quantize_rows_ and multiplies from the packed bytes (same bits).
+                if self.norm is None:
+                    y = x32
+                elif self.norm.weight is not None and self.norm.weight.dtype == torch.float32:
+                    eps = self.norm.eps if self.norm.eps is not None else torch.finfo(torch.float32).eps
+                    y = _rms_norm_with_rstd(x32, self.norm.weight, eps)[0]
+                else:
+                    y = self.norm(x32)
+                bias = self.bias.float() if self.bias is not None else None
+                out = packed_ternary_linear(
+                    y, self.packed_weight, self.out_features, self.weight_scale.float(), bias, self.q_max
+                )  # (N, out)
+                return out.view(*x.shape[:-1], self.out_features).to(x.dtype)
             if self.norm is None:
                 codes, scale = _quantize_rows_(x32.clone(), self.q_max)  # (N, in) integer-valued, (N, 1)
             elif self.norm.weight is not None and self.norm.weight.dtype == torch.float32:
@@ -1005,8 +1027,11 @@ class PackedBitLinear(nn.Module):
         )
 
 
-def pack_model(model: nn.Module, cache_weights: bool = True) -> nn.Module:
+def pack_model(model: nn.Module, cache_weights: bool | None = None) -> nn.Module:
     """Replace every BitLinear with quantize=True by a PackedBitLinear, in place, for inference.
+
+    On CPU the packed layers compute from their 2-bit bytes with the packed kernel; `cache_weights` applies only
+    where the pure-torch path runs instead (see PackedBitLinear).
 
     BitLinear layers with quantize=False stay as they are (their weights are full precision). A layer shared by
     several parents is packed once and stays shared. Returns `model` (or the packed layer when `model` itself

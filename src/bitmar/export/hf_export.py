@@ -59,6 +59,7 @@ from bitmar.training.checkpoint import load_checkpoint
 # Sources of the remote code, in dependency order (a module only imports names from modules listed before it).
 CONFIG_SOURCES = ("bitmar.model.model_config",)
 MODEL_SOURCES = (
+    "bitmar.kernels.packed_cpu",  # the packed CPU kernel's C++ source and loader: built where a compiler exists
     "bitmar.bitnet",
     "bitmar.memory",
     "bitmar.model.layers",

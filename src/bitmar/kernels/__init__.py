@@ -1,0 +1,1 @@
+"""CPU kernels built at first use (see `bitmar.kernels.packed_cpu`)."""
