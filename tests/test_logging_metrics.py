@@ -110,6 +110,19 @@ def test_store_alpha_is_the_write_strength() -> None:
         EpisodicStore(memory, alpha=0.0)
 
 
+@pytest.mark.parametrize("log_attention", [True, False])
+def test_wandb_log_attention_reaches_the_head_tracker(tmp_path, log_attention: bool) -> None:
+    """The trainer builds its head tracker with wandb.log_attention: false -> no Attention/* from the tracker."""
+    from types import SimpleNamespace
+
+    from bitmar.training.trainer import Trainer
+
+    cfg = load_config("configs/bitmar_tiny.yaml", [f"wandb.log_attention={str(log_attention).lower()}"])
+    fake = SimpleNamespace(cfg=cfg, model=_tiny_model(), output_dir=tmp_path)
+    tracker = Trainer._make_attention_analyzer(fake)
+    assert tracker is not None and tracker.log_metrics is log_attention
+
+
 def test_trainer_store_uses_model_memory_alpha() -> None:
     """model.memory_alpha reaches the trainer's persistent store (Trainer builds EpisodicStore with it)."""
     import inspect

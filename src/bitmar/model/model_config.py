@@ -39,7 +39,7 @@ class ModelConfig:
     fusion_layers: int = 1  # cross-attention layers (text tokens attend to vision tokens)
     memory_size: int = 512  # K: episodic memory slots
     episode_dim: int = 768  # latent width written into memory
-    memory_alpha: float = 1.0  # weight of a new episode in sequential memory writes (1.0 = Larimar)
+    memory_alpha: float = 1.0  # write strength of the persistent store (EpisodicStore alpha; 1.0 = exact one-shot)
     memory_readout_tokens: int = 1  # decoder prefix tokens made from each episode token of the readout
     # An episode is `episode_tokens` vectors of episode_dim, flattened into one memory row: token 0 is the pooled
     # multimodal latent z_m, tokens 1.. are the fused caption token states (BOS first), so an episode can carry the

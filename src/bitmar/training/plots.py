@@ -57,11 +57,12 @@ def _slot_grid(values: np.ndarray) -> np.ndarray:
 
 
 def plot_memory_slots(usage: np.ndarray, age: np.ndarray, path: Path, step: int) -> Path:
-    """Two heatmaps: addressing mass per slot and steps since a slot was last written."""
+    """Two heatmaps: addressing mass per slot (relative to the busiest slot) and writes since a slot was last
+    written."""
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), layout="constrained")
     for ax, values, title, label in (
-        (axes[0], np.asarray(usage, dtype=np.float64), "Memory slot usage (addressing mass)", "usage"),
-        (axes[1], np.asarray(age, dtype=np.float64), "Memory slot age (steps since write)", "age"),
+        (axes[0], np.asarray(usage, dtype=np.float64), "Memory slot usage", "addressing mass / busiest slot's"),
+        (axes[1], np.asarray(age, dtype=np.float64), "Memory slot age (writes since written)", "age"),
     ):
         grid = _slot_grid(values)
         image = ax.imshow(grid, aspect="auto", cmap="viridis")
