@@ -272,7 +272,9 @@ def test_a_single_nonfinite_loss_is_skipped_and_training_continues(
     monkeypatch.setattr(objective, "lm_loss", poisoned_once)
     out = tmp_path / "run"
     argv = [*SMALL_RUN, "--max_epochs", "1", "--set", f"data.data_dir={small_world}", "--set",
-            "wandb.create_plots=false", "--output_dir", str(out), "--wandb", "disabled"]  # fmt: skip
+            "wandb.create_plots=false", "--set", "training.phase2_alignment.enabled=false",  # phase 1 alone
+            "--set", "training.phase3_memory.enabled=false",
+            "--output_dir", str(out), "--wandb", "disabled"]  # fmt: skip
     assert main(argv) == 0
     progress = load_checkpoint(out / "checkpoints" / "last.pt")["progress"]
     assert progress["skipped_nonfinite"] == 1 and progress["global_step"] == 3
