@@ -133,9 +133,9 @@ def test_trainer_store_uses_model_memory_alpha() -> None:
     assert "alpha=cfg.model.memory_alpha" in source
 
 
-def _tiny_model() -> BitMar:
+def _tiny_model(vocab_size: int = 256) -> BitMar:
     cfg = load_config("configs/bitmar_tiny.yaml")
-    cfg.model.vocab_size = 256
+    cfg.model.vocab_size = vocab_size
     torch.manual_seed(0)
     return BitMar(cfg.model)
 
@@ -150,6 +150,8 @@ def test_whole_model_compression_ratio_is_the_evaluations_and_covers_every_compo
     assert 1.0 < whole < ternary == pytest.approx(16.0)  # embeddings stay float32: the whole model gains less
     assert {"text_encoder", "vision_encoder", "fusion", "decoder", "memory", "embeddings"} <= set(sizes)
     assert component_of("memory_key_proj.weight") == component_of("episode_token_proj.weight") == "memory"
+    shipped = model_size_by_component(_tiny_model(vocab_size=1024))["total"]  # the tiny config's own vocabulary
+    assert shipped[0] / shipped[1] == pytest.approx(7.2, abs=0.05)  # README, Logged metrics
     assert component_of("text_encoder.blocks.0.attn.qkv_proj.weight") == "text_encoder"
 
 
