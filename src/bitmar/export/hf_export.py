@@ -101,6 +101,7 @@ REGENERATED_FILES = frozenset({"__pycache__"})  # Python writes it when the remo
 
 AUTO_MAP = {
     "AutoConfig": "configuration_bitmar.BitMarConfig",
+    "AutoModel": "modeling_bitmar.BitMarModel",  # base model (last_hidden_state): the BabyLM fine-tuning path
     "AutoModelForCausalLM": "modeling_bitmar.BitMarForCausalLM",
     "AutoProcessor": "processing_bitmar.BitMarProcessor",
 }

@@ -43,6 +43,11 @@ class BitMarConfig(PretrainedConfig):
         # The LM head reuses the embedding matrix inside BitMar itself: nothing for transformers to tie.
         kwargs["tie_word_embeddings"] = False
         super().__init__(**kwargs)
+        # Hugging Face names that harnesses read (hidden_size is a ModelConfig field already): the decoder's depth and
+        # heads, derived from its preset so a stored value can never disagree with the weights.
+        decoder = self.model_config()
+        self.num_hidden_layers = decoder.decoder_layers
+        self.num_attention_heads = decoder.decoder_heads
 
     def model_config(self) -> ModelConfig:
         """The `ModelConfig` that `BitMar` is built from."""

@@ -16,7 +16,8 @@ plus the slot copy path), as the model was trained to and as bitmar's episodic-r
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +26,13 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers import Dinov2Config, Dinov2Model, GenerationMixin, PreTrainedModel
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.utils import cached_file
 
 from bitmar.bitnet import BitLinear, PackedBitLinear
 from bitmar.memory import EpisodicStore
 from bitmar.model.bitmar import BitMar
+from bitmar.model.decoder import decoder_layout
 from bitmar.model.layers import Attention
 
 from .configuration_bitmar import BitMarConfig
@@ -59,7 +61,6 @@ _IGNORED_KWARGS = frozenset(
         "position_ids",
         "cache_position",
         "output_attentions",
-        "output_hidden_states",
         "logits_to_keep",
         "num_logits_to_keep",
     }
@@ -104,6 +105,53 @@ def causal_lm_loss(logits: Tensor, labels: Tensor, attention_mask: Tensor | None
     return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
 
 
+def padding_mask(attention_mask: Tensor | None) -> Tensor | None:
+    """The (B, T) padding mask of `attention_mask`: a (B, T) mask itself, or the causal (B, T, T) / (B, 1, T, T)
+    mask built from one (the BabyLM pipeline's fine-tuning with --causal passes mask[:, None, :].repeat(T).tril()).
+    BitMar's decoder is causal whatever the mask says, so only the padding is information; any other 3-d mask (one
+    that would let a position see a later token, or hide an earlier real one) is refused instead of ignored."""
+    if attention_mask is None or attention_mask.dim() == 2:
+        return attention_mask
+    mask = attention_mask[:, 0] if attention_mask.dim() == 4 and attention_mask.shape[1] == 1 else attention_mask
+    if mask.dim() == 3 and mask.shape[1] == mask.shape[2]:
+        keys = mask.diagonal(dim1=1, dim2=2)  # (B, T): a real position attends to itself
+        causal = (keys[:, None, :] != 0).expand_as(mask).tril()  # (B, T, T) what that padding mask means causally
+        if torch.equal(mask != 0, causal):
+            return keys
+    raise ValueError(
+        f"attention_mask of shape {tuple(attention_mask.shape)} is not a (batch, seq) padding mask nor the causal "
+        "(batch, seq, seq) mask of one; BitMar's decoder is causal: pass the (batch, seq) padding mask"
+    )
+
+
+@contextmanager
+def capture_hidden_states(decoder: nn.Module, enabled: bool) -> Iterator[list[Tensor]]:
+    """Collect the decoder's hidden states during one forward (HF `output_hidden_states`), through hooks so the
+    flattened BitMar code stays as trained: the input of the first block, each block's output, and the decoder's
+    final-normed output of the text positions (see `text_hidden_states`)."""
+    states: list[Tensor] = []
+    if not enabled:
+        yield states
+        return
+    blocks = list(decoder.blocks)
+    handles = [blocks[0].register_forward_pre_hook(lambda _m, args: states.append(args[0]))]
+    handles += [block.register_forward_hook(lambda _m, _args, out: states.append(out[0])) for block in blocks]
+    handles.append(decoder.register_forward_hook(lambda _m, _args, out: states.append(out[0])))
+    try:
+        yield states
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def text_hidden_states(states: list[Tensor]) -> tuple[Tensor, ...]:
+    """(layers + 1) tensors (B, T, C) of the text positions (the decoder prefix cut off): the embeddings, the outputs
+    of blocks 1..L-1 and the final-normed output of block L (= last_hidden_state), as Llama-style models return."""
+    final = states[-1]  # (B, T, C) text positions only
+    length = final.shape[1]
+    return (*(s[:, s.shape[1] - length :] for s in states[:-2]), final)
+
+
 class BitMarPreTrainedModel(PreTrainedModel):
     config_class = BitMarConfig
     base_model_prefix = "model"
@@ -118,14 +166,9 @@ class BitMarPreTrainedModel(PreTrainedModel):
         if isinstance(module, Attention):
             module.head_gates.fill_(1.0)
 
-
-class BitMarForCausalLM(BitMarPreTrainedModel, GenerationMixin):
-    # save_pretrained copies the remote code next to the weights (transformers 5.x sets this when AutoModel loads the
-    # class; 4.x does not, and its saved folder could not be loaded again: no modeling_bitmar.py).
-    _auto_class = "AutoModelForCausalLM"
-
-    def __init__(self, config: BitMarConfig) -> None:
-        super().__init__(config)
+    def _build_network(self, config: BitMarConfig) -> None:
+        """BitMar under `self.model` and the optional frozen DINOv2 under `self.vision_backbone`: the same modules
+        (and state-dict keys) in every head class, so AutoModel and AutoModelForCausalLM load the same weights."""
         self.model = BitMar(config.model_config())
         if config.packed:
             replace_with_packed(self.model)
@@ -137,19 +180,12 @@ class BitMarForCausalLM(BitMarPreTrainedModel, GenerationMixin):
             # The stored episodes are addressed against the float32 prior (keys M0^+): a bfloat16 prior would read
             # them back inexactly. Kept float32 on load, as the packed layers are (see _packed_twin); a few kB.
             self.model.memory.to(torch.float32)
-        self._episodic_store: EpisodicStore | None = None  # built at first use (memory_write) or by from_pretrained
-        self.post_init()
-
-    # ------------------------------------------------------------------ embeddings (tied inside BitMar)
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
 
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.model.embed_tokens = value
-
-    def get_output_embeddings(self) -> nn.Module | None:
-        return self.model.lm_head  # None when tied: BitMar multiplies by the embedding matrix directly
 
     # ------------------------------------------------------------------ vision
 
@@ -167,6 +203,78 @@ class BitMarForCausalLM(BitMarPreTrainedModel, GenerationMixin):
             raise ValueError("pass either pixel_values or vision_features, not both")
         return self.image_features(pixel_values)
 
+
+class BitMarModel(BitMarPreTrainedModel):
+    """`AutoModel.from_pretrained(dir, trust_remote_code=True)`: the decoder's final hidden states (B, T, C) of the text
+    positions as `last_hidden_state` (no LM head), e.g. for the BabyLM pipeline's (Super)GLUE classifier, which
+    reads the first or last token's state. Same weights as BitMarForCausalLM; `lm_logits(last_hidden_state)` equals its
+    logits (without a memory readout, whose copy path adds to the logits)."""
+
+    _auto_class = "AutoModel"
+
+    def __init__(self, config: BitMarConfig) -> None:
+        super().__init__(config)
+        self._build_network(config)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: Tensor | None = None,  # (B, T), BOS first
+        attention_mask: Tensor | None = None,  # (B, T) padding mask (or its causal (B, T, T) form); any side
+        pixel_values: Tensor | None = None,  # (B, 3, H, W), through the stored DINOv2
+        vision_features: Tensor | None = None,  # (B, D) precomputed DINOv2 CLS features
+        memory_readout: Tensor | None = None,  # (B, R * E) episodic-memory readout as decoder prefix
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        past_key_values: Any = None,
+        use_cache: bool | None = None,
+        inputs_embeds: Tensor | None = None,
+        **kwargs: Any,
+    ) -> BaseModelOutputWithPast | tuple[Tensor, ...]:
+        unknown = sorted(set(kwargs) - _IGNORED_KWARGS)
+        if unknown:
+            raise TypeError(f"BitMarModel.forward got unexpected arguments {unknown}")
+        if inputs_embeds is not None or input_ids is None:
+            raise ValueError("BitMarModel needs input_ids (inputs_embeds are not supported)")
+        attention_mask = padding_mask(attention_mask)
+        vision_features = self._vision_input(pixel_values, vision_features)
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        network = self.model
+        # BitMar.forward's decoder path (text embeddings, [readout, vision] prefix, layout) without the LM head.
+        network._check_text(input_ids, attention_mask)
+        embeds = network.embed_tokens(input_ids)  # (B, T, C)
+        vision_tokens = None
+        if vision_features is not None:
+            vision_tokens, _, _ = network._vision()(vision_features, False)
+        prefix = network.decoder_prefix(vision_tokens, memory_readout)  # (B, P, C) or None
+        key_mask = positions = None
+        if attention_mask is not None:
+            key_mask, positions = decoder_layout(attention_mask, 0 if prefix is None else prefix.shape[1])
+        with capture_hidden_states(network.decoder, bool(output_hidden_states)) as states:
+            hidden, _ = network.decoder(embeds, prefix, key_mask, positions)  # (B, T, C)
+        output = BaseModelOutputWithPast(
+            last_hidden_state=hidden,
+            hidden_states=text_hidden_states(states) if output_hidden_states else None,
+        )
+        use_dict = return_dict if return_dict is not None else self.config.return_dict
+        return output if use_dict else output.to_tuple()
+
+
+class BitMarForCausalLM(BitMarPreTrainedModel, GenerationMixin):
+    # save_pretrained copies the remote code next to the weights (transformers 5.x sets this when AutoModel loads the
+    # class; 4.x does not, and its saved folder could not be loaded again: no modeling_bitmar.py).
+    _auto_class = "AutoModelForCausalLM"
+
+    def __init__(self, config: BitMarConfig) -> None:
+        super().__init__(config)
+        self._build_network(config)
+        self._episodic_store: EpisodicStore | None = None  # built at first use (memory_write) or by from_pretrained
+        self.post_init()
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        return self.model.lm_head  # None when tied: BitMar multiplies by the embedding matrix directly
+
     # ------------------------------------------------------------------ forward
 
     def forward(
@@ -182,6 +290,7 @@ class BitMarForCausalLM(BitMarPreTrainedModel, GenerationMixin):
         memory_readout: Tensor | None = None,  # (B, R * E) episodic-memory readout (BitMar.read_memory, memory_read)
         inputs_embeds: Tensor | None = None,
         use_memory: bool = False,  # read the store with the picture's key and decode from the readout
+        output_hidden_states: bool | None = None,  # (layers + 1) x (B, T, C) of the text positions
         **kwargs: Any,
     ) -> CausalLMOutputWithPast | tuple[Tensor, ...]:
         """Logits (B, T, V) for the text positions: logits[:, t] predicts input_ids[:, t + 1].
@@ -197,6 +306,9 @@ class BitMarForCausalLM(BitMarPreTrainedModel, GenerationMixin):
             raise TypeError(f"BitMarForCausalLM.forward got unexpected arguments {unknown}")
         if inputs_embeds is not None or input_ids is None:
             raise ValueError("BitMarForCausalLM needs input_ids (inputs_embeds are not supported)")
+        attention_mask = padding_mask(attention_mask)
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
         vision_features = self._vision_input(pixel_values, vision_features)
         if use_memory:
             if memory_readout is not None:
@@ -209,18 +321,21 @@ class BitMarForCausalLM(BitMarPreTrainedModel, GenerationMixin):
                 )
             memory_readout = self.memory_read(vision_features=vision_features)
             vision_features = None  # the picture addressed the memory; the decoder reads the episode
-        out = self.model(
-            input_ids,
-            attention_mask,
-            vision_features=vision_features,
-            memory_readout=memory_readout,
-            return_latents=False,
-        )
+        with capture_hidden_states(self.model.decoder, bool(output_hidden_states)) as states:
+            out = self.model(
+                input_ids,
+                attention_mask,
+                vision_features=vision_features,
+                memory_readout=memory_readout,
+                return_latents=False,
+            )
         logits = out.logits  # (B, T, V)
         loss = causal_lm_loss(logits, labels, attention_mask) if labels is not None else None
-        if return_dict is False:
-            return (loss, logits) if loss is not None else (logits,)
-        return CausalLMOutputWithPast(loss=loss, logits=logits)  # no cache field: its name differs across versions
+        output = CausalLMOutputWithPast(  # no cache field: its name differs across versions
+            loss=loss, logits=logits, hidden_states=text_hidden_states(states) if output_hidden_states else None
+        )
+        use_dict = return_dict if return_dict is not None else self.config.return_dict
+        return output if use_dict else output.to_tuple()  # to_tuple: (loss, logits, hidden_states), Nones left out
 
     # ------------------------------------------------------------------ generation
 
