@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from bitmar.bitnet import BitLinear, PackedBitLinear, pack_model
+from bitmar.bitnet import BitLinear, PackedBitLinear, int8_gemm_available, int8_gemm_mode, pack_model
 from bitmar.kernels import packed_cpu
 from bitmar.kernels.packed_cpu import (
     PACKED_GEMM_MIN_ROWS,
@@ -231,3 +231,20 @@ def test_a_fresh_process_loads_the_cached_kernel_without_compiling(tmp_path: obj
     env = dict(os.environ, CXX="/bin/false", OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "isa" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_large_batches_on_an_int8_fast_cpu_keep_only_an_int8_copy() -> None:
+    """Where oneDNN's int8 GEMM was measured faster (large batches), the packed layer prepacks an int8 copy from its
+    bytes once (no float copy); cache_weights=False keeps nothing and runs the kernel. Same bits either way."""
+    isas = _isas()
+    if not isas or not int8_gemm_available():
+        pytest.skip("needs the kernel and oneDNN's int8 GEMM")
+    layer = _layer(130, 67, bias=True, norm=True, seed=6)
+    lean, keeps = PackedBitLinear.from_bitlinear(layer, cache_weights=False), PackedBitLinear.from_bitlinear(layer)
+    x = _inputs(130, (40,), seed=6)
+    with torch.no_grad(), packed_kernel_mode("on", isas[0]), int8_gemm_mode("on", min_rows=16):
+        ref = layer(x)
+        assert torch.equal(keeps(x), ref) and torch.equal(lean(x), ref)
+        assert torch.equal(keeps(x[:3]), ref[:3])  # below min_rows: the kernel
+    assert keeps._int8_only is not None and keeps._weight_cache is None and keeps._int8_cache is None
+    assert lean._int8_only is None and lean._weight_cache is None

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from bitmar.kernels.packed_cpu import packed_ternary_linear, use_packed_kernel
+from bitmar.kernels.packed_cpu import packed_ternary_linear, packed_unpack_int8, use_packed_kernel
 
 WEIGHT_EPS = 1e-5
 ACTIVATION_EPS = 1e-5
@@ -451,6 +451,10 @@ def _ternary_matmul(
         acc = _onednn_int8_gemm(q.to(torch.int8), w_int8_packed, w_ternary.shape[0])
     else:
         acc = q.mm(w_ternary.t())
+    return _scale_and_bias(acc, row_scale, bias)
+
+
+def _scale_and_bias(acc: Tensor, row_scale: Tensor, bias: Tensor | None) -> Tensor:  # in place: acc * s + bias
     acc.mul_(row_scale)
     if bias is not None:
         acc.add_(bias)
@@ -889,6 +893,9 @@ class PackedBitLinear(nn.Module):
 
     On CPU the product runs in the packed kernel (`bitmar.kernels.packed_cpu.packed_ternary_linear`) straight from
     the 2-bit bytes: no float or int8 copy of the weight exists, resident memory is the packed bytes plus the scale.
+    Exception: calls of at least `INT8_GEMM_MIN_ROWS` rows (evaluation batches, not decoding) on a CPU where
+    oneDNN's int8 GEMM was measured faster take that GEMM, with an int8 copy prepacked from the bytes at the first
+    such call and kept (1 byte per weight; `cache_weights=False` keeps none and runs the kernel instead).
     Where that kernel is not used (not built, switched off with BITMAR_PACKED_KERNEL=off, other devices, inside
     torch.compile) the pure-torch path unpacks the weight: `cache_weights=None` (default) or True keeps the unpacked
     ternary matrix (and its prepacked int8 copy) after the first call outside the state dict (a non-persistent
@@ -923,6 +930,9 @@ class PackedBitLinear(nn.Module):
         self.register_buffer("_weight_cache", None, persistent=False)
         self._int8_cache: Tensor | None = None  # opaque oneDNN weight: a plain attribute, never moved or saved
         self._cache_key: tuple[Any, ...] | None = None
+        # With the packed kernel: oneDNN's prepacked int8 weight for large batches only (_kernel_int8_weight)
+        self._int8_only: Tensor | None = None
+        self._int8_only_key: tuple[Any, ...] | None = None
 
     @classmethod
     def from_bitlinear(cls, layer: BitLinear, cache_weights: bool | None = None) -> PackedBitLinear:
@@ -978,8 +988,16 @@ class PackedBitLinear(nn.Module):
             self._int8_cache = _pack_int8_weight(self._weight_cache.to(torch.int8))
         return self._weight_cache, self._int8_cache if use_int8 else None
 
+    def _kernel_int8_weight(self) -> Tensor:  # prepacked oneDNN int8 weight, from the packed bytes (no float copy)
+        key = (self.packed_weight.data_ptr(), self.packed_weight._version)
+        if self._int8_only is None or self._int8_only_key != key:
+            w = packed_unpack_int8(self.packed_weight, self.out_features, self.in_features)  # (out, in) int8
+            self._int8_only, self._int8_only_key = _pack_int8_weight(w), key
+        return self._int8_only
+
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         self._weight_cache, self._int8_cache, self._cache_key = None, None, None
+        self._int8_only, self._int8_only_key = None, None
         super()._load_from_state_dict(*args, **kwargs)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -987,14 +1005,33 @@ class PackedBitLinear(nn.Module):
         state = dict(super().__getstate__())
         state["_buffers"] = {**state["_buffers"], "_weight_cache": None}
         state["_int8_cache"], state["_cache_key"] = None, None
+        state["_int8_only"], state["_int8_only_key"] = None, None
         return state
+
+    def _codes(self, x32: Tensor) -> tuple[Tensor, Tensor]:  # (N, in) float32 -> codes (N, in), scale (N, 1)
+        if self.norm is None:
+            return _quantize_rows_(x32.clone(), self.q_max)  # (N, in) integer-valued, (N, 1)
+        if self.norm.weight is not None and self.norm.weight.dtype == torch.float32:
+            # BitLinear's norm kernel: bit-identical to nn.RMSNorm on CPU with fewer temporaries (faster)
+            eps = self.norm.eps if self.norm.eps is not None else torch.finfo(torch.float32).eps
+            return _activation_codes(x32, self.norm.weight, eps, self.q_max)[:2]
+        return _quantize_rows_(self.norm(x32), self.q_max)
 
     def forward(self, x: Tensor) -> Tensor:  # (..., in) -> (..., out)
         _check_width(x, self.in_features, "PackedBitLinear")
         with torch.no_grad():
             # Norm and scales in float32 whatever the input dtype (the buffers are float32).
             x32 = x.reshape(-1, self.in_features).float()  # (N, in)
-            if use_packed_kernel(x32.device):
+            kernel = use_packed_kernel(x32.device)
+            if kernel and self.cache_weights is not False and _use_int8_gemm(x32.device, x32.shape[0]):
+                # Large batches (evaluation) where oneDNN's int8 GEMM was measured faster (AMX / VNNI: ~3x the
+                # packed kernel at 512 rows here): its prepacked int8 weight, built from the packed bytes at the
+                # first such call and kept (prepacking costs more than the product: ~40 ms for 768 x 2048).
+                codes, scale = self._codes(x32)
+                acc = _onednn_int8_gemm(codes.to(torch.int8), self._kernel_int8_weight(), self.out_features)
+                out = _scale_and_bias(acc, scale * self.weight_scale, self.bias)  # = _ternary_matmul's int8 route
+                return out.view(*x.shape[:-1], self.out_features).to(x.dtype)
+            if kernel:
                 # The kernel quantizes y like _quantize_rows_ and multiplies from the packed bytes (same bits).
                 if self.norm is None:
                     y = x32
@@ -1008,14 +1045,7 @@ class PackedBitLinear(nn.Module):
                     y, self.packed_weight, self.out_features, self.weight_scale.float(), bias, self.q_max
                 )  # (N, out)
                 return out.view(*x.shape[:-1], self.out_features).to(x.dtype)
-            if self.norm is None:
-                codes, scale = _quantize_rows_(x32.clone(), self.q_max)  # (N, in) integer-valued, (N, 1)
-            elif self.norm.weight is not None and self.norm.weight.dtype == torch.float32:
-                # BitLinear's norm kernel: bit-identical to nn.RMSNorm on CPU with fewer temporaries (faster)
-                eps = self.norm.eps if self.norm.eps is not None else torch.finfo(torch.float32).eps
-                codes, scale, _ = _activation_codes(x32, self.norm.weight, eps, self.q_max)
-            else:
-                codes, scale = _quantize_rows_(self.norm(x32), self.q_max)
+            codes, scale = self._codes(x32)
             w, w_int8 = self._matmul_weights(x.device, x32.shape[0])
             out = _ternary_matmul(codes, w, scale * self.weight_scale, self.bias, w_int8)  # (N, out)
         return out.view(*x.shape[:-1], self.out_features).to(x.dtype)

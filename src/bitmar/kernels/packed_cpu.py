@@ -50,7 +50,7 @@ PACKED_ISAS = ("avx512", "avx2", "scalar")  # widest first; avx512 means AVX-512
 _PACKED_ISA_CODES = {"scalar": 0, "avx2": 1, "avx512": 2}  # the C++ side's numbering
 # From this many rows a call unpacks weight tiles for BLAS instead of the register kernel (measured on a 2-core
 # Xeon: the register kernel wins below ~64 rows, where decoding lives).
-PACKED_GEMM_MIN_ROWS = 64
+PACKED_GEMM_MIN_ROWS = 1024
 # The probe: decoding shapes (one sequence and a batch of 8 through a 768 -> 2048 layer), alternating candidates.
 PACKED_PROBE_SHAPE = (768, 2048)
 PACKED_PROBE_ROWS = (1, 8)
@@ -134,74 +134,81 @@ __attribute__((target("avx2"))) inline __m256i load256(const void* p) {
   return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
 }
 
-// Sum over the row of code * x for RN activation rows (codes in {0,1,2}: the caller subtracts sum(x)).
-template <int RN>
-__attribute__((target("avx2"))) void dot_avx2(const uint8_t* w, const uint8_t* w_end, const int8_t* const* x,
+// dot[o * RN + r] = sum over the row of code * x for RO weight rows and RN activation rows (codes in {0, 1, 2}:
+// the caller subtracts sum(x)). Several weight rows at once keep independent accumulator chains in flight
+// (one row alone waits on the latency of its own chain); the activations of row o are x[o * RN + r].
+template <int RO, int RN>
+__attribute__((target("avx2"))) void dot_avx2(const uint8_t* const* w, const uint8_t* w_end, const int8_t* const* x,
                                               int64_t nblk, int32_t* res) {
   const __m256i m3 = _mm256_set1_epi8(3);
   const __m256i ones = _mm256_set1_epi16(1);
-  __m256i acc[RN];
-  for (int r = 0; r < RN; ++r) acc[r] = _mm256_setzero_si256();
+  __m256i acc[RO * RN];
+  for (int i = 0; i < RO * RN; ++i) acc[i] = _mm256_setzero_si256();
   alignas(32) uint8_t tail[32];
   for (int64_t b = 0; b < nblk; ++b) {
-    const uint8_t* p = w + b * 32;
-    __m256i v;
-    if (p + 32 <= w_end) {
-      v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-    } else {  // the last rows: never read past the buffer
-      std::memset(tail, 1 | 4 | 16 | 64, 32);
-      if (p < w_end) std::memcpy(tail, p, w_end - p);
-      v = _mm256_load_si256(reinterpret_cast<const __m256i*>(tail));
-    }
-    const __m256i c0 = _mm256_and_si256(v, m3);
-    const __m256i c1 = _mm256_and_si256(_mm256_srli_epi16(v, 2), m3);
-    const __m256i c2 = _mm256_and_si256(_mm256_srli_epi16(v, 4), m3);
-    const __m256i c3 = _mm256_and_si256(_mm256_srli_epi16(v, 6), m3);
-    for (int r = 0; r < RN; ++r) {
-      const int8_t* xr = x[r] + b * 128;
-      // |code * x| <= 256, so a pair sums to <= 512 and four pairs to <= 2048: no int16 saturation.
-      __m256i s = _mm256_maddubs_epi16(c0, load256(xr));
-      s = _mm256_add_epi16(s, _mm256_maddubs_epi16(c1, load256(xr + 32)));
-      s = _mm256_add_epi16(s, _mm256_maddubs_epi16(c2, load256(xr + 64)));
-      s = _mm256_add_epi16(s, _mm256_maddubs_epi16(c3, load256(xr + 96)));
-      acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(s, ones));
+    for (int o = 0; o < RO; ++o) {
+      const uint8_t* p = w[o] + b * 32;
+      __m256i v;
+      if (p + 32 <= w_end) {
+        v = load256(p);
+      } else {  // the last rows: never read past the buffer
+        std::memset(tail, 1 | 4 | 16 | 64, 32);
+        if (p < w_end) std::memcpy(tail, p, w_end - p);
+        v = load256(tail);
+      }
+      const __m256i c0 = _mm256_and_si256(v, m3);
+      const __m256i c1 = _mm256_and_si256(_mm256_srli_epi16(v, 2), m3);
+      const __m256i c2 = _mm256_and_si256(_mm256_srli_epi16(v, 4), m3);
+      const __m256i c3 = _mm256_and_si256(_mm256_srli_epi16(v, 6), m3);
+      for (int r = 0; r < RN; ++r) {
+        const int8_t* xr = x[o * RN + r] + b * 128;
+        // |code * x| <= 256, so a pair sums to <= 512 and four pairs to <= 2048: no int16 saturation.
+        __m256i s = _mm256_maddubs_epi16(c0, load256(xr));
+        s = _mm256_add_epi16(s, _mm256_maddubs_epi16(c1, load256(xr + 32)));
+        s = _mm256_add_epi16(s, _mm256_maddubs_epi16(c2, load256(xr + 64)));
+        s = _mm256_add_epi16(s, _mm256_maddubs_epi16(c3, load256(xr + 96)));
+        acc[o * RN + r] = _mm256_add_epi32(acc[o * RN + r], _mm256_madd_epi16(s, ones));
+      }
     }
   }
-  for (int r = 0; r < RN; ++r) res[r] = hsum256(acc[r]);
+  for (int i = 0; i < RO * RN; ++i) res[i] = hsum256(acc[i]);
 }
 
 #if defined(__GNUC__) && (__GNUC__ >= 9 || defined(__clang__))
 #define BITMAR_HAVE_AVX512 1
-template <int RN>
-__attribute__((target("avx512f,avx512bw,avx512vnni"))) void dot_avx512(const uint8_t* w, const uint8_t* w_end,
+template <int RO, int RN>
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) void dot_avx512(const uint8_t* const* w, const uint8_t* w_end,
                                                                         const int8_t* const* x, int64_t nblk,
                                                                         int32_t* res) {
   const __m512i m3 = _mm512_set1_epi8(3);
-  __m512i acc[RN];
-  for (int r = 0; r < RN; ++r) acc[r] = _mm512_setzero_si512();
+  __m512i acc[RO * RN];
+  for (int i = 0; i < RO * RN; ++i) acc[i] = _mm512_setzero_si512();
   for (int64_t b = 0; b < nblk; ++b) {
-    const uint8_t* p = w + b * 64;
-    __m512i v;
-    if (p + 64 <= w_end) {
-      v = _mm512_loadu_si512(p);
-    } else {
-      const int64_t left = std::max<int64_t>(0, w_end - p);
-      const __mmask64 mask = left >= 64 ? ~__mmask64(0) : ((__mmask64(1) << left) - 1);
-      v = _mm512_mask_loadu_epi8(_mm512_set1_epi8(1 | 4 | 16 | 64), mask, p);  // masked: no read past the end
-    }
-    const __m512i c0 = _mm512_and_si512(v, m3);
-    const __m512i c1 = _mm512_and_si512(_mm512_srli_epi16(v, 2), m3);
-    const __m512i c2 = _mm512_and_si512(_mm512_srli_epi16(v, 4), m3);
-    const __m512i c3 = _mm512_and_si512(_mm512_srli_epi16(v, 6), m3);
-    for (int r = 0; r < RN; ++r) {
-      const int8_t* xr = x[r] + b * 256;
-      acc[r] = _mm512_dpbusd_epi32(acc[r], c0, _mm512_loadu_si512(xr));
-      acc[r] = _mm512_dpbusd_epi32(acc[r], c1, _mm512_loadu_si512(xr + 64));
-      acc[r] = _mm512_dpbusd_epi32(acc[r], c2, _mm512_loadu_si512(xr + 128));
-      acc[r] = _mm512_dpbusd_epi32(acc[r], c3, _mm512_loadu_si512(xr + 192));
+    for (int o = 0; o < RO; ++o) {
+      const uint8_t* p = w[o] + b * 64;
+      __m512i v;
+      if (p + 64 <= w_end) {
+        v = _mm512_loadu_si512(p);
+      } else {
+        const int64_t left = std::max<int64_t>(0, w_end - p);
+        const __mmask64 mask = left >= 64 ? ~__mmask64(0) : ((__mmask64(1) << left) - 1);
+        v = _mm512_mask_loadu_epi8(_mm512_set1_epi8(1 | 4 | 16 | 64), mask, p);  // masked: no read past the end
+      }
+      const __m512i c0 = _mm512_and_si512(v, m3);
+      const __m512i c1 = _mm512_and_si512(_mm512_srli_epi16(v, 2), m3);
+      const __m512i c2 = _mm512_and_si512(_mm512_srli_epi16(v, 4), m3);
+      const __m512i c3 = _mm512_and_si512(_mm512_srli_epi16(v, 6), m3);
+      for (int r = 0; r < RN; ++r) {
+        const int8_t* xr = x[o * RN + r] + b * 256;
+        __m512i& a = acc[o * RN + r];
+        a = _mm512_dpbusd_epi32(a, c0, _mm512_loadu_si512(xr));
+        a = _mm512_dpbusd_epi32(a, c1, _mm512_loadu_si512(xr + 64));
+        a = _mm512_dpbusd_epi32(a, c2, _mm512_loadu_si512(xr + 128));
+        a = _mm512_dpbusd_epi32(a, c3, _mm512_loadu_si512(xr + 192));
+      }
     }
   }
-  for (int r = 0; r < RN; ++r) res[r] = _mm512_reduce_add_epi32(acc[r]);
+  for (int i = 0; i < RO * RN; ++i) res[i] = _mm512_reduce_add_epi32(acc[i]);
 }
 #else
 #define BITMAR_HAVE_AVX512 0
@@ -222,26 +229,37 @@ bool cpu_has(int64_t isa) {
   return false;
 }
 
-using DotFn = void (*)(const uint8_t*, const uint8_t*, const int8_t* const*, int64_t, int32_t*);
+using DotFn = void (*)(const uint8_t* const*, const uint8_t*, const int8_t* const*, int64_t, int32_t*);
 
-DotFn pick(int64_t isa, int rn) {
 #if BITMAR_X86
-  if (isa == ISA_AVX2) {
-    switch (rn) {
-      case 1: return dot_avx2<1>;
-      case 2: return dot_avx2<2>;
-      case 3: return dot_avx2<3>;
-      default: return dot_avx2<4>;
-    }
+template <template <int, int> class K, int RO>
+DotFn pick_rn(int rn) {
+  switch (rn) {
+    case 1: return K<RO, 1>::fn;
+    case 2: return K<RO, 2>::fn;
+    case 3: return K<RO, 3>::fn;
+    default: return K<RO, 4>::fn;
   }
+}
+template <int RO, int RN>
+struct Avx2 {
+  static constexpr DotFn fn = dot_avx2<RO, RN>;
+};
+#if BITMAR_HAVE_AVX512
+template <int RO, int RN>
+struct Avx512 {
+  static constexpr DotFn fn = dot_avx512<RO, RN>;
+};
+#endif
+#endif
+
+// ro: weight rows per call (1, 2 or 4), rn: activation rows (1..4)
+DotFn pick(int64_t isa, int ro, int rn) {
+#if BITMAR_X86
+  if (isa == ISA_AVX2) return ro == 4 ? pick_rn<Avx2, 4>(rn) : ro == 2 ? pick_rn<Avx2, 2>(rn) : pick_rn<Avx2, 1>(rn);
 #if BITMAR_HAVE_AVX512
   if (isa == ISA_AVX512) {
-    switch (rn) {
-      case 1: return dot_avx512<1>;
-      case 2: return dot_avx512<2>;
-      case 3: return dot_avx512<3>;
-      default: return dot_avx512<4>;
-    }
+    return ro == 4 ? pick_rn<Avx512, 4>(rn) : ro == 2 ? pick_rn<Avx512, 2>(rn) : pick_rn<Avx512, 1>(rn);
   }
 #endif
 #endif
@@ -329,6 +347,10 @@ at::Tensor packed_ternary_linear(const at::Tensor& y, const at::Tensor& packed, 
     // Many rows (prefill, evaluation batches): unpack a tile of weight rows to float and let BLAS multiply the
     // integer codes; |sum| <= 128 * in < 2^24, so float32 accumulation is exact in any order. The tile bounds the
     // transient memory (GEMM_TILE rows of floats), never a whole float weight.
+    float lut[256][4];  // byte -> its 4 weights (code - 1); code 3 never occurs in pack_ternary's bytes
+    for (int byte = 0; byte < 256; ++byte) {
+      for (int i = 0; i < 4; ++i) lut[byte][i] = static_cast<float>(((byte >> (2 * i)) & 3) - 1);
+    }
     at::Tensor xf = at::empty({n_rows, in}, y.options());
     float* xfp = xf.data_ptr<float>();
     for (int64_t k = 0; k < n_rows * in; ++k) xfp[k] = codes[k];
@@ -339,9 +361,14 @@ at::Tensor packed_ternary_linear(const at::Tensor& y, const at::Tensor& packed, 
       at::parallel_for(t0, t1, 16, [&](int64_t o0, int64_t o1) {
         for (int64_t o = o0; o < o1; ++o) {
           float* dst = wtp + (o - t0) * in;
-          for (int64_t k = 0; k < in; ++k) {
-            const int64_t e = o * in + k;
-            dst[k] = static_cast<float>(static_cast<int>((wp[e >> 2] >> (2 * (e & 3))) & 3) - 1);
+          if (in % 4 == 0) {  // rows start on a byte: one table lookup gives 4 weights
+            const uint8_t* src = wp + o * in / 4;
+            for (int64_t j = 0; j < in / 4; ++j) std::memcpy(dst + 4 * j, lut[src[j]], 4 * sizeof(float));
+          } else {
+            for (int64_t k = 0; k < in; ++k) {
+              const int64_t e = o * in + k;
+              dst[k] = static_cast<float>(static_cast<int>((wp[e >> 2] >> (2 * (e & 3))) & 3) - 1);
+            }
           }
         }
       });
@@ -380,25 +407,53 @@ at::Tensor packed_ternary_linear(const at::Tensor& y, const at::Tensor& packed, 
   int8_t* xv = xv_storage.data();
   permute_codes(codes.data(), n_rows, l, xv);
   const int64_t nblk = l.lp / l.block;
-  at::parallel_for(0, out, std::max<int64_t>(1, 16384 / in), [&](int64_t o0, int64_t o1) {
-    int32_t res[4];
-    const int8_t* xs[4];
+  at::parallel_for(0, out, std::max<int64_t>(4, 16384 / in), [&](int64_t o0, int64_t o1) {
+    int32_t res[16];
+    const int8_t* xs[16];
+    const uint8_t* ws[4];
     for (int64_t t0 = 0; t0 < n_rows; t0 += X_TILE) {
       const int64_t t1 = std::min(n_rows, t0 + X_TILE);
-      for (int64_t o = o0; o < o1; ++o) {
-        const int64_t e0 = o * in;
-        const int64_t sh = e0 & 3;
-        const uint8_t* w = wp + (e0 >> 2);
+      // Decoding (1-2 rows): 4 weight rows per call; more activation rows already give independent chains.
+      const int ro_pref = t1 - t0 <= 2 ? 4 : 2;
+      for (int64_t o = o0; o < o1;) {
+        const int ro = o1 - o >= ro_pref ? ro_pref : 1;
         for (int64_t n = t0; n < t1; n += 4) {
           const int rn = static_cast<int>(std::min<int64_t>(4, t1 - n));
-          for (int r = 0; r < rn; ++r) xs[r] = xv + (sh * n_rows + n + r) * l.lp;
-          pick(isa, rn)(w, w_end, xs, nblk, res);
-          for (int r = 0; r < rn; ++r) finish(n + r, o, res[r]);
+          for (int i = 0; i < ro; ++i) {
+            const int64_t e0 = (o + i) * in;
+            ws[i] = wp + (e0 >> 2);
+            for (int r = 0; r < rn; ++r) xs[i * rn + r] = xv + ((e0 & 3) * n_rows + n + r) * l.lp;
+          }
+          pick(isa, ro, rn)(ws, w_end, xs, nblk, res);
+          for (int i = 0; i < ro; ++i) {
+            for (int r = 0; r < rn; ++r) finish(n + r, o + i, res[i * rn + r]);
+          }
         }
+        o += ro;
       }
     }
   });
   return result;
+}
+
+// (out, in) int8 ternary weight from pack_ternary's bytes (a transient copy for oneDNN's int8 GEMM).
+at::Tensor unpack_int8(const at::Tensor& packed, int64_t out, int64_t in) {
+  TORCH_CHECK(packed.device().is_cpu() && packed.scalar_type() == at::kByte && packed.dim() == 1 &&
+                  packed.is_contiguous() && out > 0 && in > 0 && packed.numel() == (in * out + 3) / 4,
+              "unpack_int8: packed must be the contiguous uint8 bytes of a ", out, " x ", in, " ternary matrix");
+  at::Tensor w = at::empty({out, in}, packed.options().dtype(at::kChar));
+  const uint8_t* src = packed.data_ptr<uint8_t>();
+  int8_t* dst = w.data_ptr<int8_t>();
+  int8_t lut[256][4];
+  for (int byte = 0; byte < 256; ++byte) {
+    for (int i = 0; i < 4; ++i) lut[byte][i] = static_cast<int8_t>(((byte >> (2 * i)) & 3) - 1);
+  }
+  const int64_t full = in * out / 4;
+  at::parallel_for(0, full, 16384, [&](int64_t b0, int64_t b1) {
+    for (int64_t j = b0; j < b1; ++j) std::memcpy(dst + 4 * j, lut[src[j]], 4);
+  });
+  for (int64_t e = 4 * full; e < in * out; ++e) dst[e] = lut[src[e >> 2]][e & 3];
+  return w;
 }
 
 std::vector<int64_t> supported_isas() {
@@ -414,6 +469,7 @@ TORCH_LIBRARY(bitmar_packed, m) {
   m.def("linear(Tensor y, Tensor packed, int out_features, Tensor gamma, Tensor? bias, int q_max, int isa, "
         "int gemm_min_rows) -> Tensor",
         &packed_ternary_linear);
+  m.def("unpack_int8(Tensor packed, int out_features, int in_features) -> Tensor", &unpack_int8);
   m.def("supported_isas() -> int[]", &supported_isas);
 }
 """
@@ -629,7 +685,7 @@ def probe_packed_kernel(candidates: list[str]) -> dict[str, Any]:
     start = time.perf_counter()
     gen = torch.Generator().manual_seed(0)
     n_in, n_out = PACKED_PROBE_SHAPE
-    w = torch.randint(-1, 2, (n_out, n_in), generator=gen)
+    w = torch.randint(-1, 2, (n_out, n_in), generator=gen, dtype=torch.int8)  # int8: small transient memory
     packed, w_float, gamma = _packed_pack(w), w.float(), torch.tensor(0.05)
     inputs = [torch.randn(rows, n_in, generator=gen) for rows in PACKED_PROBE_ROWS]
     fns: dict[str, Any] = {"torch": lambda y: packed_linear_reference(y, w_float, gamma, None, 127)}
@@ -753,6 +809,11 @@ def use_packed_kernel(device: torch.device) -> bool:
             return False
         use = packed_kernel_decision()["use"]
     return bool(use)
+
+
+def packed_unpack_int8(packed: Tensor, out_features: int, in_features: int) -> Tensor:  # -> (out, in) int8
+    """A transient int8 copy of the packed ternary weight (for oneDNN's int8 GEMM on large batches)."""
+    return torch.ops.bitmar_packed.unpack_int8(packed, out_features, in_features)
 
 
 def packed_ternary_linear(
