@@ -6,7 +6,7 @@ The pipeline's own code (babylm/evaluation-pipeline-2025, commit bf55c11) comes 
 each task's format, against one tiny export with a DINOv2 backbone. Zero-shot choices are compared with the
 evaluation suite's scorer (`score_sequences`, `score_sentences`) on the same items.
 
-The separate-environment run (transformers 4.51.3, no bitmar, a process per task: ~5 minutes) is the slow test at
+The separate-environment run (transformers 4.51.3, no bitmar, a process per task: ~7 minutes) is the slow test at
 the end; it runs when BITMAR_BABYLM_PIPELINE_VENV names that environment (scripts/run_babylm_pipeline.py --setup).
 """
 
@@ -384,7 +384,7 @@ def test_runner_plans_every_task_and_refuses_what_cannot_work(tmp_path: Path, ex
 @pytest.mark.slow
 def test_every_path_in_the_pipelines_own_environment(tmp_path: Path, export: dict[str, Any]) -> None:
     """scripts/run_babylm_pipeline.py end to end: every task, a process each, in the pipeline's venv (transformers
-    4.51.3, no bitmar). ~5 min on 2 cores; set BITMAR_BABYLM_PIPELINE_VENV to that venv to run it."""
+    4.51.3, no bitmar). ~7 min on 2 cores; set BITMAR_BABYLM_PIPELINE_VENV to that venv to run it."""
     venv = os.environ.get("BITMAR_BABYLM_PIPELINE_VENV")
     if not venv:
         pytest.skip("BITMAR_BABYLM_PIPELINE_VENV is not set (create the venv: scripts/run_babylm_pipeline.py --setup)")

@@ -321,3 +321,27 @@ def test_features_carry_the_binding_that_winoground_asks_for() -> None:
     )
     assert subject > 0.95 and reference > 0.95, (subject, reference)  # chance 1/14
     assert colour_of_reference > 0.4, colour_of_reference  # chance 1/9; a 1-hidden-layer probe reaches 0.82
+
+
+def test_winoground_effects_decompose_the_scores_exactly() -> None:
+    from bitmar.evaluation.scoring import winoground_effects, winoground_outcomes
+
+    s = torch.randn(500, 2, 2, dtype=torch.float64)
+    effects = winoground_effects(s)
+    outcome = winoground_outcomes(s)
+    mean = s.mean(dim=(1, 2))
+    rebuilt = torch.stack(
+        [
+            torch.stack([mean + (effects["caption"] + effects["image"] + effects["interaction"]) / 2,
+                         mean + (effects["caption"] - effects["image"] - effects["interaction"]) / 2], 1),
+            torch.stack([mean + (-effects["caption"] + effects["image"] - effects["interaction"]) / 2,
+                         mean + (-effects["caption"] - effects["image"] + effects["interaction"]) / 2], 1),
+        ], 1,
+    )  # fmt: skip
+    assert torch.allclose(rebuilt, s)
+    assert torch.equal(outcome["text"], effects["interaction"] > effects["caption"].abs())
+    assert torch.equal(outcome["image"], effects["interaction"] > effects["image"].abs())
+    prior = torch.randn(500, 2, 1, dtype=torch.float64)  # PMI-style: subtract a per-caption prior
+    assert torch.allclose(winoground_effects(s - prior)["interaction"], effects["interaction"])
+    bound = effects["interaction"] > 0
+    assert not (winoground_outcomes(s - prior)["text"] & ~bound).any()  # no prior correction passes a non-binding item

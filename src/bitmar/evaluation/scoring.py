@@ -12,7 +12,10 @@ winoground: two captions with the same words in another order and their two imag
     group = text and image (chance 1/4, 1/4, 1/6; ties fail). These are the reported scores. An extra column uses the
     pointwise mutual information PMI(c, i) = log p(c | i) - log p(c) (log p(c): the same caption without an image),
     which removes the caption prior from the text comparison; the image comparison is unchanged by it (log p(c)
-    cancels between the two images of one caption).
+    cancels between the two images of one caption). Each item's four scores are also split exactly into a caption
+    effect, an image effect and their interaction (`winoground_effects`): text = interaction > |caption effect|,
+    image = interaction > |image effect|, and the share of items whose interaction is positive (reported as
+    "binding") is an upper bound of every score that only re-weights captions or images.
 vqa: a question about an image, the answer among 7 distractors. Each candidate scores log p(" answer" | BOS question,
     image), summed over the answer tokens (lm-eval's multiple-choice `acc`, the reported accuracy); also per-token mean
     (`acc_norm` style), the blind model (no image) and, as an extra column, PMI = log p(a | q, i) - log p(a | q).
@@ -130,6 +133,25 @@ def winoground_outcomes(s: Tensor) -> dict[str, Tensor]:
     return {"text": text, "image": image, "group": text & image}
 
 
+def winoground_effects(s: Tensor) -> dict[str, Tensor]:
+    """The exact two-way decomposition of each item's 2 x 2 scores s (N, 2, 2) into (N,) effects:
+
+    caption = (s00 - s10 + s01 - s11) / 2   (caption 0 preferred whatever the image: the caption prior)
+    image = (s00 - s01 + s10 - s11) / 2     (image 0 preferred whatever the caption)
+    interaction = (s00 + s11 - s01 - s10) / 2   (matched pairs preferred: binding)
+
+    so that s00 - s10 = caption + interaction and s11 - s01 = interaction - caption: the text outcome is exactly
+    `interaction > |caption|`, the image outcome `interaction > |image|`. No rescoring that only shifts captions or
+    images (PMI, any prior) changes the interaction, so the share of items with `interaction > 0` bounds every such
+    score from above: it measures whether the model binds at all."""
+    s00, s01, s10, s11 = s[:, 0, 0], s[:, 0, 1], s[:, 1, 0], s[:, 1, 1]
+    return {
+        "caption": (s00 - s10 + s01 - s11) / 2,
+        "image": (s00 - s01 + s10 - s11) / 2,
+        "interaction": (s00 + s11 - s01 - s10) / 2,
+    }
+
+
 def evaluate_winoground(ctx: EvalContext) -> dict[str, Any]:
     records = read_jsonl(ctx.eval_path(layout.WINOGROUND_FILE), ("caption_0", "caption_1", "image_0", "image_1"))
     rows = max(max(int(r["image_0"]), int(r["image_1"])) for r in records) + 1
@@ -151,6 +173,11 @@ def evaluate_winoground(ctx: EvalContext) -> dict[str, Any]:
     metrics: dict[str, Any] = {"items": len(records), "conditioned_on_image": ctx.has_vision}
     for name, hits in outcome.items():
         metrics[f"{name}_score"] = float(hits.float().mean())
+    effects = winoground_effects(scores)
+    metrics["binding"] = {
+        "interaction_positive": float((effects["interaction"] > 0).float().mean()),
+        **{f"mean_abs_{k}": float(v.abs().mean()) for k, v in effects.items()},
+    }
     if ctx.has_vision:  # the PMI column: log p(c | i) - log p(c), each caption scored once without an image
         prior, _ = score_sequences(
             ctx.model, seqs[::2], pad_id=ctx.tokenizer.pad_token_id, batch_size=ctx.ecfg.batch_size,
@@ -194,6 +221,14 @@ def evaluate_winoground(ctx: EvalContext) -> dict[str, Any]:
             {"metric": f"{name} score, PMI (extra)", "value": metrics[f"{name}_score_pmi"], "reference": chance[name]}
             for name in ("text", "image", "group")
             if f"{name}_score_pmi" in metrics
+        ]
+        + [
+            {
+                "metric": "binding: share of items with interaction > 0 (bounds any prior-corrected score)",
+                "value": metrics["binding"]["interaction_positive"],
+                "reference": 0.5,
+                "higher_is_better": True,
+            }
         ],  # fmt: skip
         "notes": [
             f"{len(records)} items; s(c, i) = log p(caption | image) (PMI rows: log p(c | i) - log p(c), an extra "
