@@ -294,6 +294,32 @@ def test_outputs_are_written_as_json_and_markdown(tmp_path: Path) -> None:
     assert not list(json_path.parent.glob(".*tmp"))  # atomic writes leave no temporary files
 
 
+# --------------------------------------------------------------------------------------------- packed decoding
+
+
+def test_packed_decoding_loads_without_float_weights_and_decodes_like_pack_model(tmp_path: Path) -> None:
+    """The decoding benchmark's packed variant: built from the packed state file (no float ternary weight is ever
+    allocated: the BitLinear layers start on the meta device), it decodes the same tokens as pack_model's model."""
+    from bitmar.bench import packed_decoding
+    from bitmar.bench.training import TINY_CONFIG
+    from bitmar.config import load_config
+
+    state = tmp_path / "packed.pt"
+    packed_decoding.save_packed_state(TINY_CONFIG, state, seed=3)
+    loaded = packed_decoding.load_packed_model(TINY_CONFIG, state)
+    torch.manual_seed(3)
+    reference = pack_model(BitMar(load_config(TINY_CONFIG).model).eval())
+    assert not any(isinstance(m, BitLinear) and m.quantize for m in loaded.modules())
+    assert all(not t.is_meta for t in [*loaded.parameters(), *loaded.buffers()])
+    ids = torch.randint(4, 200, (2, 5), generator=torch.Generator().manual_seed(0))
+    feats = torch.randn(2, loaded.config.vision_encoder_dim, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        got = loaded.generate(ids, vision_features=feats, max_new_tokens=6)
+        assert torch.equal(got, reference.generate(ids, vision_features=feats, max_new_tokens=6))
+    result = packed_decoding.run_variant("packed", str(TINY_CONFIG), 1, torch.get_num_threads(), 3, 1, str(state))
+    assert result["tokens_per_s"] > 0 and result["peak_rss_mb"] > 0 and "use" in result["kernel"]
+
+
 # --------------------------------------------------------------------------------------------------- end to end
 
 EXPECTED_ROWS = {  # benchmark -> rows (+ unavailable entries) a quick CPU run produces
@@ -305,6 +331,7 @@ EXPECTED_ROWS = {  # benchmark -> rows (+ unavailable entries) a quick CPU run p
     "distributed": 1,
     "generation": 3,
     "attention": 1,
+    "decoding": 3,  # quick: tiny config, batch 1, 1 thread: packed vs twin, packed vs BitLinear (tokens/s), peak RSS
 }
 
 

@@ -206,7 +206,7 @@ class Benchmark:
 
 def _registry() -> dict[str, Benchmark]:
     # Imported here: each benchmark module pulls in the model, data and training code.
-    from bitmar.bench import distributed, generation, memory, training
+    from bitmar.bench import distributed, generation, memory, packed_decoding, training
 
     entries = [
         Benchmark("bitlinear", "BitLinear fwd+bwd vs nn.Linear and transformers' AutoBitLinear", bitlinear_rows),
@@ -220,6 +220,11 @@ def _registry() -> dict[str, Benchmark]:
             "generation tokens/s with vs without the KV cache",
             generation.generation_rows,
             devices=("cpu", "cuda"),
+        ),
+        Benchmark(
+            "decoding",
+            "greedy decoding from packed ternary weights vs the fp32 twin and BitLinear eval: tokens/s, peak RSS",
+            packed_decoding.decoding_rows,
         ),
         Benchmark("attention", "attention-head analysis overhead on training", attention_rows),
         Benchmark(
