@@ -206,9 +206,10 @@ def test_export_follows_hf_conventions(export: dict[str, Any]) -> None:
     path, model, processor = export["path"], export["model"], export["processor"]
     config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=True)
     reference = export["reference"]
-    assert (config.hidden_size, config.num_hidden_layers) == (
+    assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads) == (
         reference.config.hidden_size,
         len(reference.decoder.blocks),
+        reference.decoder.blocks[0].attn.num_heads,
     )
     base = transformers.AutoModel.from_pretrained(path, trust_remote_code=True).eval()
     assert type(base).__name__ == "BitMarModel"

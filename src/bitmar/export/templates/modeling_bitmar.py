@@ -5,6 +5,8 @@ BitMar network under `self.model` (state-dict keys `model.*`), optionally a froz
 `self.vision_backbone` (keys `vision_backbone.*`) that turns `pixel_values` into the 768-d CLS feature BitMar was
 trained on. `forward` returns next-token logits for the text positions only, so scoring code written for plain
 causal LMs (BLiMP minimal pairs: summed log-probabilities after BOS) works unchanged.
+`BitMarModel` is what `AutoModel` returns: the same modules and weights without the LM head (`last_hidden_state`),
+for harnesses that put their own head on the hidden states (the BabyLM pipeline's fine-tuning).
 
 One-shot learning: the model carries a persistent `EpisodicStore` (Larimar memory, exact write / read / forget),
 filled from `episodic_store.safetensors` when the export has one and empty otherwise. `memory_write` stores one
