@@ -537,7 +537,7 @@ def run_tasks(pipeline: Path, venv: Path, tasks: Sequence[str], opts: Options, d
     failed = []
     for task in tasks:
         missing = [str(p) for p in task_inputs(task, opts) if not p.exists()]
-        if task == "devbench":
+        if task == "devbench" and not dry_run:
             install_devbench(pipeline)
             if not (pipeline / "evaluation_data" / "full_eval" / "devbench" / "assets").is_dir():
                 missing.append(str(pipeline / "evaluation_data" / "full_eval" / "devbench"))
@@ -559,6 +559,12 @@ def run_tasks(pipeline: Path, venv: Path, tasks: Sequence[str], opts: Options, d
                 print(f"[{task}] failed (exit {result.returncode})", file=sys.stderr)
                 failed.append(task)
                 break
+    if dry_run:
+        print(
+            f"dry run: {len(tasks) - len(failed)} tasks planned, nothing ran"
+            + (f"; missing data: {failed}" if failed else "")
+        )
+        return len(failed)
     print(f"{len(tasks) - len(failed)} tasks finished, {len(failed)} failed" + (f": {failed}" if failed else ""))
     return len(failed)
 
