@@ -1017,35 +1017,45 @@ class PackedBitLinear(nn.Module):
             return _activation_codes(x32, self.norm.weight, eps, self.q_max)[:2]
         return _quantize_rows_(self.norm(x32), self.q_max)
 
+    def _kernel_forward(self, x32: Tensor) -> Tensor:  # (N, in) float32 -> (N, out) float32
+        """The packed kernel: it quantizes y like _quantize_rows_ and multiplies from the packed bytes (same bits).
+
+        Decoding calls every layer once per token, so this path keeps Python work low (one dict lookup per tensor)."""
+        buffers, norm = self._buffers, self.norm
+        if norm is None:
+            y = x32
+        elif norm.weight is not None and norm.weight.dtype == torch.float32:
+            # One fused op: the same bits as _rms_norm_with_rstd on CPU, which BitLinear eval uses
+            # (tests/test_packed_kernel.py compares them on odd widths).
+            eps = norm.eps if norm.eps is not None else torch.finfo(torch.float32).eps
+            y = F.rms_norm(x32, (self.in_features,), norm.weight, eps)
+        else:
+            y = norm(x32)
+        bias, gamma = buffers["bias"], buffers["weight_scale"]
+        bias = bias if bias is None or bias.dtype == torch.float32 else bias.float()
+        gamma = gamma if gamma.dtype == torch.float32 else gamma.float()
+        return packed_ternary_linear(y, buffers["packed_weight"], self.out_features, gamma, bias, self.q_max)
+
     def forward(self, x: Tensor) -> Tensor:  # (..., in) -> (..., out)
         _check_width(x, self.in_features, "PackedBitLinear")
+        # Norm and scales in float32 whatever the input dtype (the buffers are float32).
+        x32 = x.reshape(-1, self.in_features).float()  # (N, in)
+        kernel = use_packed_kernel(x32.device)
+        if kernel and not (self.cache_weights is not False and _use_int8_gemm(x32.device, x32.shape[0])):
+            if torch.is_grad_enabled():  # inference only: no graph through the norm
+                with torch.no_grad():
+                    out = self._kernel_forward(x32)
+            else:
+                out = self._kernel_forward(x32)  # (N, out)
+            return out.view(*x.shape[:-1], self.out_features).to(x.dtype)
         with torch.no_grad():
-            # Norm and scales in float32 whatever the input dtype (the buffers are float32).
-            x32 = x.reshape(-1, self.in_features).float()  # (N, in)
-            kernel = use_packed_kernel(x32.device)
-            if kernel and self.cache_weights is not False and _use_int8_gemm(x32.device, x32.shape[0]):
+            if kernel:
                 # Large batches (evaluation) where oneDNN's int8 GEMM was measured faster (AMX / VNNI: ~3x the
                 # packed kernel at 512 rows here): its prepacked int8 weight, built from the packed bytes at the
                 # first such call and kept (prepacking costs more than the product: ~40 ms for 768 x 2048).
                 codes, scale = self._codes(x32)
                 acc = _onednn_int8_gemm(codes.to(torch.int8), self._kernel_int8_weight(), self.out_features)
                 out = _scale_and_bias(acc, scale * self.weight_scale, self.bias)  # = _ternary_matmul's int8 route
-                return out.view(*x.shape[:-1], self.out_features).to(x.dtype)
-            if kernel:
-                # The kernel quantizes y like _quantize_rows_ and multiplies from the packed bytes (same bits).
-                if self.norm is None:
-                    y = x32
-                elif self.norm.weight is not None and self.norm.weight.dtype == torch.float32:
-                    # One fused op (decoding is bound by per-op dispatch): the same bits as _rms_norm_with_rstd on
-                    # CPU, which BitLinear eval uses (tests/test_packed_kernel.py compares them on odd widths).
-                    eps = self.norm.eps if self.norm.eps is not None else torch.finfo(torch.float32).eps
-                    y = F.rms_norm(x32, (self.in_features,), self.norm.weight, eps)
-                else:
-                    y = self.norm(x32)
-                bias = self.bias.float() if self.bias is not None else None
-                out = packed_ternary_linear(
-                    y, self.packed_weight, self.out_features, self.weight_scale.float(), bias, self.q_max
-                )  # (N, out)
                 return out.view(*x.shape[:-1], self.out_features).to(x.dtype)
             codes, scale = self._codes(x32)
             w, w_int8 = self._matmul_weights(x.device, x32.shape[0])

@@ -284,7 +284,8 @@ at::Tensor packed_ternary_linear(const at::Tensor& y, const at::Tensor& packed, 
   TORCH_CHECK(packed.device().is_cpu() && packed.scalar_type() == at::kByte && packed.dim() == 1 &&
                   packed.is_contiguous(),
               "packed_ternary_linear: packed must be a contiguous 1-d uint8 CPU tensor");
-  TORCH_CHECK(gamma.scalar_type() == at::kFloat && gamma.numel() == 1, "packed_ternary_linear: gamma: float32");
+  TORCH_CHECK(gamma.device().is_cpu() && gamma.scalar_type() == at::kFloat && gamma.numel() == 1,
+              "packed_ternary_linear: gamma must be one float32 CPU value");
   TORCH_CHECK(q_max >= 1 && q_max <= 127, "packed_ternary_linear: q_max must be in [1, 127]");
   TORCH_CHECK(isa == ISA_SCALAR || cpu_has(isa), "packed_ternary_linear: this CPU or build lacks ISA ", isa);
   const int64_t n_rows = y.size(0), in = y.size(1), out = out_features;
@@ -299,7 +300,7 @@ at::Tensor packed_ternary_linear(const at::Tensor& y, const at::Tensor& packed, 
   }
   at::Tensor result = at::empty({n_rows, out}, y.options());
   if (n_rows == 0) return result;
-  const float g = gamma.item<float>();
+  const float g = *gamma.data_ptr<float>();  // not item(): one dispatch less per call
   const float* yp = y.data_ptr<float>();
   float* op = result.data_ptr<float>();
   const uint8_t* wp = packed.data_ptr<uint8_t>();
@@ -490,6 +491,7 @@ _PACKED: dict[str, Any] = {
     "isa_code": 0,
     "probe": None,
     "logged": False,
+    "op": None,  # torch.ops.bitmar_packed.linear.default once loaded
 }
 
 
@@ -564,6 +566,7 @@ def packed_kernel_available() -> bool:
                 torch.ops.load_library(str(library))
             torch.ops.bitmar_packed.supported_isas()  # the library registered its operators
             state["loaded"], state["library"] = True, str(library)
+            state["op"] = torch.ops.bitmar_packed.linear.default  # resolved once: decoding calls it per layer
         except Exception as err:  # noqa: BLE001 - any build/load failure means "use the pure-torch path"
             lines = [line for line in str(err).splitlines() if line.strip()]
             state["load_error"] = f"{type(err).__name__}: {lines[0][:300] if lines else ''}"
@@ -830,4 +833,5 @@ def packed_ternary_linear(
     q_max: int,
 ) -> Tensor:  # (N, out) float32
     """BitLinear eval's output from packed weights with the decided ISA (call after `use_packed_kernel` is True)."""
-    return _packed_call(y.contiguous(), packed, out_features, gamma, bias, q_max, _PACKED["isa_code"])
+    return _PACKED["op"](y.contiguous(), packed, out_features, gamma, bias, q_max, _PACKED["isa_code"],
+                         PACKED_GEMM_MIN_ROWS)  # fmt: skip
