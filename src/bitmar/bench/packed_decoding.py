@@ -58,6 +58,10 @@ RSS_GOAL = Goal("<=", 0.5, "<= 0.5x peak RSS")
 # ---------------------------------------------------------------------------------------------------------------
 
 
+_INIT_FUNCTIONS = ("normal_", "zeros_", "ones_", "uniform_", "trunc_normal_", "xavier_uniform_", "kaiming_uniform_",
+                   "orthogonal_", "constant_")  # fmt: skip
+
+
 def _packed_skeleton(model: nn.Module) -> None:
     """Swap every quantized BitLinear for an empty PackedBitLinear of the same shape, on the meta device."""
     for parent in list(model.modules()):
@@ -80,22 +84,21 @@ def _packed_skeleton(model: nn.Module) -> None:
 def load_packed_model(config_path: str | Path, state_path: str | Path) -> BitMar:
     """The packed model from `save_packed_state`'s file without materialising any float ternary weight."""
     cfg = load_config(config_path)
-    # Only the BitLinear layers are built on the meta device, and their random init is skipped: torch's meta
+    # The module tree is built on the meta device (no storage) with torch.nn.init skipped there: torch's meta
     # normal_ is a Python reference that imports torch._dynamo and sympy (+74 MB RSS, more than the packed weights).
-    # The small float parts are built normally and replaced by the loaded tensors.
-    init, normal = BitLinear.__init__, nn.init.normal_
+    originals = {name: getattr(nn.init, name) for name in _INIT_FUNCTIONS}
 
-    def meta_init(self: BitLinear, *args: Any, **kwargs: Any) -> None:
-        init(self, *args, **{**kwargs, "device": torch.device("meta")})
+    def skip_meta(init: Any) -> Any:
+        return lambda tensor, *args, **kwargs: tensor if tensor.is_meta else init(tensor, *args, **kwargs)
 
-    def normal_or_skip(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return tensor if tensor.is_meta else normal(tensor, *args, **kwargs)
-
-    BitLinear.__init__, nn.init.normal_ = meta_init, normal_or_skip  # type: ignore[method-assign]
+    for name, init in originals.items():
+        setattr(nn.init, name, skip_meta(init))
     try:
-        model = BitMar(cfg.model)
+        with torch.device("meta"):
+            model = BitMar(cfg.model)
     finally:
-        BitLinear.__init__, nn.init.normal_ = init, normal  # type: ignore[method-assign]
+        for name, init in originals.items():
+            setattr(nn.init, name, init)
     _packed_skeleton(model)
     saved = torch.load(state_path, weights_only=True, mmap=True)  # file-backed, as safetensors loading is
     model.load_state_dict(saved["state"], assign=True, strict=True)
