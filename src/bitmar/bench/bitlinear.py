@@ -140,7 +140,9 @@ def time_train_step(d: int, tokens: int = 8192, repeats: int = 15, warmup: int =
 
 
 def time_inference(d: int, tokens: int = 8192, repeats: int = 15, warmup: int = 2, seed: int = 0) -> dict[str, Any]:
-    """Eval forward latency: PackedBitLinear (cached / unpacking each call) vs BitLinear eval vs nn.Linear."""
+    """Eval forward latency: PackedBitLinear (default: an int8 copy for batches this large where oneDNN's int8 GEMM
+    was measured faster, else the packed kernel; cache_weights=False: the packed kernel at every size, or unpacking
+    each call where the kernel is not built) vs BitLinear eval vs nn.Linear."""
     torch.manual_seed(seed)
     bit = BitLinear(d, d).eval()
     linear = nn.Linear(d, d, bias=False).eval()

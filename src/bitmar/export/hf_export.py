@@ -3,7 +3,8 @@
 An export directory holds
     config.json                 BitMarConfig (every ModelConfig field, packed flag, DINOv2 config) + auto_map
     configuration_bitmar.py     bitmar/model/model_config.py + templates/configuration_bitmar.py, flattened
-    modeling_bitmar.py          bitnet, memory and model sources + templates/modeling_bitmar.py, flattened
+    modeling_bitmar.py          packed CPU kernel (C++ source + loader), bitnet, memory and model sources +
+                                templates/modeling_bitmar.py, flattened
     processing_bitmar.py        templates/processing_bitmar.py (tokenizer + DINOv2 image processor)
     model.safetensors           `model.*` (BitMar) and `vision_backbone.*` (optional frozen DINOv2)
     episodic_store.safetensors  the checkpoint's persistent episodic store (EpisodicStore.state_dict()), when it holds

@@ -59,6 +59,8 @@ PACKED_PROBE_BUDGET_S = 0.3
 _PACKED_CFLAGS = ("-O3", "-ffp-contract=off", "-fno-fast-math", "-fopenmp")  # no FMA contraction: exact roundings
 _PACKED_LDFLAGS = ("-fopenmp",)  # torch's own libgomp (same soname): at::parallel_for follows torch.set_num_threads
 
+_PACKED_STALE_LOCK_S = 600  # a build takes ~20-35 s; a lock this old belongs to a dead process
+
 _packed_log = logging.getLogger("bitmar.kernels")
 
 PACKED_KERNEL_CPP = r"""
@@ -513,6 +515,9 @@ def _packed_compile(build_dir: Path, name: str) -> None:
     """Compile with torch.utils.cpp_extension (imported here: it needs setuptools, which a deployment may lack)."""
     from torch.utils import cpp_extension
 
+    lock = build_dir / "lock"  # torch's build lock: one left by a process killed mid-build would block forever
+    if lock.exists() and time.time() - lock.stat().st_mtime > _PACKED_STALE_LOCK_S:
+        lock.unlink(missing_ok=True)
     source = build_dir / "bitmar_packed.cpp"
     if not source.is_file() or source.read_text() != PACKED_KERNEL_CPP:
         tmp = build_dir / f".bitmar_packed.{os.getpid()}.cpp"  # atomic: a concurrent build never reads half a file
