@@ -13,7 +13,8 @@ to that variant alone:
 - fp32 twin: the same architecture with `model.quantize=false` (plain float32 linear layers);
 - BitLinear eval: the quantized model as trained (float master weights, quantized per weight update and cached).
 Each round starts one process per variant, the order rotating per round; a process warms up (4 tokens), then times
-`CALLS` generate calls and reports the median tokens/s and its peak RSS. Ratios are per round (side by side).
+`CALLS` generate calls and reports the median tokens/s, its peak RSS (VmHWM) and its RSS after the imports (the
+torch runtime every variant shares). Ratios are per round (side by side).
 
 Goals (issue 15): batch 1, one thread: packed >= 2.5x the twin's tokens/s and peak RSS <= 0.5x; batch 8 not slower;
 two threads >= 2x at batch 1.
@@ -133,10 +134,26 @@ def _build(variant: str, config_path: str, state_path: str | None) -> BitMar:
     return BitMar(cfg.model).eval()
 
 
+def _memory_mb(field: str) -> float | None:
+    """VmHWM (peak) or VmRSS of this process from /proc, in MB; None where /proc is missing.
+
+    Not getrusage's ru_maxrss: Linux keeps it across fork + exec, so a child started by a large parent reports the
+    parent's size (the benchmark's parent holds the full float model it packed)."""
+    try:
+        with open("/proc/self/status", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return None
+
+
 def run_variant(
     variant: str, config_path: str, batch: int, threads: int, new_tokens: int, calls: int, state: str | None
 ) -> dict[str, Any]:
     torch.set_num_threads(threads)
+    baseline = _memory_mb("VmRSS")  # torch and bitmar imported, nothing built
     model = _build(variant, config_path, state)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(4, model.config.vocab_size, (batch, PROMPT_TOKENS), generator=g)  # (B, T)
@@ -153,7 +170,8 @@ def run_variant(
     result: dict[str, Any] = {
         "variant": variant,
         "tokens_per_s": batch * new_tokens / statistics.median(times),
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # KiB on Linux
+        "peak_rss_mb": _memory_mb("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "rss_after_imports_mb": baseline,
         "seconds": times,
     }
     if variant == "packed":
@@ -201,7 +219,9 @@ def decoding_rows(settings: Settings) -> list[Row | Unavailable]:
                 rss = {v: [g["peak_rss_mb"] for g in got[v]] for v in VARIANTS}
                 med = {v: statistics.median(tps[v]) for v in VARIANTS}
                 rss_med = {v: statistics.median(rss[v]) for v in VARIANTS}
-                details = {"tokens_per_s": tps, "peak_rss_mb": rss, "kernel": got["packed"][0].get("kernel"),
+                base = {v: [g["rss_after_imports_mb"] for g in got[v]] for v in VARIANTS}
+                details = {"tokens_per_s": tps, "peak_rss_mb": rss, "rss_after_imports_mb": base,
+                           "kernel": got["packed"][0].get("kernel"),
                            "new_tokens": new_tokens, "calls_per_process": calls, "config": str(config)}  # fmt: skip
                 name = (
                     f"decoding, {label} config, batch {batch}, {threads} thread(s), {new_tokens} new tokens "

@@ -35,6 +35,7 @@ from torch import nn
 from bitmar.bench.bitlinear import _quartiles
 from bitmar.bitnet import BitLinear, int8_gemm_decision
 from bitmar.fileio import atomic_write_text
+from bitmar.kernels.packed_cpu import packed_kernel_decision
 
 NO_DIFFERENCE = "no difference"
 H200_BF16_PEAK_TFLOPS = 790.0  # measured dense bf16 matmul ceiling of an H200 (the datasheet says 989)
@@ -297,6 +298,7 @@ def machine_info(settings: Settings) -> dict[str, Any]:
         info["peak_tflops"] = settings.peak_tflops
     else:  # the route every CPU ternary matmul of this run takes (measured once per process, or forced)
         info["ternary_matmul_route"] = int8_gemm_decision()
+        info["packed_kernel"] = packed_kernel_decision()  # PackedBitLinear's route (packed CPU kernel or pure torch)
     return info
 
 
@@ -408,10 +410,15 @@ def _route_lines(machine: dict[str, Any]) -> list[str]:
     route = machine.get("ternary_matmul_route")
     if not route:
         return []
-    return [
+    lines = [
         f"ternary matmuls on CPU (BitLinear, PackedBitLinear): {route['route']} GEMM, {route['reason']} "
         f"(mode {route['mode']}, ONEDNN_MAX_CPU_ISA={route['onednn_max_cpu_isa'] or 'unset'})"
     ]
+    kernel = machine.get("packed_kernel")
+    if kernel:
+        used = f"packed {kernel['isa']} kernel" if kernel["use"] else "pure torch"
+        lines.append(f"PackedBitLinear below 256 rows (decoding): {used}, {kernel['reason']}")
+    return lines
 
 
 def write_outputs(result: dict[str, Any], path: Path) -> tuple[Path, Path]:
