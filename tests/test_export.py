@@ -29,6 +29,7 @@ from bitmar.data.tokenizer import train_tokenizer
 from bitmar.export import ExportError, build_remote_code, export_checkpoint, flatten_sources, hf_export, score_sentences
 from bitmar.export.__main__ import main as export_main
 from bitmar.export.hf_export import EXPORT_MANIFEST, LEGACY_EXPORT_FILES, STORE_NAME
+from bitmar.kernels import packed_cpu
 from bitmar.memory import EpisodicStore
 from bitmar.model import BitMar
 from bitmar.training.checkpoint import load_checkpoint, save_checkpoint
@@ -418,6 +419,11 @@ def test_exported_code_measures_its_cpu_route_and_obeys_the_switch(
 
     monkeypatch.setattr(remote, "_onednn_int8_gemm", counting_gemm)
     ids = torch.randint(3, 200, (8, 40))  # 320 rows per ternary matmul: above the int8 row threshold
+    # Issue 15: the export's own copy of the packed kernel's loader; where the package's kernel builds, it runs.
+    assert remote.packed_kernel_decision is not packed_cpu.packed_kernel_decision
+    with torch.no_grad():
+        model(input_ids=ids[:1, :5])  # 5 rows per ternary matmul: the packed kernel's side of the threshold
+    assert remote.packed_kernel_decision()["use"] is packed_cpu.packed_kernel_decision()["use"]
     logits = []
     remote.set_packed_kernel("off")  # the int8 route belongs to the pure-torch path; the packed kernel has its own
     try:
