@@ -1,8 +1,8 @@
 """Runs that stay safe and exact: file modes, the run lock, orphaned temporaries, resume guards, gradient
 accumulation at epoch ends, `--phase` with `--resume`, and signals during the post-training evaluation.
 
-Training runs go through `train_bitmar.py`'s `main` in-process on a tiny world sized so that every epoch of every
-phase has 3 micro-batches (an odd number), which keeps each run to a few seconds.
+Training runs go through `train_bitmar.py`'s `main` in-process on the session's `small_world` (tests/conftest.py),
+capped so that every epoch of every phase has 3 micro-batches (an odd number), which keeps each run to a few seconds.
 """
 
 from __future__ import annotations
@@ -25,8 +25,7 @@ import pytest
 import torch
 
 from bitmar import fileio
-from bitmar.config import SampleDataConfig, config_to_dict, load_config, save_config
-from bitmar.data.sample import generate_sample_dataset
+from bitmar.config import config_to_dict, load_config, save_config
 from bitmar.data.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
 from bitmar.model import BitMar
 from bitmar.training.checkpoint import (
@@ -63,15 +62,6 @@ RUN = [
     "--set", "evaluation.run_after_training=false",
 ]  # fmt: skip
 ACCUM = ["--set", "training.gradient_accumulation_steps=2"]
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    data_dir = tmp_path_factory.mktemp("world")
-    generate_sample_dataset(
-        data_dir, SampleDataConfig(num_cc3m=300, num_local_narratives=40, num_text_lines=600, num_novel_episodes=16)
-    )
-    return data_dir
 
 
 def _train(world: Path, out: Path, *extra: str) -> int:
@@ -277,8 +267,10 @@ def _fake_checkpoint(path: Path, world: Path) -> Path:
     return save_checkpoint(payload, path)
 
 
-def test_resume_with_a_shape_changing_set_is_refused_listing_the_keys(world: Path, tmp_path: Path, capsys) -> None:
-    ckpt = _fake_checkpoint(tmp_path / "ckpt.pt", world)
+def test_resume_with_a_shape_changing_set_is_refused_listing_the_keys(
+    small_world: Path, tmp_path: Path, capsys
+) -> None:
+    ckpt = _fake_checkpoint(tmp_path / "ckpt.pt", small_world)
     out = tmp_path / "run"
     tiny = load_config(TINY).model
     argv = ["--resume", str(ckpt), "--output_dir", str(out), "--set", f"model.mlp_ratio={tiny.mlp_ratio / 2}"]
@@ -313,10 +305,10 @@ def test_tokenizer_mismatch_ignores_call_settings_and_counts_kept_ids(tmp_path: 
 
 
 @pytest.fixture(scope="module")
-def full_run(world: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def full_run(small_world: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The uninterrupted reference: accumulation 2 over 3 micro-batches per epoch, three phases."""
     out = tmp_path_factory.mktemp("full") / "run"
-    assert _train(world, out, *ACCUM) == 0
+    assert _train(small_world, out, *ACCUM) == 0
     return out
 
 
@@ -332,18 +324,20 @@ def test_a_partial_accumulation_at_an_epoch_end_is_stepped_not_leaked(full_run: 
 
 
 @pytest.mark.slow
-def test_resume_with_accumulation_reproduces_the_uninterrupted_run(world: Path, full_run: Path, tmp_path: Path) -> None:
+def test_resume_with_accumulation_reproduces_the_uninterrupted_run(
+    small_world: Path, full_run: Path, tmp_path: Path
+) -> None:
     expected = _losses(full_run)
     reference = load_checkpoint(full_run / "checkpoints" / "last.pt")["model"]
     # From the epoch checkpoint at the end of phase 1, into a new run directory.
     from_epoch = tmp_path / "from_epoch"
-    assert _train(world, from_epoch, *ACCUM, "--resume", str(full_run / "checkpoints" / "bitmar_epoch_1.pt")) == 0
+    assert _train(small_world, from_epoch, *ACCUM, "--resume", str(full_run / "checkpoints" / "bitmar_epoch_1.pt")) == 0
     # Mid-epoch: stop after step 3 (phase 2, after its first full accumulation), then continue.
     mid = tmp_path / "mid"
-    assert _train(world, mid, *ACCUM, "--stop_after_steps", "3") == 0
+    assert _train(small_world, mid, *ACCUM, "--stop_after_steps", "3") == 0
     progress = load_checkpoint(mid / "checkpoints" / "last.pt")["progress"]
     assert (progress["phase"], progress["batch"], progress["global_step"]) == (2, 2, 3)
-    assert _train(world, mid, *ACCUM, "--resume", "auto") == 0
+    assert _train(small_world, mid, *ACCUM, "--resume", "auto") == 0
     for out, first in ((from_epoch, 3), (mid, 1)):
         got = _losses(out)
         assert sorted(got) == list(range(first, 7)), out.name
@@ -355,13 +349,15 @@ def test_resume_with_accumulation_reproduces_the_uninterrupted_run(world: Path, 
 
 @pytest.mark.slow
 def test_resume_into_a_new_directory_uses_the_checkpoints_tokenizer(
-    world: Path, full_run: Path, tmp_path: Path
+    small_world: Path, full_run: Path, tmp_path: Path
 ) -> None:
     ckpt = full_run / "checkpoints" / "bitmar_epoch_1.pt"
     stored = load_checkpoint(ckpt)["tokenizer"]
     # A vocabulary override would have trained another tokenizer here; the checkpoint's is restored instead.
     out = tmp_path / "new"
-    assert _train(world, out, "--resume", str(ckpt), "--set", "data.vocab_size=300", "--stop_after_steps", "4") == 0
+    assert (
+        _train(small_world, out, "--resume", str(ckpt), "--set", "data.vocab_size=300", "--stop_after_steps", "4") == 0
+    )
     restored = load_tokenizer(out / "tokenizer").backend_tokenizer.to_str()
     assert tokenizer_mismatch(stored, restored) is None
     assert tokenizer_mismatch(stored, load_checkpoint(out / "checkpoints" / "last.pt")["tokenizer"]) is None
@@ -369,29 +365,29 @@ def test_resume_into_a_new_directory_uses_the_checkpoints_tokenizer(
 
 @pytest.mark.slow
 def test_resume_refuses_a_different_tokenizer_in_the_run_directory_or_at_tokenizer_path(
-    world: Path, full_run: Path, tmp_path: Path, capsys
+    small_world: Path, full_run: Path, tmp_path: Path, capsys
 ) -> None:
     ckpt = str(full_run / "checkpoints" / "bitmar_epoch_1.pt")
     other = train_tokenizer(["zebras quietly graze on the plain"] * 40, 300, tmp_path / "other" / "tokenizer")
     before = (tmp_path / "other" / "tokenizer" / "tokenizer.json").read_bytes()
-    assert _train(world, tmp_path / "other", "--resume", ckpt) == 2
+    assert _train(small_world, tmp_path / "other", "--resume", ckpt) == 2
     err = capsys.readouterr().err
     assert "holds another tokenizer than the checkpoint's" in err and f"{len(other)} tokens" in err
     assert (tmp_path / "other" / "tokenizer" / "tokenizer.json").read_bytes() == before  # never retrained
     assert not (tmp_path / "other" / "checkpoints").exists()
     path = tmp_path / "other" / "tokenizer"
-    assert _train(world, tmp_path / "third", "--resume", ckpt, "--set", f"data.tokenizer_path={path}") == 2
+    assert _train(small_world, tmp_path / "third", "--resume", ckpt, "--set", f"data.tokenizer_path={path}") == 2
     assert "is not the tokenizer this checkpoint was trained with" in capsys.readouterr().err
 
 
 @pytest.mark.slow
 def test_phase_with_resume_starts_that_phase_from_the_checkpoints_weights(
-    world: Path, full_run: Path, tmp_path: Path, capsys
+    small_world: Path, full_run: Path, tmp_path: Path, capsys
 ) -> None:
     ckpt = full_run / "checkpoints" / "bitmar_epoch_1.pt"  # end of phase 1
     out = tmp_path / "phase3"
     # --max_epochs 1: phase 3 gets one epoch, as a fresh run started at phase 3 would.
-    assert _train(world, out, *ACCUM, "--phase", "3", "--resume", str(ckpt), "--max_epochs", "1") == 0
+    assert _train(small_world, out, *ACCUM, "--phase", "3", "--resume", str(ckpt), "--max_epochs", "1") == 0
     assert "starting phase 3 from the weights of" in capsys.readouterr().err
     records = _records(out)
     assert {r["Training/Phase"] for r in records if "Training/Phase" in r} == {3}
@@ -408,7 +404,9 @@ def test_phase_with_resume_starts_that_phase_from_the_checkpoints_weights(
 
 
 @pytest.mark.slow
-def test_sigterm_during_the_post_training_evaluation_stops_it(world: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+def test_sigterm_during_the_post_training_evaluation_stops_it(
+    small_world: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
     import bitmar.evaluation
 
     finished = tmp_path / "evaluation_finished"
@@ -425,7 +423,7 @@ def test_sigterm_during_the_post_training_evaluation_stops_it(world: Path, tmp_p
     handler_before = signal.getsignal(signal.SIGTERM)
     started = time.time()
     code = _train(
-        world, out, "--max_epochs", "1", "--set", "evaluation.run_after_training=true",
+        small_world, out, "--max_epochs", "1", "--set", "evaluation.run_after_training=true",
         "--set", "training.phase2_alignment.enabled=false", "--set", "training.phase3_memory.enabled=false",
     )  # fmt: skip
     assert code == 128 + signal.SIGTERM

@@ -1,4 +1,4 @@
-"""End-to-end runs of train_bitmar.py on a small sample world (CPU).
+"""End-to-end runs of train_bitmar.py on the session's small sample world (`small_world`, tests/conftest.py; CPU).
 
 Each run is a real subprocess of the user-facing command, shrunk with --set overrides so the file stays fast.
 """
@@ -17,8 +17,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from bitmar.config import SampleDataConfig
-from bitmar.data.sample import generate_sample_dataset
 from bitmar.training.checkpoint import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,15 +34,6 @@ SMALL_RUN = [
     "--set", "data.validation_fraction=0.1",
     "--set", "evaluation.run_after_training=false",
 ]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def small_world(tmp_path_factory) -> Path:
-    data_dir = tmp_path_factory.mktemp("world")
-    generate_sample_dataset(
-        data_dir, SampleDataConfig(num_cc3m=300, num_local_narratives=40, num_text_lines=600, num_novel_episodes=16)
-    )
-    return data_dir
 
 
 def _env(threads: int = 1) -> dict[str, str]:
@@ -78,9 +67,12 @@ def _losses(out: Path) -> dict[int, float]:
     return {r["step"]: r["Training/Loss"] for r in _records(out) if "Training/Loss" in r}
 
 
-@pytest.mark.slow
-def test_tiny_run_writes_every_artifact(small_world: Path, tmp_path: Path) -> None:
-    out = tmp_path / "run"
+@pytest.fixture(scope="module")
+def tiny_run(small_world: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
+    """The module's one uninterrupted run (3 phases x 4 steps), wandb offline, evaluated after training. The artifact
+    test checks what it writes; the resume test takes its losses and weights as the reference (neither the logging
+    mode nor the evaluation after training touches training), so the file trains it once, not twice."""
+    out = tmp_path_factory.mktemp("tiny_run") / "run"
     result = _train(
         small_world,
         out,
@@ -91,6 +83,12 @@ def test_tiny_run_writes_every_artifact(small_world: Path, tmp_path: Path) -> No
         "--set",
         "evaluation.tasks=[retrieval,grounding,minimal_pairs]",
     )
+    return out, result
+
+
+@pytest.mark.slow
+def test_tiny_run_writes_every_artifact(tiny_run: tuple[Path, subprocess.CompletedProcess]) -> None:
+    out, result = tiny_run
     assert result.returncode == 0, result.stderr[-3000:]
     checkpoints = out / "checkpoints"
     for name in ("bitmar_epoch_1.pt", "bitmar_epoch_2.pt", "bitmar_epoch_3.pt", "best.pt", "last.pt"):
@@ -188,9 +186,10 @@ def _check_metric_names_and_values(out: Path) -> None:
 
 
 @pytest.mark.slow
-def test_resume_mid_epoch_reproduces_the_uninterrupted_loss_sequence(small_world: Path, tmp_path: Path) -> None:
-    full, split = tmp_path / "full", tmp_path / "split"
-    first = _train(small_world, full, "--wandb", "disabled")
+def test_resume_mid_epoch_reproduces_the_uninterrupted_loss_sequence(
+    small_world: Path, tiny_run: tuple[Path, subprocess.CompletedProcess], tmp_path: Path
+) -> None:
+    (full, first), split = tiny_run, tmp_path / "split"
     assert first.returncode == 0, first.stderr[-3000:]
     # Step 6 is in the middle of phase 2's epoch (4 steps per epoch): stop there, then continue.
     stopped = _train(small_world, split, "--wandb", "disabled", "--stop_after_steps", "6")
