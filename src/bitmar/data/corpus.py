@@ -57,11 +57,6 @@ def clean_line(line: str) -> str | None:
     return text or None
 
 
-def count_words(lines: Iterator[str] | Sequence[str]) -> int:
-    """Whitespace-separated words (the BabyLM budget counts words, not tokens)."""
-    return sum(len(line.split()) for line in lines)
-
-
 @dataclass(frozen=True)
 class TextFile:
     """One `<source>.train` file, inside the zip (`member` set) or on disk."""

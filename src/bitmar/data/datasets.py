@@ -71,7 +71,6 @@ logger = logging.getLogger(__name__)
 SPLIT_SEED = 1234  # train/validation split seed, independent of training.seed
 PAD_ID = SPECIAL_TOKENS.index(PAD_TOKEN)
 TEXT, CAPTION = 0, 1
-KIND_NAMES = ("text", "caption")
 _CAPTION_CACHE_FORMAT = 1
 
 

@@ -31,7 +31,6 @@ from bitmar.data import layout
 from bitmar.data.corpus import (  # noqa: F401  (re-exported: the corpus rules live in bitmar.data.corpus)
     TextFile,
     clean_line,
-    count_words,
     decode_line,
     file_lock,
     iter_file_lines,

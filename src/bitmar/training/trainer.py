@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from bitmar.bitnet import BitLinear, describe_int8_gemm, quantization_stats
-from bitmar.config import BitMarConfig, ConfigError, TrainingConfig, config_from_dict, config_to_dict, save_config
+from bitmar.config import BitMarConfig, ConfigError, TrainingConfig, config_to_dict, save_config
 from bitmar.data.datasets import collate_captions, collate_text
 from bitmar.data.pseudowords import augment_episode_ids, fast_mapping_augmenter
 from bitmar.fileio import atomic_write_text
@@ -980,7 +980,3 @@ def attention_entropy_metrics(attentions: dict[str, list[torch.Tensor]]) -> dict
             entropy = -(p * p.log()).sum(-1).mean()
             metrics[f"Attention/{names.get(kind, kind)}_layer_{layer}_Entropy"] = float(entropy)
     return metrics
-
-
-def rebuild_config_from_checkpoint(payload: dict[str, Any], overrides: list[str]) -> BitMarConfig:
-    return config_from_dict(payload["config"], overrides)
