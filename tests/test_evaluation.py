@@ -16,7 +16,7 @@ import pytest
 import sacrebleu
 import torch
 from rouge_score import rouge_scorer
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from tiny_model import word_tokenizer
 from transformers import PreTrainedTokenizerFast
 
 from bitmar.config import EVALUATION_TASKS, SampleDataConfig, config_from_dict, config_to_dict, load_config
@@ -48,14 +48,8 @@ WORDS = ["<pad>", "<s>", "</s>", "<unk>", "a", "b", "c", "d"]
 PROBS = {"a": 0.4, "b": 0.3, "c": 0.2, "d": 0.1}  # every position predicts the next token with these probabilities
 
 
-def word_tokenizer() -> PreTrainedTokenizerFast:
-    """Whitespace word-level tokenizer over WORDS that prepends BOS, like BitMar's."""
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
-    )
+def words_tokenizer() -> PreTrainedTokenizerFast:
+    return word_tokenizer(WORDS)
 
 
 class FixedLogitsModel(torch.nn.Module):
@@ -74,7 +68,7 @@ class FixedLogitsModel(torch.nn.Module):
 
 
 def test_sentence_score_is_the_sum_of_token_log_probs_after_bos_without_eos() -> None:
-    tok = word_tokenizer()
+    tok = words_tokenizer()
     seqs = sentence_token_ids(tok, ["a b", "d", "c c c a"])
     assert seqs[0] == [1, 4, 5]  # BOS + tokens, no EOS
     scores, counts = score_sequences(FixedLogitsModel(), seqs, pad_id=0, batch_size=2, device=torch.device("cpu"))
@@ -97,7 +91,7 @@ def test_minimal_pair_accuracy_of_a_hand_made_model_counts_ties_as_wrong(tmp_pat
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "y.jsonl").write_text(json.dumps(lines_y[0]) + "\n\n", encoding="utf-8")
     pairs = load_minimal_pairs(tmp_path, configured=True)
-    result = minimal_pair_accuracy(FixedLogitsModel(), word_tokenizer(), pairs, 3, torch.device("cpu"))
+    result = minimal_pair_accuracy(FixedLogitsModel(), words_tokenizer(), pairs, 3, torch.device("cpu"))
     assert result["pairs"] == 4 and result["ties"] == 1
     assert result["per_uid"] == {"x": pytest.approx(1 / 3), "y": 1.0}
     assert result["accuracy"] == pytest.approx(0.5)
@@ -108,7 +102,7 @@ def test_minimal_pair_accuracy_of_a_hand_made_model_counts_ties_as_wrong(tmp_pat
 def test_minimal_pair_scores_match_the_hf_export_scorer() -> None:
     from bitmar.export.hf_export import score_sentences
 
-    tok, model = word_tokenizer(), FixedLogitsModel()
+    tok, model = words_tokenizer(), FixedLogitsModel()
     sentences = ["a b c", "d", "b b a d c"]
     ours, _ = score_sequences(model, sentence_token_ids(tok, sentences), pad_id=0, batch_size=2, device="cpu")
     assert ours.tolist() == pytest.approx(score_sentences(model, tok, sentences, batch_size=2).tolist(), rel=1e-6)

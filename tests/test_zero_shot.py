@@ -13,8 +13,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from tiny_model import TINY_MODEL
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from tiny_model import TINY_MODEL, word_tokenizer
 from transformers import PreTrainedTokenizerFast
 
 from bitmar.config import BitMarConfig, SampleDataConfig
@@ -140,12 +139,7 @@ WORDS = ["<pad>", "<s>", "</s>", "<unk>", "a", "b", "c", "d", "e", "f", "g", "h"
 
 
 def _tokenizer() -> PreTrainedTokenizerFast:
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
-    )
+    return word_tokenizer(WORDS)
 
 
 class PriorDominatedModel(torch.nn.Module):

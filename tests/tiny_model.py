@@ -1,5 +1,8 @@
 """The minimal BitMar shape shared by the model tests (every path enabled, seconds to run)."""
 
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import PreTrainedTokenizerFast
+
 from bitmar.model.model_config import ModelConfig
 
 TINY_MODEL = ModelConfig(
@@ -18,3 +21,14 @@ TINY_MODEL = ModelConfig(
     memory_readout_tokens=2,
     gqa_group_size=2,
 )
+
+
+def word_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
+    """Whitespace word-level tokenizer over `words` (the first four: <pad>, <s>, </s>, <unk>) that prepends BOS, like
+    BitMar's: for scoring tests with hand-made models."""
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
