@@ -107,6 +107,15 @@ def causal_lm_loss(logits: Tensor, labels: Tensor, attention_mask: Tensor | None
     return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
 
 
+def check_forward_inputs(owner: str, kwargs: dict[str, Any], input_ids: Any, inputs_embeds: Any) -> None:
+    """The arguments both model classes refuse: unknown keywords, and inputs_embeds instead of input_ids."""
+    unknown = sorted(set(kwargs) - _IGNORED_KWARGS)
+    if unknown:
+        raise TypeError(f"{owner}.forward got unexpected arguments {unknown}")
+    if inputs_embeds is not None or input_ids is None:
+        raise ValueError(f"{owner} needs input_ids (inputs_embeds are not supported)")
+
+
 def padding_mask(attention_mask: Tensor | None) -> Tensor | None:
     """The (B, T) padding mask of `attention_mask`: a (B, T) mask itself, or the causal (B, T, T) / (B, 1, T, T)
     mask built from one (the BabyLM pipeline's fine-tuning with --causal passes mask[:, None, :].repeat(T).tril()).
@@ -233,11 +242,7 @@ class BitMarModel(BitMarPreTrainedModel):
         inputs_embeds: Tensor | None = None,
         **kwargs: Any,
     ) -> BaseModelOutputWithPast | tuple[Tensor, ...]:
-        unknown = sorted(set(kwargs) - _IGNORED_KWARGS)
-        if unknown:
-            raise TypeError(f"BitMarModel.forward got unexpected arguments {unknown}")
-        if inputs_embeds is not None or input_ids is None:
-            raise ValueError("BitMarModel needs input_ids (inputs_embeds are not supported)")
+        check_forward_inputs("BitMarModel", kwargs, input_ids, inputs_embeds)
         attention_mask = padding_mask(attention_mask)
         vision_features = self._vision_input(pixel_values, vision_features)
         if output_hidden_states is None:
@@ -303,11 +308,7 @@ class BitMarForCausalLM(BitMarPreTrainedModel, GenerationMixin):
         The model keeps no KV cache: `past_key_values` is ignored and every call recomputes the whole sequence
         (generation stays exact, just not incremental).
         """
-        unknown = sorted(set(kwargs) - _IGNORED_KWARGS)
-        if unknown:
-            raise TypeError(f"BitMarForCausalLM.forward got unexpected arguments {unknown}")
-        if inputs_embeds is not None or input_ids is None:
-            raise ValueError("BitMarForCausalLM needs input_ids (inputs_embeds are not supported)")
+        check_forward_inputs("BitMarForCausalLM", kwargs, input_ids, inputs_embeds)
         attention_mask = padding_mask(attention_mask)
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
