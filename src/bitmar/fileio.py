@@ -10,7 +10,10 @@ recognise (and remove) its own orphans after a SIGKILL.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -51,19 +54,63 @@ def mkdtemp(*, dir: str | os.PathLike, prefix: str, suffix: str = "") -> str:  #
     return path
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write to a temporary file in the same folder, then rename: readers never see a half-written file."""
+@contextmanager
+def atomic_file(path: str | os.PathLike, *, suffix: str = ".tmp", fsync: bool = False) -> Iterator[Path]:
+    """The one crash-safe file write of BitMar: yield a temporary path in the target's folder (named like our other
+    temporaries, ending in `suffix`: matplotlib and numpy read the format from it), rename it onto `path` when the
+    block ends cleanly, remove it when the block raises. Readers never see a half-written file. `fsync=True` flushes
+    the bytes to disk before the rename (checkpoints: a power cut must not leave a renamed but empty file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
+        yield Path(tmp)
+        if fsync:
+            with open(tmp, "rb") as handle:
+                os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    finally:
+        Path(tmp).unlink(missing_ok=True)  # no-op after the rename
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write `text` (UTF-8) through `atomic_file`."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write `data` through `atomic_file`."""
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+@contextmanager
+def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty temporary sibling directory; when the block ends cleanly it replaces `path` with renames only
+    (an existing `path` is renamed aside first and put back if the final rename fails), when it raises it is removed.
+    For outputs that are a folder of files (an export, a tokenizer)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    try:
+        yield tmp
+        if not path.exists():
+            os.replace(tmp, path)
+            return
+        old = Path(mkdtemp(dir=path.parent, prefix=f".{path.name}.old-"))
+        os.replace(path, old / "previous")
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            os.replace(old / "previous", path)  # put the previous version back
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # no-op after the rename
 
 
 def check_writable_dir(path: str | os.PathLike) -> None:
