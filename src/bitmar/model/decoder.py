@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from bitmar.bitnet import BitLinear
-from bitmar.model.layers import KVCache, TransformerBlock, kv_heads, mlp_hidden_size
+from bitmar.model.layers import KVCache, block_stack
 from bitmar.model.model_config import ModelConfig
 
 
@@ -66,19 +66,8 @@ class TextDecoder(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         c = config.hidden_size
-        heads = config.decoder_heads
         self.hidden_size = c
-        self.blocks = nn.ModuleList(
-            TransformerBlock(
-                c,
-                heads,
-                kv_heads(heads, config.gqa_group_size),
-                mlp_hidden_size(c, config.mlp_ratio),
-                quantize=config.quantize,
-                dropout=config.dropout,
-            )
-            for _ in range(config.decoder_layers)
-        )
+        self.blocks = block_stack(config, config.decoder_layers, config.decoder_heads)
         self.norm = nn.RMSNorm(c, eps=1e-6)
         self.readout_tokens = config.memory_readout_tokens
         self.episode_tokens = config.episode_tokens

@@ -10,7 +10,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from bitmar.bitnet import BitLinear
-from bitmar.model.layers import TransformerBlock, kv_heads, mlp_hidden_size
+from bitmar.model.layers import block_stack
 from bitmar.model.model_config import ModelConfig
 from bitmar.model.text_encoder import masked_mean
 
@@ -19,20 +19,7 @@ class CrossModalFusion(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         c = config.hidden_size
-        heads = config.encoder_heads
-        self.blocks = nn.ModuleList(
-            TransformerBlock(
-                c,
-                heads,
-                kv_heads(heads, config.gqa_group_size),
-                mlp_hidden_size(c, config.mlp_ratio),
-                cross=True,
-                rotary=False,
-                quantize=config.quantize,
-                dropout=config.dropout,
-            )
-            for _ in range(config.fusion_layers)
-        )
+        self.blocks = block_stack(config, config.fusion_layers, config.encoder_heads, cross=True, rotary=False)
         self.norm = nn.RMSNorm(c, eps=1e-6)
         self.latent_proj = BitLinear(c, config.episode_dim, quantize=config.quantize)
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bitmar.bitnet import BitLinear
+from bitmar.model.model_config import ModelConfig
 
 
 def mlp_hidden_size(dim: int, mlp_ratio: float) -> int:
@@ -252,6 +253,33 @@ class TransformerBlock(nn.Module):
         x = x + self.resid_dropout(attn_out)
         x = x + self.resid_dropout(self.mlp(x))
         return x, weights
+
+
+def block_stack(
+    config: ModelConfig,
+    num_layers: int,
+    num_heads: int,
+    *,
+    cross: bool = False,
+    rotary: bool = True,
+    quantize: bool | None = None,
+) -> nn.ModuleList:
+    """`num_layers` TransformerBlocks of one stack (encoder, decoder, fusion, vision) at `config`'s width, GQA grouping,
+    MLP ratio and dropout; `quantize` defaults to `config.quantize` (the vision stack passes its own flag)."""
+    c = config.hidden_size
+    return nn.ModuleList(
+        TransformerBlock(
+            c,
+            num_heads,
+            kv_heads(num_heads, config.gqa_group_size),
+            mlp_hidden_size(c, config.mlp_ratio),
+            cross=cross,
+            rotary=rotary,
+            quantize=config.quantize if quantize is None else quantize,
+            dropout=config.dropout,
+        )
+        for _ in range(num_layers)
+    )
 
 
 def key_padding_mask(valid: Tensor | None) -> Tensor | None:

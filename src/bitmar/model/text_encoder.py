@@ -9,7 +9,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from bitmar.bitnet import BitLinear
-from bitmar.model.layers import TransformerBlock, key_padding_mask, kv_heads, mlp_hidden_size
+from bitmar.model.layers import block_stack, key_padding_mask
 from bitmar.model.model_config import ModelConfig
 
 
@@ -30,18 +30,7 @@ class TextEncoder(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         c = config.hidden_size
-        heads = config.encoder_heads
-        self.blocks = nn.ModuleList(
-            TransformerBlock(
-                c,
-                heads,
-                kv_heads(heads, config.gqa_group_size),
-                mlp_hidden_size(c, config.mlp_ratio),
-                quantize=config.quantize,
-                dropout=config.dropout,
-            )
-            for _ in range(config.encoder_layers)
-        )
+        self.blocks = block_stack(config, config.encoder_layers, config.encoder_heads)
         self.norm = nn.RMSNorm(c, eps=1e-6)
         self.latent_proj = BitLinear(c, config.text_latent_size, quantize=config.quantize)
         self.dropout = nn.Dropout(config.dropout)

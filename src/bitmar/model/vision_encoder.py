@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from bitmar.bitnet import BitLinear
-from bitmar.model.layers import TransformerBlock, kv_heads, mlp_hidden_size
+from bitmar.model.layers import block_stack
 from bitmar.model.model_config import ModelConfig
 
 
@@ -21,7 +21,6 @@ class VisionEncoder(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         c = config.hidden_size
-        heads = config.encoder_heads
         quantize = config.quantize and config.vision_quantization
         self.feature_dim = config.vision_encoder_dim
         self.num_tokens = config.vision_num_tokens
@@ -29,18 +28,7 @@ class VisionEncoder(nn.Module):
         self.expand = BitLinear(config.vision_encoder_dim, self.num_tokens * c, quantize=quantize)
         self.patch_proj = BitLinear(config.vision_encoder_dim, c, quantize=quantize)
         self.token_pos = nn.Parameter(torch.zeros(self.num_tokens, c))  # (n, C), initialised by BitMar
-        self.blocks = nn.ModuleList(
-            TransformerBlock(
-                c,
-                heads,
-                kv_heads(heads, config.gqa_group_size),
-                mlp_hidden_size(c, config.mlp_ratio),
-                rotary=False,
-                quantize=quantize,
-                dropout=config.dropout,
-            )
-            for _ in range(config.vision_layers)
-        )
+        self.blocks = block_stack(config, config.vision_layers, config.encoder_heads, rotary=False, quantize=quantize)
         self.norm = nn.RMSNorm(c, eps=1e-6)
         self.latent_proj = BitLinear(c, config.vision_latent_size, quantize=quantize)
         self.dropout = nn.Dropout(config.dropout)
