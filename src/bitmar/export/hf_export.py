@@ -53,9 +53,9 @@ from bitmar.config import ConfigError, config_from_dict
 from bitmar.data.errors import DataError
 from bitmar.data.tokenizer import load_tokenizer
 from bitmar.fileio import check_writable_dir
+from bitmar.infra.checkpoint import load_checkpoint
 from bitmar.memory import EpisodicMemory, EpisodicStore
 from bitmar.model.bitmar import BitMar
-from bitmar.training.checkpoint import load_checkpoint
 
 # Sources of the remote code, in dependency order (a module only imports names from modules listed before it).
 CONFIG_SOURCES = ("bitmar.model.model_config",)
@@ -74,7 +74,6 @@ MODEL_SOURCES = (
 TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
 SOURCE_LIBRARIES = frozenset({"torch"})  # besides the standard library
 TEMPLATE_LIBRARIES = frozenset({"torch", "transformers", "safetensors"})  # safetensors: a transformers dependency
-GENERATED_MODULES = ("configuration_bitmar", "modeling_bitmar", "processing_bitmar")
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 WEIGHTS_NAME = "model.safetensors"
 STORE_NAME = "episodic_store.safetensors"  # = EPISODIC_STORE_NAME of templates/modeling_bitmar.py
