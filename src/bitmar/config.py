@@ -20,10 +20,12 @@ from typing import Any
 
 import yaml
 
-from bitmar.data.layout import TEXT_SOURCES
 from bitmar.fileio import atomic_write_text
 from bitmar.model.model_config import ARCHITECTURE_PRESETS, ModelConfig
 
+# The six text sources of the BabyLM release (members `train_50M/<source>.train`): the valid `data.text_sources`.
+# Defined here, below the data package, so that the config needs nothing from it; `bitmar.data.layout` re-exports it.
+TEXT_SOURCES = ("bnc_spoken", "childes", "gutenberg", "open_subtitles", "simple_wiki", "switchboard")
 BABYLM_MAX_EPOCHS = 10  # BabyLM rule: at most 10 passes over the 100M-word budget
 # Seeds must suit every seeder: NumPy's legacy seeding (np.random.seed, RandomState) takes 32 bits, torch 64 bits,
 # and the data order derives seed * 1000 + epoch; the 32-bit range satisfies all of them.
@@ -76,9 +78,7 @@ class DataConfig:
     data_dir: str = "../babylm_dataset"
     use_cc3m: bool = True
     use_local_narratives: bool = True
-    text_sources: list[str] = field(
-        default_factory=lambda: ["bnc_spoken", "childes", "gutenberg", "open_subtitles", "simple_wiki", "switchboard"]
-    )
+    text_sources: list[str] = field(default_factory=lambda: list(TEXT_SOURCES))
     clean_text: bool = True  # strip CHILDES/Switchboard speaker labels and `= = =` headers
     vocab_size: int = 16384  # BPE vocabulary (incl. special tokens)
     tokenizer_path: str | None = None  # default: <output_dir>/tokenizer/tokenizer.json, trained on first run

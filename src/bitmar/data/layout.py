@@ -6,12 +6,15 @@ works on the real download.
 
 from __future__ import annotations
 
+# The six sources of the text zip (`train_50M/<source>.train`). Defined in bitmar.config, where they are the valid
+# `data.text_sources`: the config stands below the data package and imports nothing from it.
+from bitmar.config import TEXT_SOURCES  # noqa: F401  (re-exported: layout.TEXT_SOURCES)
+
 OSF_PROJECT = "ad7qg"
 OSF_FOLDER = "multimodal_data"
 OSF_API_BASE = "https://api.osf.io"
 
 TEXT_ZIP = "train_50M.zip"
-TEXT_SOURCES = ("bnc_spoken", "childes", "gutenberg", "open_subtitles", "simple_wiki", "switchboard")
 
 CC3M_CAPTIONS = "cc_3M_captions.json"
 CC3M_FEATURES = ("cc_3M_dino_v2_states_1of2.npy", "cc_3M_dino_v2_states_2of2.npy")

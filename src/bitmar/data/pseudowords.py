@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from bitmar.data.vocabulary import NOUNS
+
 SIMPLE_ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "ch", "sh")
 CLUSTER_ONSETS = ("bl", "br", "dr", "fl", "gl", "gr", "kl", "pl", "pr", "sk", "sl", "sn", "sp", "st", "tr")
 VOWELS = ("a", "e", "i", "o", "u", "a", "e", "i", "o", "u", "oo", "ee")
@@ -149,8 +151,6 @@ class PseudoWordAugmenter:
 
 def sample_world_noun_forms() -> dict[str, tuple[str, bool]]:
     """COMMON_NOUNS plus the sample world's nouns (never its held-out nonce nouns)."""
-    from bitmar.data.sample import NOUNS  # local import: sample imports numpy-heavy world code
-
     return default_noun_forms(NOUNS)
 
 

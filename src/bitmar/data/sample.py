@@ -75,36 +75,24 @@ from bitmar.config import SampleDataConfig
 from bitmar.data import layout
 from bitmar.data.errors import DataError
 from bitmar.data.pseudowords import plural_of, pseudo_word_pool
+from bitmar.data.vocabulary import (  # noqa: F401  (re-exported: users import the vocabulary from here)
+    ASYMMETRIC_RELATIONS,
+    COLOURS,
+    COUNT_WORDS,
+    MAX_COUNT,
+    NONCE_NOUNS,
+    NOUNS,
+    RELATIONS,
+    SETTINGS,
+    SIZES,
+    VERBS,
+)
 
 WINOGROUND_FEATURES = "eval/winoground_features.npy"
 VQA_FEATURES = "eval/vqa_features.npy"
 SAMPLE_MANIFEST = layout.SAMPLE_MANIFEST
 MANIFEST_KIND = "bitmar-sample-world"
 SAMPLE_DEFAULT_DIR = layout.SAMPLE_DEFAULT_DIR
-
-COLOURS = ("red", "blue", "green", "yellow", "black", "white", "brown", "pink")
-SIZES = ("small", "big", "tiny")
-NOUNS: dict[str, str] = {
-    "ball": "balls", "dog": "dogs", "cat": "cats", "cup": "cups", "box": "boxes", "car": "cars", "bird": "birds",
-    "book": "books", "hat": "hats", "chair": "chairs", "apple": "apples", "duck": "ducks", "bear": "bears",
-    "shoe": "shoes",
-}  # fmt: skip
-NONCE_NOUNS: dict[str, str] = {
-    "wug": "wugs", "dax": "daxes", "blicket": "blickets", "toma": "tomas", "fep": "feps", "zorp": "zorps",
-    "kiki": "kikis", "mipen": "mipens",
-}  # fmt: skip
-RELATIONS = ("next to", "on", "under", "behind", "in front of", "near")
-ASYMMETRIC_RELATIONS = ("on", "under", "behind", "in front of")
-SETTINGS: dict[str, str] = {
-    "park": "in the park", "kitchen": "in the kitchen", "garden": "in the garden", "beach": "at the beach",
-    "bedroom": "in the bedroom", "street": "on the street", "forest": "in the forest", "classroom": "in the classroom",
-}  # fmt: skip
-COUNT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight")
-MAX_COUNT = 3
-VERBS: dict[str, str] = {  # 3rd person singular -> plural
-    "runs": "run", "jumps": "jump", "sleeps": "sleep", "sits": "sit", "falls": "fall", "plays": "play",
-    "rolls": "roll", "waits": "wait",
-}  # fmt: skip
 
 BLIMP_PAIRS_PER_UID = 100
 NUM_WINOGROUND = 100
