@@ -325,43 +325,14 @@ class BitMar(nn.Module):
         )
 
     @torch.no_grad()
-    def generate(
-        self,
-        input_ids: Tensor | None = None,
-        attention_mask: Tensor | None = None,
-        vision_features: Tensor | None = None,
-        memory_state: MemoryState | None = None,
-        memory_readout: Tensor | None = None,
-        max_new_tokens: int = 32,
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        eos_token_id: int | None = None,
-        pad_token_id: int | None = None,
-        bos_token_id: int | None = None,
-        use_cache: bool = True,
-        generator: torch.Generator | None = None,
-    ) -> Tensor:
-        """Generated token ids (B, steps) after the prompt; see `bitmar.model.generation.generate_tokens`."""
-        return generate_tokens(
-            self,
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            vision_features=vision_features,
-            memory_state=memory_state,
-            memory_readout=memory_readout,
-            max_new_tokens=max_new_tokens,
-            do_sample=do_sample,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            eos_token_id=eos_token_id,
-            pad_token_id=pad_token_id,
-            bos_token_id=bos_token_id,
-            use_cache=use_cache,
-            generator=generator,
-        )
+    def generate(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None, **kwargs: Any) -> Tensor:
+        """Generated token ids (B, steps) after the prompt: `bitmar.model.generation.generate_tokens(self, ...)`.
+
+        Every keyword argument goes to `generate_tokens`, which documents them: vision_features, memory_state,
+        memory_readout, max_new_tokens, do_sample, temperature, top_k, top_p, eos_token_id, pad_token_id,
+        bos_token_id, use_cache, generator (an unknown one raises TypeError there).
+        """
+        return generate_tokens(self, input_ids, attention_mask, **kwargs)
 
     # ------------------------------------------------------------------ analysis
 
