@@ -43,7 +43,7 @@ from bitmar.bitnet import (
 )
 from bitmar.kernels.packed_cpu import packed_kernel_mode
 
-# DESIGN.md worked example (Hugging Face blog).
+# docs/design.md §2 worked example (Hugging Face blog).
 W_EXAMPLE = [[0.8, -0.5, 1.2], [-1.5, 0.4, -0.9], [1.3, -0.7, 0.2]]
 W_T_EXAMPLE = [[1, -1, 1], [-1, 0, -1], [1, -1, 0]]
 X_EXAMPLE = [[1, -0.6, 0.7], [-0.9, 0.4, -1.2], [0.8, -0.5, 0.3]]

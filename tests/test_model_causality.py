@@ -1,4 +1,4 @@
-"""The decoder is causal: logits at positions < t never depend on tokens at positions >= t (DESIGN.md §3).
+"""The decoder is causal: logits at positions < t never depend on tokens at positions >= t (docs/design.md §3).
 
 Compared bitwise (torch.equal, float32): masked keys contribute exact zeros to the softmax, activation
 quantization is per token, and the same shapes run the same kernels, so nothing leaks even by rounding.

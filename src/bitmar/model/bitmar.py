@@ -1,13 +1,13 @@
 """BitMar: BitNet b1.58 vision-language model with a Larimar episodic memory.
 
-Data flow (DESIGN.md §1):
+Data flow (docs/design.md §1):
     text ids -> shared embedding -> bidirectional text encoder -> text tokens, z_t
     DINOv2 features -> quantized vision encoder -> vision tokens, z_v
     text tokens x vision tokens -> cross-modal fusion -> z_m (the episode value written to memory)
     z_v -> key projection -> episode key; memory.read_kv(key) -> readout z_r
     [readout tokens, vision tokens] + text embeddings -> causal decoder -> next-token logits
 
-The decoder never reads the bidirectional encoder's token states (that would leak the future, DESIGN.md §3).
+The decoder never reads the bidirectional encoder's token states (that would leak the future, docs/design.md §3).
 Losses live with the trainer; the model returns logits, latents, memory weights and attention maps.
 """
 

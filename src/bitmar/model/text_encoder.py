@@ -1,7 +1,7 @@
 """Bidirectional BitNet text encoder: token states for cross-modal fusion and a pooled text latent z_t.
 
 The encoder sees the whole text in both directions, so its outputs must never feed the causal decoder's
-next-token prediction (DESIGN.md §3): they go to the fusion module, the contrastive objective and memory keys.
+next-token prediction (docs/design.md §3): they go to the fusion module, the contrastive objective and memory keys.
 """
 
 from __future__ import annotations
