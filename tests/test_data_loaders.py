@@ -336,7 +336,7 @@ def test_token_cache_reused_and_invalidated(
     changed = build_token_cache(root, small_tokenizer, cache)
     assert changed.path != first.path and len(calls) == 3
     assert np.array_equal(np.asarray(changed.array()), tokens)
-    assert not [p for p in cache.iterdir() if p.name.startswith(".text_tokens.") and p.suffix != ".lock"]
+    assert not [p for p in cache.iterdir() if p.name.startswith(".text_tokens") and p.suffix != ".lock"]
 
 
 def test_corpus_without_utterances_is_an_error(tmp_path: Path, small_tokenizer: PreTrainedTokenizerFast) -> None:

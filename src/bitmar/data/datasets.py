@@ -50,7 +50,6 @@ from bitmar.data.sample import SAMPLE_DEFAULT_DIR, generate_sample_dataset, read
 from bitmar.data.text import (
     TextBlockDataset,
     TextTokens,
-    atomic_write_text,
     build_token_cache,
     file_lock,
     iter_text_lines,
@@ -65,6 +64,7 @@ from bitmar.data.tokenizer import (
     tokenizer_fingerprint,
     train_tokenizer,
 )
+from bitmar.fileio import atomic_file, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -155,10 +155,8 @@ def tokenize_captions(
         if not (fresh and all(p.is_file() for p in paths)):
             logger.info("caption tokens: tokenizing %d captions into %s", len(store), base)
             for path, array in zip(paths, _encode_store(store, tokenizer), strict=True):
-                tmp = path.with_name(f".{path.name}.tmp")
-                with open(tmp, "wb") as handle:
+                with atomic_file(path) as tmp, open(tmp, "wb") as handle:
                     np.save(handle, array, allow_pickle=False)
-                os.replace(tmp, path)
             atomic_write_text(meta_path, json.dumps({"fingerprint": fp, "captions": len(store)}))  # marks complete
     return CaptionTokens(*paths)
 

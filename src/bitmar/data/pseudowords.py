@@ -1,7 +1,7 @@
 """Pseudo-words for one-shot word learning (fast mapping), and the caption augmentation that teaches it.
 
 Why: if every caption is predictable from its picture, an episode latent never has to carry word identity, and
-one-shot recall of a new word is impossible (DESIGN.md §3). Phase-3 episodes therefore rename one object of the
+one-shot recall of a new word is impossible (docs/design.md §3). Phase-3 episodes therefore rename one object of the
 caption with a pseudo-word drawn at random per episode: the word is consistent between the episode that is written
 (study view + caption) and the caption that must be recalled from the test view, but no picture predicts it.
 

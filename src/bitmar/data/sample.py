@@ -852,11 +852,8 @@ def _refuse_foreign(data_dir: Path, foreign: list[str]) -> DataError:
     )
 
 
-def _write_manifest_atomic(tmp: Path, data_dir: Path, manifest: dict[str, Any], name: str) -> None:
-    staged = tmp / name
-    staged.write_text(json.dumps(manifest, ensure_ascii=False, indent=None), encoding="utf-8")
-    (data_dir / SAMPLE_MANIFEST).parent.mkdir(parents=True, exist_ok=True)
-    os.replace(staged, data_dir / SAMPLE_MANIFEST)
+def _write_manifest(data_dir: Path, manifest: dict[str, Any]) -> None:
+    fileio.atomic_write_text(data_dir / SAMPLE_MANIFEST, json.dumps(manifest, ensure_ascii=False, indent=None))
 
 
 def generate_sample_dataset(
@@ -920,6 +917,8 @@ def generate_sample_dataset(
     }  # fmt: skip
 
     data_dir.mkdir(parents=True, exist_ok=True)
+    # Staged in a folder of its own, then moved file by file (not `fileio.atomic_directory`: data_dir also holds files
+    # that are not ours, and the manifest must vouch for every file before it moves).
     tmp = Path(fileio.mkdtemp(dir=data_dir, prefix=".sample-tmp-"))
     try:
         prefix = Path(layout.TEXT_ZIP).stem  # "train_50M": the official zip unpacks into train_50M/<source>.train
@@ -956,11 +955,11 @@ def generate_sample_dataset(
         }
         # First the manifest that vouches for old and new content alike (a crash below leaves only files it records),
         # then the files, then the final manifest: it marks a complete sample world.
-        _write_manifest_atomic(tmp, data_dir, {**manifest, "complete": False, "replacing": replacing}, ".pending")
+        _write_manifest(data_dir, {**manifest, "complete": False, "replacing": replacing})
         for rel in data_files:
             (data_dir / rel).parent.mkdir(parents=True, exist_ok=True)
             os.replace(tmp / rel, data_dir / rel)
-        _write_manifest_atomic(tmp, data_dir, manifest, ".final")
+        _write_manifest(data_dir, manifest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

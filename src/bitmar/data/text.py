@@ -41,7 +41,7 @@ from bitmar.data.corpus import (  # noqa: F401  (re-exported: the corpus rules l
 )
 from bitmar.data.errors import DataError
 from bitmar.data.tokenizer import encode_batch, tokenizer_fingerprint
-from bitmar.fileio import atomic_write_text  # noqa: F401  (re-exported for the data modules)
+from bitmar.fileio import atomic_file, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -152,16 +152,10 @@ def _tokenize_to(
                 sources[file.source] = counts
         if total == 0:
             raise DataError(f"the text corpus ({', '.join(f.display for f in files)}) holds no lines after cleaning")
-        fd, npy_tmp = fileio.mkstemp(dir=path.parent, prefix=".text_tokens.", suffix=".npy")
-        try:
-            with os.fdopen(fd, "wb") as out, open(raw_tmp, "rb") as src:
-                header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": (total,)}
-                np.lib.format.write_array_header_1_0(out, header)
-                shutil.copyfileobj(src, out, 1 << 24)  # chunked: never the whole stream in RAM
-            os.replace(npy_tmp, path)
-        except BaseException:
-            Path(npy_tmp).unlink(missing_ok=True)
-            raise
+        with atomic_file(path) as npy_tmp, open(npy_tmp, "wb") as out, open(raw_tmp, "rb") as src:
+            header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": (total,)}
+            np.lib.format.write_array_header_1_0(out, header)
+            shutil.copyfileobj(src, out, 1 << 24)  # chunked: never the whole stream in RAM
     finally:
         Path(raw_tmp).unlink(missing_ok=True)
     return {"format": CACHE_FORMAT, "num_tokens": total, "dtype": dtype.name, "clean": clean, "sources": sources}

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -67,26 +66,14 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | os.Pat
 
 
 def save_tokenizer(tokenizer: PreTrainedTokenizerFast, out_dir: str | os.PathLike) -> None:
-    """`save_pretrained` into a temporary sibling directory, then swap it into place."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(fileio.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
-    try:
+    """`save_pretrained` into a temporary sibling directory, then swap it into place (`fileio.atomic_directory`)."""
+    with fileio.atomic_directory(out_dir) as tmp:
         tokenizer.save_pretrained(str(tmp))
         config_path = tmp / "tokenizer_config.json"
         config = json.loads(config_path.read_text(encoding="utf-8"))
         # A class name every transformers version knows (5.x writes its internal backend name).
         config["tokenizer_class"] = "PreTrainedTokenizerFast"
         config_path.write_text(json.dumps(config, indent=2), encoding="utf-8")
-        if out_dir.exists():
-            old = Path(fileio.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.old-"))
-            os.replace(out_dir, old / "dir")
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_tokenizer(path_or_dir: str | os.PathLike) -> PreTrainedTokenizerFast:
