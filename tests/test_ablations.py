@@ -36,7 +36,7 @@ from bitmar.evaluation.ablations import (
     train_run,
     verdict,
 )
-from bitmar.training.checkpoint import load_checkpoint
+from bitmar.infra.checkpoint import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -29,10 +29,10 @@ from bitmar.data.tokenizer import train_tokenizer
 from bitmar.export import ExportError, build_remote_code, export_checkpoint, flatten_sources, hf_export, score_sentences
 from bitmar.export.__main__ import main as export_main
 from bitmar.export.hf_export import EXPORT_MANIFEST, LEGACY_EXPORT_FILES, STORE_NAME
+from bitmar.infra.checkpoint import load_checkpoint, save_checkpoint
 from bitmar.kernels import packed_cpu
 from bitmar.memory import EpisodicStore
 from bitmar.model import BitMar
-from bitmar.training.checkpoint import load_checkpoint, save_checkpoint
 from bitmar.training.losses import sequence_log_probs
 
 REPO = Path(__file__).resolve().parents[1]

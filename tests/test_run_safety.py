@@ -27,15 +27,10 @@ import torch
 from bitmar import fileio
 from bitmar.config import config_to_dict, load_config, save_config
 from bitmar.data.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
+from bitmar.infra.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from bitmar.model import BitMar
-from bitmar.training.checkpoint import (
-    CheckpointError,
-    check_resumable_model,
-    load_checkpoint,
-    save_checkpoint,
-    tokenizer_mismatch,
-)
 from bitmar.training.cli import main
+from bitmar.training.resume import check_resumable_model, tokenizer_mismatch
 from bitmar.training.rundir import LOCK_NAME, RunDirectoryBusy, RunLock, remove_orphaned_temp_files
 from bitmar.training.trainer import Progress
 
@@ -114,7 +109,7 @@ def _mode(path: Path) -> int:
 
 @pytest.mark.parametrize(("mask", "file_mode", "dir_mode"), [(0o022, 0o644, 0o755), (0o027, 0o640, 0o750)])
 def test_atomic_writes_follow_the_umask(tmp_path: Path, mask: int, file_mode: int, dir_mode: int) -> None:
-    from bitmar.training.plots import _save
+    from bitmar.infra.figures import save_figure
 
     with _umask(mask):
         assert fileio.current_umask() == mask
@@ -128,7 +123,7 @@ def test_atomic_writes_follow_the_umask(tmp_path: Path, mask: int, file_mode: in
         save_tokenizer(tok, tmp_path / "tokenizer")  # through a temporary directory renamed into place
         import matplotlib.pyplot as plt
 
-        plot = _save(plt.figure(), tmp_path / "plots" / "p.png")
+        plot = save_figure(plt.figure(), tmp_path / "plots" / "p.png")
     for path in (text, ckpt, tmp_path / "config.yaml", Path(tmp), tmp_path / "tokenizer" / "tokenizer.json", plot):
         assert _mode(path) == file_mode, path
     for path in (folder, tmp_path / "tokenizer"):

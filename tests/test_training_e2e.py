@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bitmar.training.checkpoint import load_checkpoint
+from bitmar.infra.checkpoint import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL_RUN = [

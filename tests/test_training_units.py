@@ -13,17 +13,18 @@ import torch
 
 from bitmar.bitnet import BitLinear
 from bitmar.config import load_config
-from bitmar.training import plots
-from bitmar.training.checkpoint import (
+from bitmar.infra.checkpoint import (
     CheckpointError,
     capture_rng_state,
     load_checkpoint,
     restore_rng_state,
     save_checkpoint,
 )
+from bitmar.infra.figures import safe_plot
+from bitmar.infra.run_logger import RunLogger, resolve_wandb_mode
+from bitmar.training import plots
 from bitmar.training.losses import contrastive_loss, lm_loss, sequence_log_probs, token_nll
 from bitmar.training.objective import mask_tokens
-from bitmar.training.run_logger import RunLogger, resolve_wandb_mode
 from bitmar.training.schedule import TwoStageSchedule
 from bitmar.training.trainer import effective_phase_epochs, epoch_fraction, make_optimizer
 
@@ -188,7 +189,7 @@ def test_plots_are_written_for_any_slot_count_and_failures_only_warn(tmp_path, c
     assert plots.plot_quantization({"decoder": {"layer": np.random.randn(100)}}, tmp_path / "q.png", step=1).is_file()
     assert plots.plot_attention_heatmap(np.random.rand(2, 4, 4), tmp_path / "a.png", "t").is_file()
     with caplog.at_level("WARNING", logger="bitmar"):
-        assert plots.safe_plot(plots.plot_curves, [], ["Training/Loss"], tmp_path / "c.png", "t", "y") is None
+        assert safe_plot(plots.plot_curves, [], ["Training/Loss"], tmp_path / "c.png", "t", "y") is None
     assert "could not be drawn" in caplog.text
     assert not (tmp_path / "c.png").exists()
 

@@ -622,7 +622,7 @@ class HeadImportanceTracker:
     def draw_figures(self, step: int, logger: Any) -> list[Path]:
         """Heatmap per type and the timeline of the top heads; a drawing failure is a warning, never fatal."""
         from bitmar.analysis import report
-        from bitmar.training.plots import safe_plot
+        from bitmar.infra.figures import safe_plot
 
         histories = {k: h for k, h in self.histories.items() if len(h)}
         if not histories:

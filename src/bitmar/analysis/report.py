@@ -29,7 +29,7 @@ import numpy as np  # noqa: E402
 
 from bitmar.analysis.heads import ANALYSIS_TYPES, METRIC_NAMES, HeadHistory, history_path  # noqa: E402
 from bitmar.fileio import check_writable_dir  # noqa: E402
-from bitmar.training.plots import _save  # noqa: E402
+from bitmar.infra.figures import save_figure  # noqa: E402
 
 REPORT_NAME = "attention_analysis_report.md"
 TYPE_TITLES = {
@@ -146,7 +146,7 @@ def plot_head_heatmap(history: HeadHistory, path: Path, index: int = -1) -> Path
     )
     fig.colorbar(image, ax=ax, label=score_label(history))
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_timeline(histories: dict[str, HeadHistory], path: Path, k: int) -> Path:
@@ -170,7 +170,7 @@ def plot_timeline(histories: dict[str, HeadHistory], path: Path, k: int) -> Path
     last = max(int(histories[kind].steps[-1]) for kind in kinds)
     fig.suptitle(f"Top-{k} attention heads over training (EMA), up to step {last}")
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------------- loading

@@ -31,9 +31,9 @@ from bitmar import fileio
 from bitmar.analysis.heads import HeadImportanceTracker
 from bitmar.cli_args import positive_int
 from bitmar.config import load_config
+from bitmar.infra.run_logger import RunLogger
 from bitmar.model import BitMar
 from bitmar.training.objective import TrainingObjective
-from bitmar.training.run_logger import RunLogger
 from bitmar.training.trainer import make_optimizer
 
 ROOT = Path(__file__).resolve().parents[3]

@@ -38,8 +38,8 @@ from bitmar.evaluation.recall import evaluate_episodic_recall
 from bitmar.evaluation.retrieval import evaluate_retrieval
 from bitmar.evaluation.scoring import evaluate_minimal_pairs, evaluate_vqa, evaluate_winoground
 from bitmar.fileio import atomic_write_text, check_writable_dir
+from bitmar.infra.checkpoint import CheckpointError, load_checkpoint
 from bitmar.model import BitMar
-from bitmar.training.checkpoint import CheckpointError, load_checkpoint
 
 log = logging.getLogger("bitmar")
 
@@ -367,7 +367,7 @@ def log_to_wandb(results: dict[str, Any], cfg: BitMarConfig, mode: str, output_d
     """Log the flat metrics to a new wandb run (offline/online); any wandb failure only warns (RunLogger)."""
     if mode == "disabled":
         return
-    from bitmar.training.run_logger import RunLogger
+    from bitmar.infra.run_logger import RunLogger
 
     logger = RunLogger(
         output_dir,
@@ -442,7 +442,7 @@ def check_results_writable(json_path: str | os.PathLike, hint: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from bitmar.training.run_logger import setup_text_logging
+    from bitmar.infra.run_logger import setup_text_logging
 
     setup_text_logging(None, 0)
     try:

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from bitmar.export.hf_export import DTYPES, ExportError, export_checkpoint
-from bitmar.training.checkpoint import CheckpointError
+from bitmar.infra.checkpoint import CheckpointError
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -53,9 +53,9 @@ from bitmar.config import ConfigError, config_from_dict
 from bitmar.data.errors import DataError
 from bitmar.data.tokenizer import load_tokenizer
 from bitmar.fileio import check_writable_dir
+from bitmar.infra.checkpoint import load_checkpoint
 from bitmar.memory import EpisodicMemory, EpisodicStore
 from bitmar.model.bitmar import BitMar
-from bitmar.training.checkpoint import load_checkpoint
 
 # Sources of the remote code, in dependency order (a module only imports names from modules listed before it).
 CONFIG_SOURCES = ("bitmar.model.model_config",)

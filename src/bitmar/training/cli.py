@@ -17,15 +17,10 @@ import torch
 
 from bitmar.config import BitMarConfig, ConfigError, load_config
 from bitmar.data.errors import DataError
-from bitmar.training.checkpoint import (
-    CheckpointError,
-    adopt_checkpoint_tokenizer,
-    check_resumable_model,
-    find_resume_checkpoint,
-    load_checkpoint,
-)
+from bitmar.infra.checkpoint import CheckpointError, load_checkpoint
+from bitmar.infra.run_logger import setup_text_logging
 from bitmar.training.distributed import DistInfo, all_reduce_mean, cleanup, init_distributed
-from bitmar.training.run_logger import setup_text_logging
+from bitmar.training.resume import adopt_checkpoint_tokenizer, check_resumable_model, find_resume_checkpoint
 from bitmar.training.rundir import RunDirectoryBusy, RunLock, remove_orphaned_temp_files
 
 log = logging.getLogger("bitmar")

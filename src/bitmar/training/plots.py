@@ -1,16 +1,15 @@
 """Figures saved under <output_dir>/plots/ (matplotlib, Agg backend): each titled, with labelled axes.
 
 Every function takes plain arrays and a path and returns the path written. The trainer calls them through
-`safe_plot`, which turns a drawing failure into a warning: a plot that cannot be drawn never stops training.
+`bitmar.infra.figures.safe_plot`, which turns a drawing failure into a warning: a plot that cannot be drawn never
+stops training.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import math
-import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,30 +19,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bitmar.fileio import mkstemp  # noqa: E402
-
-log = logging.getLogger("bitmar")
-
-
-def _save(fig: Any, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=90)
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
-    return path
-
-
-def safe_plot(draw: Callable[..., Path], *args: Any, **kwargs: Any) -> Path | None:
-    try:
-        return draw(*args, **kwargs)
-    except Exception as err:  # graceful degradation, as users expect of plots
-        log.warning("plot %s could not be drawn (%s: %s); training continues", draw.__name__, type(err).__name__, err)
-        return None
+from bitmar.infra.figures import save_figure  # noqa: E402
 
 
 def _slot_grid(values: np.ndarray) -> np.ndarray:
@@ -70,7 +46,7 @@ def plot_memory_slots(usage: np.ndarray, age: np.ndarray, path: Path, step: int)
         ax.set_xlabel(f"slot index mod {grid.shape[1]}")
         ax.set_ylabel(f"slot index // {grid.shape[1]}")
         fig.colorbar(image, ax=ax, label=label)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_quantization(latent_weights: dict[str, dict[str, np.ndarray]], path: Path, step: int) -> Path:
@@ -102,7 +78,7 @@ def plot_quantization(latent_weights: dict[str, dict[str, np.ndarray]], path: Pa
         ax.set_xlabel("W / gamma (latent weight)")
         ax.set_ylabel("count")
     fig.suptitle(f"Ternary weight distributions by component, step {step}")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_compression(sizes: dict[str, tuple[int, int]], path: Path, step: int) -> Path:
@@ -126,7 +102,7 @@ def plot_compression(sizes: dict[str, tuple[int, int]], path: Path, step: int) -
     ax.set_title(f"Model size by component, step {step}: whole model {total_u / total_p:.2f}x smaller packed")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, axis="y")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_attention_heatmap(weights: np.ndarray, path: Path, title: str, max_heads: int = 8) -> Path:
@@ -142,7 +118,7 @@ def plot_attention_heatmap(weights: np.ndarray, path: Path, title: str, max_head
         ax.set_ylabel("query position")
     fig.colorbar(image, ax=axes[0].tolist(), label="attention weight")
     fig.suptitle(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def read_metrics(metrics_path: Path) -> list[dict[str, Any]]:
@@ -170,7 +146,7 @@ def plot_curves(records: Sequence[dict[str, Any]], keys: Sequence[str], path: Pa
     ax.set_ylabel(ylabel)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # Loss terms grouped by scale, one panel each, so that no term flattens the others (the memory KL sits at hundreds:
@@ -231,4 +207,4 @@ def plot_loss_panels(records: Sequence[dict[str, Any]], keys: Sequence[str], pat
     axes[-1, 0].set_xlabel("optimizer step")
     fig.suptitle("Training losses")
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -29,19 +29,18 @@ from bitmar.config import BitMarConfig, ConfigError, TrainingConfig, config_to_d
 from bitmar.data.datasets import collate_captions, collate_text
 from bitmar.data.pseudowords import augment_episode_ids, fast_mapping_augmenter
 from bitmar.fileio import atomic_write_text
+from bitmar.infra.checkpoint import (
+    CheckpointError,
+    capture_rng_state,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
+from bitmar.infra.figures import safe_plot
+from bitmar.infra.run_logger import RunLogger
 from bitmar.memory import EpisodicStore
 from bitmar.model import BitMar
 from bitmar.training import plots
-from bitmar.training.checkpoint import (
-    CheckpointError,
-    capture_rng_state,
-    find_resume_checkpoint,
-    load_checkpoint,
-    model_shape_mismatches,
-    restore_rng_state,
-    save_checkpoint,
-    tokenizer_mismatch,
-)
 from bitmar.training.diagnostics import (
     SlotUsageWindow,
     addressing_kl,
@@ -52,7 +51,7 @@ from bitmar.training.distributed import DistInfo, all_reduce_mean, barrier, broa
 from bitmar.training.hard_negatives import swap_token_classes
 from bitmar.training.losses import contrastive_loss, token_nll
 from bitmar.training.objective import TrainingObjective
-from bitmar.training.run_logger import RunLogger
+from bitmar.training.resume import find_resume_checkpoint, model_shape_mismatches, tokenizer_mismatch
 from bitmar.training.schedule import TwoStageSchedule
 
 log = logging.getLogger("bitmar")
@@ -822,7 +821,7 @@ class Trainer:
             mass = state.usage.detach().float()  # (K,) addressing mass of the held episodes
             usage = mass / mass.max() if bool(mass.max() > 0) else mass  # relative to the busiest slot, as logged
             written.append(
-                plots.safe_plot(
+                safe_plot(
                     plots.plot_memory_slots,
                     usage.cpu().numpy(),
                     state.age.float().cpu().numpy(),
@@ -839,10 +838,10 @@ class Trainer:
                     latent.setdefault(component_of(name), {})[name] = scaled
             if latent:  # none in the full-precision ablation
                 written.append(
-                    plots.safe_plot(plots.plot_quantization, latent, plot_dir / f"quantization_step_{step}.png", step)
+                    safe_plot(plots.plot_quantization, latent, plot_dir / f"quantization_step_{step}.png", step)
                 )
             written.append(
-                plots.safe_plot(plots.plot_compression, self.model_sizes(), plot_dir / "compression_ratio.png", step)
+                safe_plot(plots.plot_compression, self.model_sizes(), plot_dir / "compression_ratio.png", step)
             )
         if wb.plot_attention_heatmaps and self.cfg.model.use_vision:
             batch = self._analysis_batch(max(phase, 2), size=2)
@@ -859,7 +858,7 @@ class Trainer:
                 maps = out.attentions.get(kind) if out.attentions else None
                 if maps:
                     written.append(
-                        plots.safe_plot(
+                        safe_plot(
                             plots.plot_attention_heatmap,
                             maps[-1][0].float().cpu().numpy(),
                             plot_dir / f"attention_{kind}_step_{step}.png",
@@ -868,11 +867,11 @@ class Trainer:
                     )
         records = plots.read_metrics(self.logger.metrics_path)
         loss_keys = sorted({k for r in records for k in r if k.startswith("Training/Loss")})
-        written.append(plots.safe_plot(plots.plot_loss_panels, records, loss_keys, plot_dir / "loss_curves.png"))
+        written.append(safe_plot(plots.plot_loss_panels, records, loss_keys, plot_dir / "loss_curves.png"))
         grad_keys = sorted({k for r in records for k in r if k.startswith("Gradients/")})
         if grad_keys:
             written.append(
-                plots.safe_plot(
+                safe_plot(
                     plots.plot_curves, records, grad_keys, plot_dir / "gradient_norms.png", "Gradient norms", "L2 norm"
                 )
             )

@@ -1,8 +1,6 @@
-"""Atomic checkpoints that hold everything needed to continue a run exactly.
+"""Resuming a run: find its checkpoint, refuse one that does not fit (tokenizer, model shape), adopt its tokenizer.
 
-A checkpoint is a plain dict of tensors and primitives (so it loads with `weights_only=True`):
-model, optimizer, schedule, counters (phase/epoch/step/batch position), RNG states, the persistent
-memory state, the resolved config and the tokenizer JSON.
+The checkpoint file itself (format, atomic save, safe load, RNG states) is `bitmar.infra.checkpoint`.
 """
 
 from __future__ import annotations
@@ -11,90 +9,15 @@ import dataclasses
 import json
 import logging
 import os
-import random
 import tempfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from bitmar.fileio import mkstemp
+from bitmar.infra.checkpoint import CheckpointError
 
 log = logging.getLogger("bitmar")
-
-CHECKPOINT_FORMAT = 1
-REQUIRED_KEYS = ("format", "model", "config", "progress")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, corrupt or from an incompatible run; the message says what to do."""
-
-
-def capture_rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
-    state: dict[str, Any] = {
-        "python": random.getstate(),
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]],
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(_as_tuple(state["python"]))
-    kind, keys, *rest = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _as_tuple(value: Any) -> Any:
-    if isinstance(value, (list, tuple)):
-        return tuple(_as_tuple(v) for v in value)
-    return value
-
-
-def save_checkpoint(payload: dict[str, Any], path: str | os.PathLike) -> Path:
-    """Write to a temporary file in the same folder, fsync, then rename: a crash never leaves a torn file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"format": CHECKPOINT_FORMAT, **payload}
-    fd, tmp = mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(payload, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load safely (`weights_only=True`) and check that it is a BitMar checkpoint."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist; pass a .pt file written by train_bitmar.py")
-    try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # torch raises many types for truncated/corrupt files; all mean the same to a user
-        raise CheckpointError(
-            f"checkpoint {path} cannot be read ({type(err).__name__}: {str(err)[:200]}); it is truncated or not a "
-            "BitMar checkpoint — use another one (e.g. checkpoints/last.pt or best.pt)"
-        ) from err
-    if not isinstance(payload, dict) or any(key not in payload for key in REQUIRED_KEYS):
-        raise CheckpointError(f"{path} is not a BitMar checkpoint (expected keys {REQUIRED_KEYS})")
-    if payload["format"] != CHECKPOINT_FORMAT:
-        raise CheckpointError(
-            f"{path} has checkpoint format {payload['format']}, this BitMar reads format {CHECKPOINT_FORMAT}"
-        )
-    return payload
 
 
 def find_resume_checkpoint(output_dir: str | os.PathLike) -> Path | None:
