@@ -3,7 +3,7 @@
 An export directory holds
     config.json                 BitMarConfig (every ModelConfig field, packed flag, DINOv2 config) + auto_map
     configuration_bitmar.py     bitmar/model/model_config.py + templates/configuration_bitmar.py, flattened
-    modeling_bitmar.py          packed CPU kernel (C++ source + loader), bitnet, memory and model sources +
+    modeling_bitmar.py          file writes, packed CPU kernel (C++ source + loader), bitnet, memory and model sources +
                                 templates/modeling_bitmar.py, flattened
     processing_bitmar.py        templates/processing_bitmar.py (tokenizer + DINOv2 image processor)
     model.safetensors           `model.*` (BitMar) and `vision_backbone.*` (optional frozen DINOv2)
@@ -29,7 +29,6 @@ import json
 import math
 import os
 import re
-import shutil
 import sys
 import tempfile
 import uuid
@@ -60,7 +59,9 @@ from bitmar.model.bitmar import BitMar
 # Sources of the remote code, in dependency order (a module only imports names from modules listed before it).
 CONFIG_SOURCES = ("bitmar.model.model_config",)
 MODEL_SOURCES = (
-    "bitmar.kernels.packed_cpu",  # the packed CPU kernel's C++ source and loader: built where a compiler exists
+    "bitmar.fileio",  # the crash-safe writes (kernel source, episodic store)
+    "bitmar.kernels.packed_cpu_source",  # the packed CPU kernel's C++ source ...
+    "bitmar.kernels.packed_cpu",  # ... and its loader: built where a compiler exists
     "bitmar.bitnet",
     "bitmar.memory",
     "bitmar.model.layers",
@@ -813,21 +814,6 @@ def _check_output_dir(output_dir: Path) -> None:
         ) from None
 
 
-def _swap_into_place(tmp: Path, output_dir: Path) -> None:
-    """Replace `output_dir` by the finished `tmp` directory with renames only (an older export is swapped out)."""
-    if not output_dir.exists():
-        os.replace(tmp, output_dir)
-        return
-    old = Path(fileio.mkdtemp(dir=output_dir.parent, prefix=f".{output_dir.name}.old-"))
-    os.replace(output_dir, old / "export")
-    try:
-        os.replace(tmp, output_dir)
-    except BaseException:
-        os.replace(old / "export", output_dir)  # put the previous export back
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def export_checkpoint(
     checkpoint_path: str | os.PathLike,
     output_dir: str | os.PathLike,
@@ -858,90 +844,86 @@ def export_checkpoint(
     stats = quantization_stats(model)  # before packing: counts the ternary master weights
     parameters = model.num_parameters()
 
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(fileio.mkdtemp(dir=output_dir.parent, prefix=f".{output_dir.name}.tmp-"))
-    try:
-        for name, source in remote_code.items():
-            (tmp / name).write_text(source, encoding="utf-8")
-        tensors = export_state_dict(model, backbone, DTYPES[dtype], packed)
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        float32_bytes = sum(t.numel() * 4 for t in tensors.values() if t.is_floating_point())
-        float32_bytes += 4 * stats["ternary_params"] if packed else 0
-        del tensors
-        store_info = None
-        if episodic_store is not None:
-            store_tensors = {k: v.detach().cpu().contiguous() for k, v in episodic_store.state_dict().items()}
-            metadata = {"format": "pt", "episodes": str(len(episodic_store))}
-            save_file(store_tensors, str(tmp / STORE_NAME), metadata=metadata)
-            store_info = {"file": STORE_NAME, "episodes": len(episodic_store), "capacity": episodic_store.capacity}
+    try:  # into a temporary sibling that replaces output_dir only once complete (renames only)
+        with fileio.atomic_directory(output_dir) as tmp:
+            for name, source in remote_code.items():
+                (tmp / name).write_text(source, encoding="utf-8")
+            tensors = export_state_dict(model, backbone, DTYPES[dtype], packed)
+            save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+            float32_bytes = sum(t.numel() * 4 for t in tensors.values() if t.is_floating_point())
+            float32_bytes += 4 * stats["ternary_params"] if packed else 0
+            del tensors
+            store_info = None
+            if episodic_store is not None:
+                store_tensors = {k: v.detach().cpu().contiguous() for k, v in episodic_store.state_dict().items()}
+                metadata = {"format": "pt", "episodes": str(len(episodic_store))}
+                save_file(store_tensors, str(tmp / STORE_NAME), metadata=metadata)
+                store_info = {"file": STORE_NAME, "episodes": len(episodic_store), "capacity": episodic_store.capacity}
 
-        hf_config_class = import_generated_module(tmp / "configuration_bitmar.py").BitMarConfig
-        hf_config = hf_config_class(
-            **dataclasses.asdict(cfg.model),
-            packed=packed,
-            vision_backbone_config=backbone.config.to_dict() if backbone is not None else None,
-            vision_backbone_name=vision_backbone,
-            architectures=["BitMarForCausalLM"],
-            auto_map=AUTO_MAP,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        hf_config.save_pretrained(str(tmp))
-        config_json = json.loads((tmp / "config.json").read_text(encoding="utf-8"))
-        config_json["dtype"] = config_json["torch_dtype"] = dtype  # 5.x reads `dtype`, 4.x `torch_dtype`
-        _write_json(tmp / "config.json", config_json)
-        GenerationConfig(
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        ).save_pretrained(str(tmp))
-
-        _save_tokenizer(tokenizer, tmp)
-        _write_json(
-            tmp / "preprocessor_config.json", {**(image_processor or DINOV2_IMAGE_PROCESSOR), **PROCESSOR_CONFIG}
-        )
-        _write_json(tmp / "processor_config.json", PROCESSOR_CONFIG)
-
-        if vision_backbone:
-            vision = (
-                f"`processor(images=...)` gives `pixel_values`; the stored frozen DINOv2 (`{vision_backbone}`) turns "
-                "them into the CLS feature (`pooler_output`) the model was trained on."
+            hf_config_class = import_generated_module(tmp / "configuration_bitmar.py").BitMarConfig
+            hf_config = hf_config_class(
+                **dataclasses.asdict(cfg.model),
+                packed=packed,
+                vision_backbone_config=backbone.config.to_dict() if backbone is not None else None,
+                vision_backbone_name=vision_backbone,
+                architectures=["BitMarForCausalLM"],
+                auto_map=AUTO_MAP,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
             )
-        else:
-            vision = (
-                "this export has no vision backbone: pass precomputed DINOv2 CLS features as `vision_features` "
-                f"(batch, {cfg.model.vision_encoder_dim}), or re-export with `--vision_backbone facebook/dinov2-base`."
+            hf_config.save_pretrained(str(tmp))
+            config_json = json.loads((tmp / "config.json").read_text(encoding="utf-8"))
+            config_json["dtype"] = config_json["torch_dtype"] = dtype  # 5.x reads `dtype`, 4.x `torch_dtype`
+            _write_json(tmp / "config.json", config_json)
+            GenerationConfig(
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            ).save_pretrained(str(tmp))
+
+            _save_tokenizer(tokenizer, tmp)
+            _write_json(
+                tmp / "preprocessor_config.json", {**(image_processor or DINOV2_IMAGE_PROCESSOR), **PROCESSOR_CONFIG}
             )
-        card = model_card(
-            {
-                "checkpoint": checkpoint_path.name,
-                "progress": ", ".join(f"{k} {v}" for k, v in dict(payload["progress"]).items()),
-                "vision": vision,
-                "parameters": parameters,
-                "ternary_params": stats["ternary_params"],
-                "ternary_fraction": stats["ternary_fraction"],
-                "ternary_storage": "packed, 2 bits per weight (PackedBitLinear)"
-                if packed
-                else f"float master weights in {dtype}, ternarized on the fly (BitLinear)",
-                "dtype": dtype,
-                "weights_bytes": (tmp / WEIGHTS_NAME).stat().st_size,
-                "float32_bytes": float32_bytes,
-                "evaluation": find_evaluation(checkpoint_path),
-                "config_yaml": yaml.safe_dump(payload["config"], sort_keys=False),
-                "memory": _memory_card_line(cfg, store_info, store, _holds_episodes(payload.get("memory_store"))),
-            }
-        )
-        (tmp / "README.md").write_text(card, encoding="utf-8")
-        written = sorted(p.name for p in tmp.iterdir())
-        manifest = {"format": 1, "files": sorted([*written, EXPORT_MANIFEST]), "episodic_store": store_info}
-        _write_json(tmp / EXPORT_MANIFEST, manifest)
-        _swap_into_place(tmp, output_dir)
-    except BaseException as err:
-        shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written export behind
-        if isinstance(err, OSError):  # e.g. the disk filled up: the previous export (if any) is still in place
-            raise ExportError(f"writing the export to {output_dir} failed ({err}); nothing was changed there") from err
-        raise
+            _write_json(tmp / "processor_config.json", PROCESSOR_CONFIG)
+
+            if vision_backbone:
+                vision = (
+                    "`processor(images=...)` gives `pixel_values`; the stored frozen DINOv2 "
+                    f"(`{vision_backbone}`) turns them into the CLS feature (`pooler_output`) the model was trained on."
+                )
+            else:
+                vision = (
+                    "this export has no vision backbone: pass precomputed DINOv2 CLS features as "
+                    f"`vision_features` (batch, {cfg.model.vision_encoder_dim}), or re-export with "
+                    "`--vision_backbone facebook/dinov2-base`."
+                )
+            card = model_card(
+                {
+                    "checkpoint": checkpoint_path.name,
+                    "progress": ", ".join(f"{k} {v}" for k, v in dict(payload["progress"]).items()),
+                    "vision": vision,
+                    "parameters": parameters,
+                    "ternary_params": stats["ternary_params"],
+                    "ternary_fraction": stats["ternary_fraction"],
+                    "ternary_storage": "packed, 2 bits per weight (PackedBitLinear)"
+                    if packed
+                    else f"float master weights in {dtype}, ternarized on the fly (BitLinear)",
+                    "dtype": dtype,
+                    "weights_bytes": (tmp / WEIGHTS_NAME).stat().st_size,
+                    "float32_bytes": float32_bytes,
+                    "evaluation": find_evaluation(checkpoint_path),
+                    "config_yaml": yaml.safe_dump(payload["config"], sort_keys=False),
+                    "memory": _memory_card_line(cfg, store_info, store, _holds_episodes(payload.get("memory_store"))),
+                }
+            )
+            (tmp / "README.md").write_text(card, encoding="utf-8")
+            written = sorted(p.name for p in tmp.iterdir())
+            manifest = {"format": 1, "files": sorted([*written, EXPORT_MANIFEST]), "episodic_store": store_info}
+            _write_json(tmp / EXPORT_MANIFEST, manifest)
+    except OSError as err:  # e.g. the disk filled up: the half-written export is gone, the previous one in place
+        raise ExportError(f"writing the export to {output_dir} failed ({err}); nothing was changed there") from err
     return output_dir
 
 

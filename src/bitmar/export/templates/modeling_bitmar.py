@@ -32,6 +32,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.utils import cached_file
 
 from bitmar.bitnet import BitLinear, PackedBitLinear
+from bitmar.fileio import atomic_file
 from bitmar.memory import EpisodicStore
 from bitmar.model.bitmar import BitMar
 from bitmar.model.decoder import decoder_layout
@@ -538,15 +539,9 @@ class BitMarForCausalLM(BitMarPreTrainedModel, GenerationMixin):
         if self.memory_size == 0:
             target.unlink(missing_ok=True)
             return None
-        directory.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.memory_store().state_dict().items()}
-        tmp = directory / f".{EPISODIC_STORE_NAME}.tmp-{os.getpid()}"
-        try:
+        with atomic_file(target) as tmp:
             save_file(tensors, str(tmp), metadata={"format": "pt", "episodes": str(self.memory_size)})
-            os.replace(tmp, target)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
         return target
 
     def memory_load(self, path: str | os.PathLike) -> None:
