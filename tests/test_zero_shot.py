@@ -122,10 +122,10 @@ def test_evaluation_items_are_held_out_of_training(tmp_path: Path) -> None:
 
 def test_a_winoground_item_that_occurs_in_training_is_redrawn_without_changing_the_others() -> None:
     world = sample.SampleWorld(0, feature_dim=16)
-    items, _ = sample._winoground(world, np.random.default_rng(7))
+    items, _ = sample.winoground_set(world, np.random.default_rng(7))
     first = items[0]["caption_0"]
     index = sample.training_text_index([f"look at {first} in the park"])
-    redrawn, features = sample._winoground(world, np.random.default_rng(7), index)
+    redrawn, features = sample.winoground_set(world, np.random.default_rng(7), index)
     assert redrawn[0]["caption_0"] != first and first not in (redrawn[0]["caption_1"],)
     assert redrawn[1:] == items[1:]  # the evaluation stream drew the same numbers
     assert features.shape == (2 * len(items), 16)
