@@ -1,8 +1,8 @@
 """Download the BabyLM multimodal release from OSF (project ad7qg, folder multimodal_data/).
 
-The listing comes from the OSF API v2 (JSON:API): the osfstorage root of the project lists the folder,
-the folder's `relationships.files.links.related.href` lists its files page by page (`links.next`),
-and every file carries `attributes.name`, `attributes.size` and `links.download`.
+The listing and the HTTP rules (https only, checked redirects, which failures are transient) live in
+`bitmar.data.osf`; this module fetches, resumes and verifies the files, and holds the command line. Its public
+names (`DownloadError`, `RemoteFile`, `list_remote_files`, `check_url`, ...) are re-exported here.
 
 Each file streams into `<name>.part`; an interrupted run resumes it with an HTTP Range request (a server
 that ignores Range and answers 200 restarts the file), and the `.part` file is renamed to its final name only
@@ -15,9 +15,8 @@ file verifies). A download whose hash does not match is deleted and refused with
 Transient failures (timeouts, dropped connections, HTTP 408/425/429/5xx) are retried a bounded number of times with
 exponential backoff; everything else fails at once with a message naming the URL, the status and what to do.
 
-Only `https://` links are followed (listing pages, download links, redirects); plain `http://` is accepted for
-loopback hosts only (127.0.0.1, ::1, localhost: the tests' fake OSF server). A listing with duplicate names, or names
-with NUL bytes, control characters or path separators, is refused before anything is written.
+Only `https://` links are followed (plain `http://` on loopback hosts only: the tests' fake OSF server), and a
+listing with unsafe or duplicate names is refused before anything is written (`bitmar.data.osf`).
 
 `--test` writes the built-in sample world in the same layout instead (no network), by default into
 `data/babylm_sample` (the tiny config's data_dir), never into the release's directory.
@@ -28,21 +27,14 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import http.client
-import ipaddress
-import json
 import math
 import os
 import re
 import shutil
-import socket
 import sys
 import time
 import urllib.error
-import urllib.parse
-import urllib.request
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -51,279 +43,28 @@ from tqdm import tqdm
 from bitmar.cli_args import non_negative_int, positive_int
 from bitmar.data import layout
 from bitmar.data.errors import DataError
+from bitmar.data.osf import (  # noqa: F401  (re-exported: users import the download's names from here)
+    HASH_ALGORITHMS,
+    MAX_LISTING_PAGES,
+    NETWORK_ERRORS,
+    OSF_PROJECT_URL,
+    TRANSIENT_HTTP,
+    USER_AGENT,
+    DownloadError,
+    RemoteFile,
+    TransientError,
+    backoff_sleep,
+    check_name,
+    check_url,
+    human_size,
+    list_remote_files,
+    log,
+    open_url,
+)
 
-USER_AGENT = "bitmar-babylm-downloader/0.1 (+https://osf.io/ad7qg/)"
 CHUNK_BYTES = 1 << 20
-MAX_LISTING_PAGES = 1000  # guards against a `links.next` that never ends
-TRANSIENT_HTTP = frozenset({408, 425, 429, 500, 502, 503, 504})
 DEFAULT_DATA_DIR = "../babylm_dataset/"
 DEFAULT_SAMPLE_DIR = layout.SAMPLE_DEFAULT_DIR  # --test: its own directory, never the release's
-HASH_ALGORITHMS = {"sha256": 64, "md5": 32}  # OSF's attributes.extra.hashes: name -> hex length
-LOOPBACK_HOSTS = frozenset({"localhost"})
-OSF_PROJECT_URL = f"https://osf.io/{layout.OSF_PROJECT}/"
-
-
-class DownloadError(DataError):
-    """A download that failed (network, server or size mismatch); the message says what happened and what to do."""
-
-
-class _Transient(Exception):
-    """A failure worth retrying (timeout, dropped connection, 5xx); never escapes this module."""
-
-
-@dataclass(frozen=True)
-class RemoteFile:
-    """One file of the OSF listing."""
-
-    name: str
-    size: int | None  # bytes as listed by OSF (None when the listing does not say)
-    url: str  # links.download
-    hashes: dict[str, str] = field(default_factory=dict)  # lowercase hex digests by algorithm (sha256, md5)
-
-
-def _log(message: str) -> None:
-    # tqdm.write keeps messages from tearing an active progress bar.
-    tqdm.write(message, file=sys.stderr)
-
-
-def human_size(num_bytes: int | None) -> str:
-    if num_bytes is None:
-        return "size unknown"
-    size = float(num_bytes)
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if size < 1000 or unit == "TB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1000
-    raise AssertionError("unreachable")
-
-
-def _http_error_message(url: str, code: int, reason: str, what: str) -> str:
-    if code == 404:
-        hint = (
-            f"The file or folder is not (or no longer) at this address: open {OSF_PROJECT_URL} to check the release, "
-            "and run `python download_babylm_data.py --list` to see the current listing."
-        )
-    elif code in (401, 403):
-        hint = f"OSF refused access; check that {OSF_PROJECT_URL} is public and reachable from this network (proxy?)."
-    elif code == 429:
-        hint = "OSF is rate-limiting this address; wait a few minutes and rerun the same command (it resumes)."
-    elif code >= 500:
-        hint = "The server failed; wait a few minutes and rerun the same command (downloads resume from .part files)."
-    else:
-        hint = "Check the address, then rerun the same command."
-    return f"HTTP {code} {reason} while {what}: {url}\n{hint}"
-
-
-def _backoff_sleep(attempt: int, backoff: float) -> None:
-    if backoff > 0:
-        time.sleep(min(backoff * 2 ** (attempt - 1), 60.0))
-
-
-def _is_loopback(host: str | None) -> bool:
-    if not host:
-        return False
-    if host.lower() in LOOPBACK_HOSTS:
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def check_url(url: str, what: str) -> str:
-    """`url` if it may be fetched: https anywhere, http only on a loopback host; a DownloadError otherwise."""
-    parts = urllib.parse.urlsplit(url)
-    scheme = parts.scheme.lower()
-    if scheme == "https" and parts.hostname:
-        return url
-    if scheme == "http" and _is_loopback(parts.hostname):
-        return url  # a server on this machine (the tests' fake OSF): nothing crosses a network
-    if scheme == "http":
-        why = "plain http:// can be read and changed on the way; only https:// is followed (http only on loopback)"
-    elif scheme in ("", "file") or not parts.hostname:
-        why = "it is not a web address; a download link must not read files of this machine"
-    else:
-        why = f"the {scheme}:// scheme is not supported; only https:// is followed"
-    raise DownloadError(
-        f"refusing {what}: {url!r}: {why}. The OSF API serves https:// links only; check --base_url "
-        f"(default {layout.OSF_API_BASE}) and {OSF_PROJECT_URL}."
-    )
-
-
-class _CheckedRedirects(urllib.request.HTTPRedirectHandler):
-    """Follows a redirect only to an address `check_url` accepts (no https -> http or file:// downgrade)."""
-
-    def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[no-untyped-def]
-        check_url(newurl, f"the redirect from {req.full_url}")
-        return super().redirect_request(req, fp, code, msg, headers, newurl)
-
-
-_OPENER = urllib.request.build_opener(_CheckedRedirects())
-
-
-# Exceptions that mean "the connection went wrong", as opposed to a definite answer from the server.
-_NETWORK_ERRORS = (TimeoutError, socket.timeout, ConnectionError, http.client.HTTPException, urllib.error.URLError)
-
-
-def _open(url: str, headers: dict[str, str], timeout: float, what: str) -> http.client.HTTPResponse:
-    """urlopen that raises DownloadError for definite HTTP failures and _Transient for retryable ones."""
-    check_url(url, what)
-    request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT, **headers})
-    try:
-        return _OPENER.open(request, timeout=timeout)
-    except DownloadError:
-        raise  # a refused redirect
-    except urllib.error.HTTPError as err:
-        err.close()
-        message = _http_error_message(url, err.code, str(err.reason), what)
-        if err.code in TRANSIENT_HTTP:
-            raise _Transient(message) from err
-        if err.code == 416:
-            raise  # the caller knows what an unsatisfiable range means for its file
-        raise DownloadError(message) from err
-    except _NETWORK_ERRORS as err:
-        reason = err.reason if isinstance(err, urllib.error.URLError) else err
-        raise _Transient(
-            f"could not reach {url} while {what}: {reason}. Check the internet connection (and HTTPS_PROXY)."
-        ) from err
-
-
-def _get_json(url: str, *, timeout: float, retries: int, backoff: float) -> dict[str, Any]:
-    for attempt in range(retries + 1):
-        try:
-            with _open(url, {"Accept": "application/vnd.api+json, application/json"}, timeout, "listing OSF") as resp:
-                body = resp.read()
-            break
-        except (_Transient, *_NETWORK_ERRORS) as err:
-            if attempt == retries:
-                raise DownloadError(f"{err}\nGave up after {retries + 1} attempts.") from err
-            _log(f"retrying ({attempt + 1}/{retries}): {err}")
-            _backoff_sleep(attempt + 1, backoff)
-    try:
-        payload = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise DownloadError(f"the OSF API answered {url} with non-JSON ({err}); try again later.") from err
-    if not isinstance(payload, dict) or not isinstance(payload.get("data"), list):
-        raise DownloadError(f"unexpected OSF API answer from {url}: no `data` list (is the base URL an OSF API?).")
-    return payload
-
-
-def _next_link(payload: dict[str, Any]) -> str | None:
-    nxt = (payload.get("links") or {}).get("next")
-    if isinstance(nxt, dict):  # JSON:API allows a link object instead of a string
-        nxt = nxt.get("href")
-    return nxt or None
-
-
-def _iter_entries(url: str, *, timeout: float, retries: int, backoff: float) -> list[dict[str, Any]]:
-    """All entries of a paginated OSF listing."""
-    entries: list[dict[str, Any]] = []
-    seen: set[str] = set()
-    next_url: str | None = url
-    while next_url is not None:
-        if next_url in seen or len(seen) >= MAX_LISTING_PAGES:
-            raise DownloadError(f"the OSF listing at {url} paginates without end (page {next_url} repeats).")
-        seen.add(next_url)
-        payload = _get_json(next_url, timeout=timeout, retries=retries, backoff=backoff)
-        entries.extend(e for e in payload["data"] if isinstance(e, dict))
-        next_url = _next_link(payload)
-    return entries
-
-
-def _dig(entry: dict[str, Any], *keys: str) -> Any:
-    value: Any = entry
-    for key in keys:
-        if not isinstance(value, dict):
-            return None
-        value = value.get(key)
-    return value
-
-
-def list_remote_files(
-    base_url: str = layout.OSF_API_BASE,
-    project: str = layout.OSF_PROJECT,
-    folder: str = layout.OSF_FOLDER,
-    *,
-    timeout: float = 60.0,
-    retries: int = 4,
-    backoff: float = 2.0,
-) -> list[RemoteFile]:
-    """Files directly inside `folder` of the project's osfstorage, in listing order."""
-    root_url = f"{base_url.rstrip('/')}/v2/nodes/{project}/files/osfstorage/"
-    kw = {"timeout": timeout, "retries": retries, "backoff": backoff}
-    root = _iter_entries(root_url, **kw)
-    folders = [e for e in root if _dig(e, "attributes", "kind") == "folder"]
-    match = [e for e in folders if _dig(e, "attributes", "name") == folder]
-    if not match:
-        names = ", ".join(sorted(str(_dig(e, "attributes", "name")) for e in folders)) or "none"
-        raise DownloadError(
-            f"OSF project {project} has no folder `{folder}` in osfstorage ({root_url}); folders there: {names}. "
-            f"Check {OSF_PROJECT_URL}: the release may have moved."
-        )
-    files_url = _dig(match[0], "relationships", "files", "links", "related", "href")
-    if not isinstance(files_url, str):
-        raise DownloadError(f"the OSF entry of folder `{folder}` has no relationships.files.links.related.href.")
-
-    check_url(files_url, f"the listing of folder `{folder}`")
-    files: list[RemoteFile] = []
-    seen: set[str] = set()
-    for entry in _iter_entries(files_url, **kw):
-        if _dig(entry, "attributes", "kind") != "file":
-            continue  # sub-folders are not part of the release layout
-        name, size = _dig(entry, "attributes", "name"), _dig(entry, "attributes", "size")
-        url = _dig(entry, "links", "download")
-        if not isinstance(name, str) or not isinstance(url, str):
-            raise DownloadError(f"malformed file entry in the OSF listing {files_url}: {json.dumps(entry)[:300]}")
-        check_name(name, files_url)
-        if name in seen:  # two entries would write the same local file, the second over the first
-            raise DownloadError(
-                f"the OSF listing {files_url} names {name!r} twice; refusing to guess which one is the release. "
-                f"Check {OSF_PROJECT_URL} and report it if it persists."
-            )
-        seen.add(name)
-        check_url(url, f"the download link of {name}")
-        files.append(
-            RemoteFile(
-                name=name,
-                size=int(size) if isinstance(size, int) and not isinstance(size, bool) and size >= 0 else None,
-                url=url,
-                hashes=_listed_hashes(entry, name, files_url),
-            )
-        )
-    if not files:
-        raise DownloadError(f"the OSF folder `{folder}` lists no files ({files_url}).")
-    return files
-
-
-def check_name(name: str, listing: str) -> str:
-    """A listed file name that is safe as one local file name in data_dir; a DownloadError otherwise."""
-    if not name or name in (".", ".."):
-        problem = "an empty or dot name"
-    elif "\x00" in name:
-        problem = "a NUL byte"
-    elif "/" in name or "\\" in name or os.sep in name or (os.altsep and os.altsep in name):
-        problem = "a path separator (it could write outside the data directory)"
-    elif any(ord(c) < 32 or ord(c) == 127 for c in name):
-        problem = "a control character"
-    else:
-        return name
-    raise DownloadError(f"refusing the file name {name!r} from the OSF listing {listing}: it contains {problem}.")
-
-
-def _listed_hashes(entry: dict[str, Any], name: str, listing: str) -> dict[str, str]:
-    """md5 / sha256 from `attributes.extra.hashes` (lowercase hex); a malformed digest is refused."""
-    listed = _dig(entry, "attributes", "extra", "hashes")
-    hashes: dict[str, str] = {}
-    if not isinstance(listed, dict):
-        return hashes
-    for algorithm, length in HASH_ALGORITHMS.items():
-        value = listed.get(algorithm)
-        if value is None:
-            continue
-        if not isinstance(value, str) or not re.fullmatch(rf"[0-9a-fA-F]{{{length}}}", value):
-            raise DownloadError(f"the OSF listing {listing} gives {name} a malformed {algorithm}: {value!r}")
-        hashes[algorithm] = value.lower()
-    return hashes
 
 
 def _parse_content_range(value: str | None) -> tuple[int, int | None] | None:
@@ -337,12 +78,12 @@ def _parse_content_range(value: str | None) -> tuple[int, int | None] | None:
 def _fetch_once(remote: RemoteFile, part: Path, *, timeout: float, progress: bool) -> int | None:
     """One HTTP request appending to (or restarting) `part`; returns the whole file's size as the server declared it
     (Content-Range total, or Content-Length of a full answer), None when it declared none.
-    Raises _Transient when the stream ends before the declared length."""
+    Raises TransientError when the stream ends before the declared length."""
     offset = part.stat().st_size if part.exists() else 0
     headers = {"Range": f"bytes={offset}-"} if offset else {}
     what = f"downloading {remote.name}"
     try:
-        resp = _open(remote.url, headers, timeout, what)
+        resp = open_url(remote.url, headers, timeout, what)
     except urllib.error.HTTPError as err:  # 416: nothing at or past our offset
         m = re.fullmatch(r"\s*bytes\s+\*/(\d+)\s*", err.headers.get("Content-Range") or "")  # RFC 9110 form
         total = int(m.group(1)) if m else None
@@ -360,7 +101,7 @@ def _fetch_once(remote: RemoteFile, part: Path, *, timeout: float, progress: boo
             content_range = _parse_content_range(resp.headers.get("Content-Range"))
             if content_range is None or content_range[0] != offset:
                 part.unlink(missing_ok=True)  # bytes for another offset cannot be appended
-                raise _Transient(
+                raise TransientError(
                     f"{remote.name}: server answered the resume at byte {offset} with "
                     f"Content-Range {resp.headers.get('Content-Range')!r}; restarting the file"
                 )
@@ -368,7 +109,7 @@ def _fetch_once(remote: RemoteFile, part: Path, *, timeout: float, progress: boo
             declared = content_range[1]
         else:
             if offset:
-                _log(f"{remote.name}: server ignored the resume request (HTTP {resp.status}); restarting from byte 0")
+                log(f"{remote.name}: server ignored the resume request (HTTP {resp.status}); restarting from byte 0")
                 offset = 0
             mode = "wb"
             declared = length
@@ -392,10 +133,10 @@ def _fetch_once(remote: RemoteFile, part: Path, *, timeout: float, progress: boo
                     f.write(chunk)
                     received += len(chunk)
                     bar.update(len(chunk))
-            except _NETWORK_ERRORS as err:
-                raise _Transient(f"{remote.name}: connection lost after {offset + received} bytes ({err})") from err
+            except NETWORK_ERRORS as err:
+                raise TransientError(f"{remote.name}: connection lost after {offset + received} bytes ({err})") from err
     if length is not None and received < length:
-        raise _Transient(f"{remote.name}: connection closed after {received} of {length} bytes of the response")
+        raise TransientError(f"{remote.name}: connection closed after {received} of {length} bytes of the response")
     return declared
 
 
@@ -450,22 +191,20 @@ def download_file(
     if final.is_file():
         have = final.stat().st_size
         if remote.size is not None and have != remote.size:  # kept until the new copy is complete (os.replace)
-            _log(
-                f"{remote.name}: the existing file has {have} bytes, the listing says {remote.size}; downloading again"
-            )
+            log(f"{remote.name}: the existing file has {have} bytes, the listing says {remote.size}; downloading again")
         elif remote.size is None and not remote.hashes:
-            _log(
+            log(
                 f"{remote.name}: the listing gives no size and no hash to check the existing file by; downloading again"
             )
         else:
             mismatch = hash_mismatch(remote, final, progress)
             if mismatch is None:
                 what = human_size(have) + (f", {'/'.join(remote.hashes)} verified" if remote.hashes else "")
-                _log(f"{remote.name}: already complete ({what}), skipped")
+                log(f"{remote.name}: already complete ({what}), skipped")
                 return final
             # Same size, other bytes: not complete. Out of the way (not deleted) until a verified copy replaces it.
             os.replace(final, aside)
-            _log(
+            log(
                 f"{remote.name}: the existing file does not match the OSF listing ({mismatch}); moved to {aside.name} "
                 "and downloading it again (the .corrupt copy is deleted once the new file verifies)"
             )
@@ -475,7 +214,7 @@ def download_file(
     while True:
         have = part.stat().st_size if part.exists() else 0
         if remote.size is not None and have > remote.size:
-            _log(f"{remote.name}: {part.name} holds {have} bytes, more than the listed {remote.size}; starting over")
+            log(f"{remote.name}: {part.name} holds {have} bytes, more than the listed {remote.size}; starting over")
             part.unlink()
             have = 0
         if remote.size is not None and have == remote.size and part.exists():
@@ -484,7 +223,7 @@ def download_file(
             try:
                 declared = _fetch_once(remote, part, timeout=timeout, progress=progress)
                 fetched = True
-            except _Transient as err:
+            except TransientError as err:
                 failures += 1
                 if failures > retries:
                     kept = f"{part.name} ({part.stat().st_size} bytes) is kept, " if part.exists() else ""
@@ -492,8 +231,8 @@ def download_file(
                         f"{err}\nGave up on {remote.name} after {failures} attempts; {kept}rerun the same command to "
                         "resume"
                     ) from err
-                _log(f"retrying ({failures}/{retries}): {err}")
-                _backoff_sleep(failures, backoff)
+                log(f"retrying ({failures}/{retries}): {err}")
+                backoff_sleep(failures, backoff)
                 continue
             expected = remote.size if remote.size is not None else declared
             have = part.stat().st_size
@@ -512,8 +251,8 @@ def download_file(
                         f"{err_text}\nGave up on {remote.name} after {failures} attempts; {part.name} ({have} bytes) "
                         "is kept, rerun the same command to resume"
                     )
-                _log(f"retrying ({failures}/{retries}): {err_text}")
-                _backoff_sleep(failures, backoff)
+                log(f"retrying ({failures}/{retries}): {err_text}")
+                backoff_sleep(failures, backoff)
                 continue
         if expected is None and not remote.hashes:
             raise DownloadError(
@@ -527,7 +266,7 @@ def download_file(
             break
         part.unlink()  # a complete body with wrong bytes: resuming from it cannot help
         if not fetched:  # a leftover .part from an earlier run: start over once
-            _log(f"{remote.name}: {part.name} does not match the OSF listing ({mismatch}); starting over")
+            log(f"{remote.name}: {part.name} does not match the OSF listing ({mismatch}); starting over")
             continue
         raise DownloadError(
             f"{remote.name}: the downloaded file does not match the hash the OSF listing gives ({mismatch}). It is "
@@ -539,7 +278,7 @@ def download_file(
     os.replace(part, final)
     aside.unlink(missing_ok=True)
     verified = f", {'/'.join(remote.hashes)} verified" if remote.hashes else ""
-    _log(f"{remote.name}: done ({human_size(size)}{verified})")
+    log(f"{remote.name}: done ({human_size(size)}{verified})")
     return final
 
 
