@@ -3,6 +3,8 @@
 Every key has a documented default. Unknown keys fail with their dotted path and the nearest valid key;
 wrong types and impossible values fail with a message that says how to fix them. The resolved config is
 saved with every run and checkpoint (`save_config`) and loads back unchanged.
+
+One module because a key's default, type and allowed values are read together (docs/configuration.md points here).
 """
 
 from __future__ import annotations
