@@ -275,6 +275,7 @@ def download_file(
         )
 
     size = part.stat().st_size
+    # Not fileio.atomic_file: `<name>.part` is the resume protocol (a fixed name the next run continues from).
     os.replace(part, final)
     aside.unlink(missing_ok=True)
     verified = f", {'/'.join(remote.hashes)} verified" if remote.hashes else ""
