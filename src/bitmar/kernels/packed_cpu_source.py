@@ -1,7 +1,7 @@
 """C++ source of the packed ternary CPU kernel (`bitmar.kernels.packed_cpu` compiles, loads and dispatches it).
 
 A Python string rather than a .cpp file: the Hugging Face export flattens the kernel sources into the remote code
-(bitmar/export/hf_export.py MODEL_SOURCES), so an exported model builds the same kernel without the bitmar package.
+(bitmar/export/flatten.py MODEL_SOURCES), so an exported model builds the same kernel without the bitmar package.
 """
 
 from __future__ import annotations
