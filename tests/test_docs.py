@@ -110,6 +110,16 @@ def test_readme_is_a_front_door_linking_every_page() -> None:
     assert ci_command and f"pip install -r requirements.txt && {ci_command[0]}" in text
 
 
+def test_readme_headline_numbers_are_the_docs_numbers() -> None:
+    """A measured value the README quotes (mean ± CI, times, ratios) is the one its docs page holds."""
+    docs = " ".join(" ".join(p.read_text(encoding="utf-8").split()) for p in PAGES[1:])
+    readme = " ".join(README.read_text(encoding="utf-8").split())
+    quoted = re.findall(r"\d+\.\d+ ± \d+\.\d+|\d+ min \d+ s|\d+\.\d+ min|\d+\.\d+×", readme)
+    assert len(quoted) >= 10
+    stale = sorted({q for q in quoted if q not in docs})
+    assert not stale, f"README numbers that no docs page holds (update the README from the page): {stale}"
+
+
 def test_design_has_the_numbered_sections_code_cites() -> None:
     headings = re.findall(r"^## (\d+)\. (.+)$", (DOCS / "design.md").read_text(encoding="utf-8"), flags=re.M)
     assert headings == [("1", "Data flow"), ("2", "Reference formulas"), ("3", "Traps avoided"), ("4", "Conventions")]
