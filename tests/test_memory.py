@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-import bitmar.memory as memory_module
+import bitmar.memory.larimar as larimar_module
 from bitmar.memory import EpisodicMemory, EpisodicStore, MemoryState
 
 TOL = 1e-4  # the exactness bound promised for float32 reads with N <= min(K, C)
@@ -157,7 +157,7 @@ def test_nearly_collinear_episodes_stay_finite() -> None:
 
 def test_float32_fallback_path_is_accurate(monkeypatch: pytest.MonkeyPatch) -> None:
     """Devices without float64 (MPS) solve in float32 with SVD: still exact to 1e-4 for well-conditioned episodes."""
-    monkeypatch.setattr(memory_module, "_work_dtype", lambda device: torch.float32)
+    monkeypatch.setattr(larimar_module, "work_dtype", lambda device: torch.float32)
     mem = make(64, 48, seed=8)
     Z, Q = torch.randn(16, 48), torch.randn(6, 48)
     state = mem.write(Z)

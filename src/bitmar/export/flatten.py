@@ -31,7 +31,9 @@ MODEL_SOURCES = (
     "bitmar.kernels.packed_cpu_source",  # the packed CPU kernel's C++ source ...
     "bitmar.kernels.packed_cpu",  # ... and its loader: built where a compiler exists
     "bitmar.bitnet",
-    "bitmar.memory",
+    "bitmar.memory.numerics",
+    "bitmar.memory.larimar",
+    "bitmar.memory.store",
     "bitmar.model.layers",
     "bitmar.model.text_encoder",
     "bitmar.model.vision_encoder",

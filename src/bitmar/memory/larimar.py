@@ -47,105 +47,25 @@ through the addressing noise and the KL term (as in Larimar).  update() is an ed
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["EpisodicMemory", "EpisodicStore", "MemoryState"]
+from bitmar.memory.numerics import (
+    FORGET_NOISE,
+    clean_solve,
+    gram_pinv,
+    no_autocast,
+    pinv_left,
+    pinv_right,
+    ridge_right,
+    work_dtype,
+)
 
 _TENSOR_FIELDS = ("memory", "precision", "moment", "usage", "age")
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# numerics
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def _work_dtype(device: torch.device) -> torch.dtype:
-    """Dtype of every least-squares solve: float64 keeps the cutoff far above rounding noise; MPS has no float64."""
-    return torch.float32 if device.type == "mps" else torch.float64
-
-
-def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
-    """Autocast would run the solves in bf16/fp16 (useless precision): switch it off inside the memory."""
-    if torch.amp.is_autocast_available(device.type):
-        return torch.autocast(device_type=device.type, enabled=False)
-    return contextlib.nullcontext()
-
-
-def _gram_pinv(G: Tensor, rcond: float) -> Tensor:
-    """Truncated pseudo-inverse of a symmetric PSD Gram matrix G = A A^T (d, d); rcond is relative to sigma_max(A)."""
-    G = 0.5 * (G + G.mT)  # exact symmetry for the Hermitian eigensolver
-    rtol = rcond * rcond  # eigenvalues are sigma^2
-    if G.dtype != torch.float64:  # float32 fallback (MPS): never cut below the rounding noise of the Gram matrix
-        rtol = max(rtol, torch.finfo(G.dtype).eps * G.shape[-1])
-    return torch.linalg.pinv(G, rtol=rtol, hermitian=True)
-
-
-_FORGET_NOISE = 64.0  # noise floor of a forget, in eps * ||C_before||_F (the residue measures <= 0.4 of that)
-
-
-def _clean_solve(C: Tensor, B: Tensor, rcond: float, floor: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(M = C^+ B, C, B) with C's eigen-directions below max(rcond^2 lambda_max, floor) removed from all three.
-
-    Used after forgetting: those directions hold only the rounding residue of what was subtracted, and keeping them in
-    the statistics would bring it back at the next solve.  Masks instead of indexing: no host sync."""
-    G = 0.5 * (C + C.mT)  # (K, K)
-    lam, V = torch.linalg.eigh(G)  # ascending
-    cut = torch.maximum(rcond * rcond * lam[-1].clamp_min(0.0), floor)
-    keep = lam > cut  # (K,)
-    Vk = V * keep.to(V.dtype)  # (K, K) kept eigenvectors, zero columns elsewhere
-    VtB = Vk.mT @ B  # (K, C)
-    inv = torch.where(keep, 1.0 / torch.where(keep, lam, torch.ones_like(lam)), torch.zeros_like(lam))
-    memory = Vk @ (inv[:, None] * VtB)  # (K, C) = C^+ B
-    return memory, (Vk * lam) @ Vk.mT, Vk @ VtB
-
-
-def _svd_rcond(A: Tensor, rcond: float) -> float:
-    # float32 SVD cannot resolve singular values below ~eps * dim * sigma_max: never cut below that noise floor
-    return max(rcond, torch.finfo(A.dtype).eps * max(A.shape))
-
-
-def _pinv_right(X: Tensor, A: Tensor, rcond: float) -> Tensor:
-    """X A^+ for X (n, q), A (p, q) -> (n, p), using the smaller Gram matrix of A (well conditioned in float64)."""
-    if X.dtype != torch.float64:
-        return X @ torch.linalg.pinv(A, rtol=_svd_rcond(A, rcond))  # (n, p)
-    p, q = A.shape
-    if p <= q:  # A^+ = A^T (A A^T)^+
-        return (X @ A.mT) @ _gram_pinv(A @ A.mT, rcond)  # (n, p)
-    return (X @ _gram_pinv(A.mT @ A, rcond)) @ A.mT  # A^+ = (A^T A)^+ A^T ; (n, p)
-
-
-def _ridge_right(X: Tensor, A: Tensor, rcond: float) -> Tensor:
-    """X A^+ for a matrix A (p, q) of full rank min(p, q) (the learned prior), via Cholesky of its smaller Gram matrix
-    with a relative ridge (rcond^2 * trace): several times cheaper than an eigendecomposition, and exactness of the
-    memory does not depend on it (write_kv and read_kv share this very addressing; read's projection holds for any
-    full-rank addressing).  A rank-deficient A only gets its null directions damped, never NaN."""
-    if X.dtype != torch.float64:
-        return _pinv_right(X, A, rcond)  # float32 Cholesky cannot take a 1e-12 ridge: truncated SVD instead
-    p, q = A.shape
-    G = A @ A.mT if p <= q else A.mT @ A  # (d, d), d = min(p, q)
-    lam = rcond * rcond * G.diagonal().sum() + torch.finfo(G.dtype).tiny  # relative to trace: far above f64 noise
-    # cholesky_ex: no host sync on CUDA; with this ridge G + lam I is positive definite by a 1e-12 relative margin
-    L, _ = torch.linalg.cholesky_ex(G + lam * torch.eye(G.shape[0], dtype=G.dtype, device=G.device))  # (d, d)
-    if p <= q:  # X A^T (A A^T)^-1
-        return torch.cholesky_solve((X @ A.mT).mT, L).mT  # (n, p)
-    return torch.cholesky_solve(X.mT, L).mT @ A.mT  # X (A^T A)^-1 A^T ; (n, p)
-
-
-def _pinv_left(A: Tensor, Y: Tensor, rcond: float) -> Tensor:
-    """A^+ Y for A (p, q), Y (p, r) -> (q, r): the minimum-norm least-squares solution of A X = Y."""
-    if Y.dtype != torch.float64:
-        return torch.linalg.pinv(A, rtol=_svd_rcond(A, rcond)) @ Y  # (q, r)
-    p, q = A.shape
-    if p <= q:
-        return A.mT @ (_gram_pinv(A @ A.mT, rcond) @ Y)  # (q, r)
-    return _gram_pinv(A.mT @ A, rcond) @ (A.mT @ Y)  # (q, r)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -279,11 +199,11 @@ class EpisodicMemory(nn.Module):
             )
 
     def _prior_work(self, device: torch.device) -> Tensor:
-        return self.prior.to(device=device, dtype=_work_dtype(device))  # (K, C)
+        return self.prior.to(device=device, dtype=work_dtype(device))  # (K, C)
 
     def _address_work(self, keys: Tensor) -> Tensor:
         """W = keys M0^+ in the work dtype; keys (N, C) already in the work dtype."""
-        return _ridge_right(keys, self._prior_work(keys.device), self.ridge)  # (N, K)
+        return ridge_right(keys, self._prior_work(keys.device), self.ridge)  # (N, K)
 
     def _noisy(self, W: Tensor, noise: bool) -> Tensor:
         if noise and self.addressing_noise_std > 0.0:
@@ -310,7 +230,7 @@ class EpisodicMemory(nn.Module):
     def empty_state(self) -> MemoryState:
         """State holding just the (detached) prior and zero episodes; the first update() replaces it by C^+ B."""
         device = self.prior.device
-        wd = _work_dtype(device)
+        wd = work_dtype(device)
         K, C = self.memory_size, self.episode_dim
         return MemoryState(
             memory=self._empty_memory(device, torch.float32),  # (K, C)
@@ -327,8 +247,8 @@ class EpisodicMemory(nn.Module):
         Returned in float32 (float64 for float64 keys), bit-identical to the addressing that write_kv / update add to
         the statistics, so update(state, values, -a, W=address(keys)) forgets key-value episodes exactly."""
         k = self._flatten(keys, "keys", self.key_dim)
-        with _no_autocast(k.device):
-            W = self._address_work(k.to(_work_dtype(k.device)))  # (N, K)
+        with no_autocast(k.device):
+            W = self._address_work(k.to(work_dtype(k.device)))  # (N, K)
         return W.to(self._memory_dtype(keys.dtype)).reshape(*keys.shape[:-1], self.memory_size)
 
     def _stats_addressing(self, W: Tensor, dtype: torch.dtype) -> Tensor:
@@ -356,11 +276,11 @@ class EpisodicMemory(nn.Module):
                 f"keys and values must hold the same number of episodes, got {k.shape[0]} and {v.shape[0]}"
             )
         device = k.device
-        wd = _work_dtype(device)
-        with _no_autocast(device):
+        wd = work_dtype(device)
+        with no_autocast(device):
             vw = v.to(wd)
             W = self._address_work(k.to(wd))  # (N, K)
-            M = _pinv_left(W, vw, self.ridge)  # (K, C) minimum-norm least squares W M = values
+            M = pinv_left(W, vw, self.ridge)  # (K, C) minimum-norm least squares W M = values
             Wd = self._stats_addressing(W, keys.dtype)  # (N, K)
             precision = Wd.mT @ Wd  # (K, K) sufficient statistics for update()/forgetting; no gradient needed
             moment = Wd.mT @ vw.detach()  # (K, C)
@@ -383,10 +303,10 @@ class EpisodicMemory(nn.Module):
         self._require_autoassociative("read")
         q = self._flatten(Zq, "Zq")  # (Nq, C)
         device = q.device
-        wd = _work_dtype(device)
-        with _no_autocast(device):
+        wd = work_dtype(device)
+        with no_autocast(device):
             M = state.memory.to(device=device, dtype=wd)  # (K, C) a copy: the state stays untouched
-            W = _pinv_right(q.to(wd), M, self.ridge)  # (Nq, K)
+            W = pinv_right(q.to(wd), M, self.ridge)  # (Nq, K)
             Z_read = self._noisy(W, self.training) @ M  # (Nq, C)
         lead = Zq.shape[:-1]
         return Z_read.to(Zq.dtype).reshape(*lead, self.episode_dim), W.to(Zq.dtype).reshape(*lead, self.memory_size)
@@ -396,8 +316,8 @@ class EpisodicMemory(nn.Module):
         self._check_state(state)
         k = self._flatten(keys, "keys", self.key_dim)  # (Nq, key_dim)
         device = k.device
-        with _no_autocast(device):
-            M = state.memory.to(device=device, dtype=_work_dtype(device))  # (K, C)
+        with no_autocast(device):
+            M = state.memory.to(device=device, dtype=work_dtype(device))  # (K, C)
             W = self._address_work(k.to(M.dtype))  # (Nq, K)
             values = self._noisy(W, self.training) @ M  # (Nq, C)
         lead = keys.shape[:-1]
@@ -420,10 +340,10 @@ class EpisodicMemory(nn.Module):
             return self.solve(new)
         self._check_state(new)
         device = new.precision.device
-        with _no_autocast(device):
+        with no_autocast(device):
             before = torch.linalg.matrix_norm(state.precision.detach().to(new.precision.dtype))
-            floor = _FORGET_NOISE * torch.finfo(new.precision.dtype).eps * before
-            memory, precision, moment = _clean_solve(new.precision, new.moment, self.ridge, floor)
+            floor = FORGET_NOISE * torch.finfo(new.precision.dtype).eps * before
+            memory, precision, moment = clean_solve(new.precision, new.moment, self.ridge, floor)
         return MemoryState(
             memory=memory.to(self._memory_dtype(new.memory.dtype)),
             precision=precision,
@@ -445,7 +365,7 @@ class EpisodicMemory(nn.Module):
             return state.detach().clone()
         device = state.precision.device
         wd = state.precision.dtype
-        with _no_autocast(device):
+        with no_autocast(device):
             zw = z.to(device=device, dtype=wd)
             if W is None:
                 self._require_autoassociative("update without W")
@@ -490,8 +410,8 @@ class EpisodicMemory(nn.Module):
         if state.num_episodes == 0:
             memory = self._empty_memory(device, mem_dtype)  # (K, C)
         else:
-            with _no_autocast(device):
-                memory = (_gram_pinv(state.precision, self.ridge) @ state.moment).to(mem_dtype)  # (K, C) = C^+ B
+            with no_autocast(device):
+                memory = (gram_pinv(state.precision, self.ridge) @ state.moment).to(mem_dtype)  # (K, C) = C^+ B
         return MemoryState(
             memory=memory,
             precision=state.precision.detach(),
@@ -543,210 +463,3 @@ class EpisodicMemory(nn.Module):
             "num_episodes": float(state.num_episodes),
             "memory_norm": float(M.norm()),
         }
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# persistent store for inference
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-class EpisodicStore:
-    """A persistent episodic store for inference around a (frozen) EpisodicMemory and its own MemoryState.
-
-    Episodes are written one at a time with key-value addressing W = key M0^+ (value defaults to the key), so that
-    read(query) returns the stored value of a stored key exactly while len(self) <= min(K, C).  When a write would
-    exceed `capacity`, the least-recently-used episode (last read, or written if never read) is forgotten first with
-    the exact alpha = -1 update, so the memory is always the least-squares solution over the episodes held.  The store
-    keeps each episode's key, value and addressing so that forgetting subtracts exactly what was added.  If the prior
-    changes (more training), rebuild the store: the addressing of the held episodes refers to the old prior.
-
-    `alpha` in (0, 1] is the write strength (Larimar's alpha in M_i = M_{i-1} + alpha C^+ W^T (Z - W M_{i-1})): a write
-    moves the recall of its key `alpha` of the way from what the store recalled for that key before (r) to the new
-    value v.  The store holds v' = r + alpha (v - r) as the episode's value and solves the least squares over the held
-    episodes as always, so for a key independent of the held ones read(key) == v' exactly and the other episodes are
-    recalled as before; forgetting removes v'.  alpha = 1 (default) stores v itself (one-shot, exact); 0.1 moves the
-    recall 10% of the way (a new key of an empty key-value store with key_dim != C, which recalls 0, reads 0.1 v).
-    """
-
-    def __init__(
-        self,
-        memory: EpisodicMemory,
-        capacity: int | None = None,
-        device: torch.device | str | None = None,
-        alpha: float = 1.0,
-    ):
-        if not 0.0 < alpha <= 1.0:
-            raise ValueError(f"alpha (the write strength) must lie in (0, 1], got {alpha}")
-        self.alpha = float(alpha)
-        self.memory = memory
-        # default min(K, key_dim): the largest number of episodes that is still recalled exactly
-        self.capacity = min(memory.memory_size, memory.key_dim) if capacity is None else int(capacity)
-        if self.capacity < 1:
-            raise ValueError(f"capacity must be >= 1, got {self.capacity}")
-        self.device = torch.device(device) if device is not None else memory.prior.device
-        self._state = memory.empty_state().to(self.device)
-        self._stale = False  # statistics changed since the memory matrix was last solved
-        self._forgot = False  # an episode was forgotten since: rebuild C and B from the held episodes before solving
-        self._keys: dict[int, Tensor] = {}  # id -> (key_dim,)
-        self._values: dict[int, Tensor] = {}  # id -> (C,)
-        self._addresses: dict[int, Tensor] = {}  # id -> (K,) work dtype, exactly what was added to the statistics
-        self._last_used: dict[int, int] = {}  # id -> clock of the last read (or of the write)
-        self._written_at: dict[int, int] = {}
-        self._clock = 0
-        self._next_id = 0
-
-    # ---------------------------------------------------------------------------------------------------- access
-
-    def __len__(self) -> int:
-        return len(self._keys)
-
-    @property
-    def episode_ids(self) -> list[int]:
-        return list(self._keys)
-
-    @property
-    def state(self) -> MemoryState:
-        """The MemoryState over the held episodes (solved lazily: writes and evictions only add statistics)."""
-        if self._stale:
-            if self._forgot:
-                self._state = self._rebuilt_statistics()
-                self._forgot = False
-            self._state = self.memory.solve(self._state)
-            self._stale = False
-        return self._state
-
-    def _rebuilt_statistics(self) -> MemoryState:
-        """C, B and usage summed afresh over the held episodes: subtracting a forgotten episode leaves the rounding
-        residue of its own size, which an episode 1000x larger than the rest makes larger than the others' data."""
-        state = self._state
-        if not self._keys:
-            return state  # accumulate() already zeroed everything when the last episode went
-        ids = self.episode_ids
-        W = torch.stack([self._addresses[i] for i in ids]).to(state.precision.dtype)  # (E, K) as added
-        V = torch.stack([self._values[i] for i in ids]).to(state.precision.dtype)  # (E, C)
-        return MemoryState(
-            memory=state.memory,
-            precision=W.mT @ W,  # (K, K)
-            moment=W.mT @ V,  # (K, C)
-            usage=W.abs().sum(0).to(torch.float32),  # (K,)
-            age=state.age,
-            num_episodes=state.num_episodes,
-        )
-
-    def _vector(self, x: Tensor, name: str) -> Tensor:
-        C = self.memory.key_dim if name == "key" else self.memory.episode_dim
-        if x.dim() != 1 or x.shape[0] != C:
-            raise ValueError(f"{name} must have shape ({C},), got {tuple(x.shape)}")
-        out = x.detach().to(device=self.device, dtype=torch.float32)
-        if not bool(torch.isfinite(out).all()):  # one NaN would turn every slot of the memory into NaN
-            bad = int((~torch.isfinite(out)).sum())
-            raise ValueError(f"{name} holds {bad} non-finite value(s) (NaN or inf); the store is unchanged")
-        return out
-
-    def _address(self, keys: Tensor) -> Tensor:
-        wd = self._state.precision.dtype
-        with torch.no_grad(), _no_autocast(self.device):
-            W = self.memory._address_work(keys.to(device=self.device, dtype=wd))  # (N, K)
-            return self.memory._stats_addressing(W, torch.float32)
-
-    # ---------------------------------------------------------------------------------------------------- editing
-
-    def write(self, key: Tensor, value: Tensor | None = None) -> int:
-        """Store one episode: key (C,), value (C,) or None (= key).  Returns its id.  Evicts the LRU episode if full.
-
-        With `alpha` < 1 the held value is v' = r + alpha (v - r), r the recall of the key just before (after any
-        eviction), see the class docstring.  A key or value holding NaN or inf raises ValueError before anything
-        changes (it would poison every slot)."""
-        k = self._vector(key, "key")
-        if value is None:
-            self.memory._require_autoassociative("a store write without a value")
-        v = k.clone() if value is None else self._vector(value, "value")
-        while len(self) >= self.capacity:
-            lru = min(self._keys, key=lambda i: (self._last_used[i], self._written_at[i]))
-            self.forget(lru)
-        w = self._address(k[None])  # (1, K)
-        if self.alpha != 1.0:  # partial write: move the key's recall alpha of the way to the value
-            state = self.state
-            before = (w.to(state.precision.dtype) @ state.memory.to(state.precision.dtype))[0]  # (C,) recall of key
-            v = (before + self.alpha * (v.to(before.dtype) - before)).to(torch.float32)
-        self._state = self.memory.accumulate(self._state, v[None], alpha=1.0, W=w)
-        self._stale = True
-        self._clock += 1
-        eid = self._next_id
-        self._next_id += 1
-        self._keys[eid], self._values[eid], self._addresses[eid] = k, v, w[0]
-        self._last_used[eid] = self._written_at[eid] = self._clock
-        return eid
-
-    def forget(self, episode_id: int) -> None:
-        """Exact forgetting (alpha = -1 with the episode's own addressing): the others are recalled as before."""
-        if episode_id not in self._keys:
-            raise KeyError(f"no episode {episode_id} in the store (held: {self.episode_ids})")
-        w = self._addresses[episode_id][None]  # (1, K)
-        self._state = self.memory.accumulate(self._state, self._values[episode_id][None], alpha=-1.0, W=w)
-        self._stale = self._forgot = True
-        for table in (self._keys, self._values, self._addresses, self._last_used, self._written_at):
-            del table[episode_id]
-
-    def nearest(self, query: Tensor) -> list[int]:
-        """Id of the held episode whose addressing best matches (cosine) each query; does not count as a read."""
-        if len(self) == 0:
-            return []
-        q = query.reshape(-1, self.memory.key_dim)
-        wq = self._address(q)  # (Nq, K)
-        ids = self.episode_ids
-        stored = torch.stack([self._addresses[i] for i in ids])  # (E, K)
-        sim = torch.nn.functional.normalize(wq, dim=-1) @ torch.nn.functional.normalize(stored, dim=-1).mT  # (Nq, E)
-        return [ids[j] for j in sim.argmax(dim=-1).tolist()]
-
-    @torch.no_grad()
-    def read(self, query: Tensor) -> Tensor:
-        """Deterministic key-value read of query (Nq, C) or (C,), same shape/dtype out; marks the best-matching
-        held episode of each query as used (LRU).  An empty store reads from the prior (query M0^+ M0)."""
-        q = query.reshape(-1, self.memory.key_dim)  # (Nq, key_dim)
-        state = self.state
-        M = state.memory.to(device=self.device, dtype=state.precision.dtype)  # (K, C)
-        out = self._address(q) @ M  # (Nq, C) noise-free whatever the module's mode
-        self._clock += 1
-        for eid in self.nearest(q):
-            self._last_used[eid] = self._clock
-        return out.to(query.dtype).reshape(*query.shape[:-1], self.memory.episode_dim)
-
-    # ---------------------------------------------------------------------------------------------------- checkpoint
-
-    def state_dict(self) -> dict[str, Tensor]:
-        ids = self.episode_ids
-        C, K, Ck = self.memory.episode_dim, self.memory.memory_size, self.memory.key_dim
-        wd = self._state.precision.dtype
-
-        def stack(table: dict[int, Tensor], shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
-            return torch.stack([table[i] for i in ids]) if ids else torch.zeros(shape, dtype=dtype, device=self.device)
-
-        d = {f"state.{k}": v for k, v in self.state.state_dict().items()}
-        d.update(
-            episode_ids=torch.tensor(ids, dtype=torch.int64),
-            keys=stack(self._keys, (0, Ck), torch.float32),
-            values=stack(self._values, (0, C), torch.float32),
-            addresses=stack(self._addresses, (0, K), wd),
-            last_used=torch.tensor([self._last_used[i] for i in ids], dtype=torch.int64),
-            written_at=torch.tensor([self._written_at[i] for i in ids], dtype=torch.int64),
-            clock=torch.tensor(self._clock, dtype=torch.int64),
-            next_id=torch.tensor(self._next_id, dtype=torch.int64),
-            capacity=torch.tensor(self.capacity, dtype=torch.int64),
-        )
-        return d
-
-    def load_state_dict(self, d: dict[str, Tensor]) -> None:
-        state = MemoryState.from_state_dict({k[len("state.") :]: v for k, v in d.items() if k.startswith("state.")})
-        self.memory._check_state(state)
-        self._state = state.to(self.device)
-        self._stale = self._forgot = False
-        ids = [int(i) for i in d["episode_ids"].tolist()]
-        self._keys = {i: d["keys"][j].to(self.device) for j, i in enumerate(ids)}
-        self._values = {i: d["values"][j].to(self.device) for j, i in enumerate(ids)}
-        self._addresses = {i: d["addresses"][j].to(self.device) for j, i in enumerate(ids)}
-        self._last_used = {i: int(d["last_used"][j]) for j, i in enumerate(ids)}
-        self._written_at = {i: int(d["written_at"][j]) for j, i in enumerate(ids)}
-        self._clock = int(d["clock"])
-        self._next_id = int(d["next_id"])
-        self.capacity = int(d["capacity"])
