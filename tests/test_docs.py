@@ -112,11 +112,14 @@ def test_named_files_and_python_names_exist() -> None:
     missing, paths, names = [], 0, 0
     for page in PAGES:
         for span in _inline_code(page):
-            path = re.fullmatch(r"((?:src|tests|configs|scripts|docs)/[\w./-]*\w)(?:::\w+)?/?", span)
+            path = re.fullmatch(r"((?:src|tests|configs|scripts|docs)/[\w./-]*\w)(?:::(\w+))?/?", span)
             if path and not re.search(r"[<>*]", span) and span not in GONE:
                 paths += 1
-                if not (REPO / path[1]).exists():
+                file = REPO / path[1]
+                if not file.exists():
                     missing.append(f"{page.relative_to(REPO)}: `{span}` does not exist")
+                elif path[2] and not re.search(rf"^\s*(?:async )?def {path[2]}\(", file.read_text(), flags=re.M):
+                    missing.append(f"{page.relative_to(REPO)}: `{span}`: no such test in {path[1]}")
             name = re.fullmatch(r"(bitmar(?:\.\w+)+)(?:\(.*\))?", span)
             if name:
                 names += 1
