@@ -173,6 +173,23 @@ def test_design_has_the_numbered_sections_code_cites() -> None:
     assert headings == [("1", "Data flow"), ("2", "Reference formulas"), ("3", "Traps avoided"), ("4", "Conventions")]
 
 
+def test_code_cites_design_sections_that_exist() -> None:
+    sections = set(re.findall(r"^## (\d+)\. ", (DOCS / "design.md").read_text(encoding="utf-8"), flags=re.M))
+    sources = [*REPO.glob("*.py"), *(REPO / "src").rglob("*.py"), *(REPO / "scripts").rglob("*.py"),
+               *(p for p in (REPO / "tests").rglob("*.py") if p.name != Path(__file__).name)]  # fmt: skip
+    cited, wrong = 0, []
+    for source in sources:
+        text = source.read_text(encoding="utf-8")
+        for n in re.findall(r"docs/design\.md §(\d+)", text):
+            cited += 1
+            if n not in sections:
+                wrong.append(f"{source.relative_to(REPO)}: docs/design.md §{n} does not exist")
+        if re.search(r"(?<![/\w])DESIGN\.md", text):
+            wrong.append(f"{source.relative_to(REPO)}: cites DESIGN.md, which is docs/design.md now")
+    assert not wrong, "\n".join(wrong)
+    assert cited >= 3
+
+
 def test_benchmark_pages_are_dated_with_machine_and_command() -> None:
     pages = sorted((DOCS / "benchmarks").glob("*.md"))
     assert len(pages) >= 4
