@@ -324,16 +324,34 @@ class _Parsed(Exception):
 
 @contextlib.contextmanager
 def _stop_after_parsing() -> Iterator[None]:
-    original: Callable = argparse.ArgumentParser.parse_args
+    """Within: parse_args parses, then raises _Parsed. A CLI that calls parse_known_args itself is stopped there too
+    (argparse's own parse_args calls parse_known_args, which then must return normally), so no documented command
+    can ever start real work here."""
+    parse_args: Callable = argparse.ArgumentParser.parse_args
+    parse_known_args: Callable = argparse.ArgumentParser.parse_known_args
+    inside_parse_args = []
 
     def parse_and_stop(self, args=None, namespace=None):  # noqa: ANN001, ANN202 - argparse's own signature
-        raise _Parsed(original(self, args, namespace))
+        inside_parse_args.append(True)
+        try:
+            parsed = parse_args(self, args, namespace)
+        finally:
+            inside_parse_args.pop()
+        raise _Parsed(parsed)
+
+    def parse_known_and_stop(self, args=None, namespace=None):  # noqa: ANN001, ANN202
+        parsed = parse_known_args(self, args, namespace)
+        if inside_parse_args:
+            return parsed
+        raise _Parsed(parsed)
 
     argparse.ArgumentParser.parse_args = parse_and_stop  # type: ignore[method-assign]
+    argparse.ArgumentParser.parse_known_args = parse_known_and_stop  # type: ignore[method-assign]
     try:
         yield
     finally:
-        argparse.ArgumentParser.parse_args = original  # type: ignore[method-assign]
+        argparse.ArgumentParser.parse_args = parse_args  # type: ignore[method-assign]
+        argparse.ArgumentParser.parse_known_args = parse_known_args  # type: ignore[method-assign]
 
 
 def _parse_with_cli(cli: str, argv: list[str], fragment: bool = False) -> str | None:
