@@ -3,8 +3,8 @@
     python analyze_attention_heads.py --analysis_dir RUN/attention_analysis --attention_type all \
         [--top_k K] [--create_report] [--output_dir OUT]
 
-Reads the `history_{type}.npz` files that `bitmar.analysis.heads.HeadImportanceTracker` writes during training
-(RUN itself is accepted too). Where things go:
+Reads the `history_{type}.npz` files (`bitmar.analysis.history`) that `bitmar.analysis.heads.HeadImportanceTracker`
+writes during training (RUN itself is accepted too). Where things go:
   - figures: OUT (default: the analysis directory's `figures/`);
   - the report (`--create_report`): `RUN/reports/attention_analysis_report.md` (RUN = the analysis directory's
     parent), or `OUT/reports/attention_analysis_report.md` when --output_dir is given, so analysing a run you
@@ -27,8 +27,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bitmar.analysis.heads import ANALYSIS_TYPES, METRIC_NAMES, HeadHistory, history_path  # noqa: E402
-from bitmar.fileio import check_writable_dir  # noqa: E402
+from bitmar.analysis.history import ANALYSIS_TYPES, METRIC_NAMES, HeadHistory, history_path  # noqa: E402
+from bitmar.fileio import atomic_write_text, check_writable_dir  # noqa: E402
 from bitmar.infra.figures import save_figure  # noqa: E402
 
 REPORT_NAME = "attention_analysis_report.md"
@@ -398,14 +398,6 @@ def build_report(
     return "\n".join(lines)
 
 
-def write_text_atomic(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
-
-
 # -------------------------------------------------------------------------------------------------------- CLI
 
 
@@ -475,7 +467,7 @@ def run(args: argparse.Namespace) -> dict[str, Path]:
     print(f"\nfigures: {out_dir}")
     if args.create_report:
         text = build_report(histories, selected, k, figures, report_dir, analysis_dir)
-        written["report"] = write_text_atomic(report_dir / REPORT_NAME, text)
+        written["report"] = atomic_write_text(report_dir / REPORT_NAME, text)
         print(f"report: {written['report']}")
     return written
 
