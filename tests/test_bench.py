@@ -21,6 +21,8 @@ import torch
 from torch import nn
 
 import bitmar.bitnet as bitnet
+import bitmar.bitnet.int8_gemm as bitnet_gemm
+import bitmar.bitnet.layer as bitnet_layer
 from bitmar.bench import suite
 from bitmar.bench.__main__ import main as bench_main
 from bitmar.bench.generation import ternary_weight_bytes
@@ -120,7 +122,7 @@ def test_packed_weight_bytes_by_hand() -> None:
 
 def _uncached(monkeypatch: pytest.MonkeyPatch) -> None:
     # The compile path bypasses the cache and quantizes at every call: the reference for the cached path.
-    monkeypatch.setattr(bitnet, "_compiling", lambda: True)
+    monkeypatch.setattr(bitnet_layer, "_compiling", lambda: True)
 
 
 def _train_steps(layer: BitLinear, rows: int, steps: int = 3) -> list[torch.Tensor]:
@@ -193,7 +195,7 @@ def test_int8_route_threshold_changes_speed_only() -> None:
                 x = torch.randn(rows, 32, generator=torch.Generator().manual_seed(rows))
                 with torch.no_grad():
                     outputs.append((layer(x), packed(x)))
-    assert bitnet._INT8_GEMM["min_rows"] == bitnet.INT8_GEMM_MIN_ROWS and bitnet._INT8_GEMM["mode"] is None
+    assert bitnet_gemm._INT8_GEMM["min_rows"] == bitnet.INT8_GEMM_MIN_ROWS and bitnet_gemm._INT8_GEMM["mode"] is None
     for (a, b), (c, d) in zip(outputs[:2], outputs[2:], strict=True):
         assert torch.equal(a, b) and torch.equal(a, c) and torch.equal(c, d)
     with pytest.raises(ValueError, match="min_rows"):
@@ -271,9 +273,9 @@ def test_the_bench_reports_the_route_of_the_ternary_matmuls() -> None:
     assert f"Route of the ternary matmuls (variant BitLinear): {route['route']} GEMM" in bitlinear.format_report(result)
     layer, x = BitLinear(4, 4), torch.randn(3, 4, requires_grad=True)
     with int8_gemm_mode("on"):
-        bitlinear._train_step(layer, x, torch.ones(3, 4), int8_gemm=False)  # the forced float variant ...
-        assert bitnet._INT8_GEMM["mode"] == "on"  # ... gives back the mode in force (it used to leave "allowed")
-    assert bitnet._INT8_GEMM["mode"] is None
+        train_step(layer, x, torch.ones(3, 4), int8_gemm=False)  # the forced float variant ...
+        assert bitnet_gemm._INT8_GEMM["mode"] == "on"  # ... gives back the mode in force (it used to leave "allowed")
+    assert bitnet_gemm._INT8_GEMM["mode"] is None
 
 
 def test_outputs_are_written_as_json_and_markdown(tmp_path: Path) -> None:

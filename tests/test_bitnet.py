@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import bitmar.bitnet as bitnet
+import bitmar.bitnet.int8_gemm as bitnet_gemm
+import bitmar.bitnet.packed as bitnet_packed
 from bitmar.bench import bitlinear as bench
 from bitmar.bitnet import (
     INT8_GEMM_MIN_ROWS,
@@ -94,7 +96,7 @@ def test_int8_and_float_gemm_routes_give_the_same_bits() -> None:
             outputs.append(layer(x.requires_grad_(True)).detach())
             assert int8_gemm_decision()["route"] == ("int8" if mode == "on" and int8_gemm_available() else "float")
     assert all(torch.equal(o, outputs[0]) for o in outputs[1:])
-    assert isinstance(int8_gemm_available(), bool) and bitnet._INT8_GEMM["min_rows"] == INT8_GEMM_MIN_ROWS
+    assert isinstance(int8_gemm_available(), bool) and bitnet_gemm._INT8_GEMM["min_rows"] == INT8_GEMM_MIN_ROWS
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -106,12 +108,12 @@ def test_int8_and_float_gemm_routes_give_the_same_bits() -> None:
 def fresh_route(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Any]]:
     """The route state as at start-up (nothing decided or measured, BITMAR_INT8_GEMM unset); restored afterwards."""
     int8_gemm_available()  # the capability self-test (once per process) is not part of any test's count
-    saved = dict(bitnet._INT8_GEMM)
+    saved = dict(bitnet_gemm._INT8_GEMM)
     monkeypatch.delenv(bitnet.INT8_GEMM_ENV, raising=False)
-    bitnet._INT8_GEMM.update(mode=None, use=None, decision=None, probe=None)
-    yield bitnet._INT8_GEMM
-    bitnet._INT8_GEMM.clear()
-    bitnet._INT8_GEMM.update(saved)
+    bitnet_gemm._INT8_GEMM.update(mode=None, use=None, decision=None, probe=None)
+    yield bitnet_gemm._INT8_GEMM
+    bitnet_gemm._INT8_GEMM.clear()
+    bitnet_gemm._INT8_GEMM.update(saved)
 
 
 class FakeMachine:
@@ -221,14 +223,14 @@ def test_switches_env_and_set_int8_gemm_override_the_measurement(
         probes.append("probe")
         return {"route": "float", "reason": "injected: int8 400x slower", "int8_ms": None}
 
-    monkeypatch.setattr(bitnet, "probe_int8_gemm", fake_probe)
+    monkeypatch.setattr(bitnet_gemm, "probe_int8_gemm", fake_probe)
     cpu, available = torch.device("cpu"), int8_gemm_available()
     decision = int8_gemm_decision()
     assert decision["route"] == "float" and decision["mode"] == "auto" and decision["mode_source"] == "default"
     assert decision["reason"] == (
         "injected: int8 400x slower" if available else f"no int8 GEMM: {decision['int8_status']}"
     )
-    assert not bitnet._use_int8_gemm(cpu, 4096)
+    assert not bitnet_gemm.use_int8_gemm(cpu, 4096)
     line = describe_int8_gemm()
     assert line.startswith("CPU ternary matmuls: float GEMM") and "BITMAR_INT8_GEMM=auto (default)" in line
     assert "ONEDNN_MAX_CPU_ISA=" in line
@@ -237,16 +239,17 @@ def test_switches_env_and_set_int8_gemm_override_the_measurement(
     set_int8_gemm(None)  # follow the environment again: decided anew at the next use
     decision = int8_gemm_decision()
     assert decision["mode"] == "on" and decision["mode_source"] == bitnet.INT8_GEMM_ENV
-    assert bitnet._use_int8_gemm(cpu, 4096) is available and not bitnet._use_int8_gemm(cpu, INT8_GEMM_MIN_ROWS - 1)
+    assert bitnet_gemm.use_int8_gemm(cpu, 4096) is available
+    assert not bitnet_gemm.use_int8_gemm(cpu, INT8_GEMM_MIN_ROWS - 1)
     with int8_gemm_mode("off"):  # set_int8_gemm beats the environment
-        assert int8_gemm_decision()["mode_source"] == "set_int8_gemm" and not bitnet._use_int8_gemm(cpu, 4096)
-    assert bitnet._use_int8_gemm(cpu, 4096) is available  # the environment's "on" again after the block
+        assert int8_gemm_decision()["mode_source"] == "set_int8_gemm" and not bitnet_gemm.use_int8_gemm(cpu, 4096)
+    assert bitnet_gemm.use_int8_gemm(cpu, 4096) is available  # the environment's "on" again after the block
 
     monkeypatch.setenv(bitnet.INT8_GEMM_ENV, " OFF ")
     set_int8_gemm(None)
     assert int8_gemm_decision()["reason"] == "int8 GEMM switched off (BITMAR_INT8_GEMM)"
     set_int8_gemm(True)  # True is "auto": the measurement (float here)
-    assert int8_gemm_decision()["mode"] == "auto" and not bitnet._use_int8_gemm(cpu, 4096)
+    assert int8_gemm_decision()["mode"] == "auto" and not bitnet_gemm.use_int8_gemm(cpu, 4096)
     assert len(probes) == (1 if available else 0)
 
     monkeypatch.setenv(bitnet.INT8_GEMM_ENV, "fast")
@@ -279,14 +282,15 @@ def test_layers_take_the_decided_route(
     route: str, fresh_route: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls: list[int] = []
-    real_gemm = bitnet._onednn_int8_gemm
+    real_gemm = bitnet_gemm.onednn_int8_gemm
 
     def counting_gemm(q: torch.Tensor, w: torch.Tensor, out_features: int) -> torch.Tensor:
         calls.append(q.shape[0])
         return real_gemm(q, w, out_features)
 
-    monkeypatch.setattr(bitnet, "_onednn_int8_gemm", counting_gemm)
-    monkeypatch.setattr(bitnet, "probe_int8_gemm", lambda: {"route": route, "reason": f"injected: {route} faster"})
+    for module in (bitnet_gemm, bitnet_packed):  # ternary_matmul's GEMM and PackedBitLinear's kernel route
+        monkeypatch.setattr(module, "onednn_int8_gemm", counting_gemm)
+    monkeypatch.setattr(bitnet_gemm, "probe_int8_gemm", lambda: {"route": route, "reason": f"injected: {route} faster"})
     torch.manual_seed(3)
     layer = BitLinear(32, 16)
     packed = PackedBitLinear.from_bitlinear(layer)

@@ -23,6 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import bitmar.bitnet as bitnet
+import bitmar.bitnet.int8_gemm as bitnet_gemm
 from bitmar.bitnet import BitLinear
 from bitmar.config import config_from_dict, config_to_dict, load_config
 from bitmar.data.tokenizer import train_tokenizer
@@ -408,16 +409,16 @@ def test_exported_code_measures_its_cpu_route_and_obeys_the_switch(
         assert needle in source
     model = hf_load(out).eval()
     remote = sys.modules[type(model).__module__]
-    assert remote.probe_int8_gemm is not bitnet.probe_int8_gemm and remote._INT8_GEMM is not bitnet._INT8_GEMM
+    assert remote.probe_int8_gemm is not bitnet.probe_int8_gemm and remote._INT8_GEMM is not bitnet_gemm._INT8_GEMM
     available = remote.int8_gemm_available()  # its self-test runs before the count starts
     calls: list[int] = []
-    real_gemm = remote._onednn_int8_gemm
+    real_gemm = remote.onednn_int8_gemm
 
     def counting_gemm(q: torch.Tensor, w: torch.Tensor, out_features: int) -> torch.Tensor:
         calls.append(q.shape[0])
         return real_gemm(q, w, out_features)
 
-    monkeypatch.setattr(remote, "_onednn_int8_gemm", counting_gemm)
+    monkeypatch.setattr(remote, "onednn_int8_gemm", counting_gemm)
     ids = torch.randint(3, 200, (8, 40))  # 320 rows per ternary matmul: above the int8 row threshold
     # Issue 15: the export's own copy of the packed kernel's loader; where the package's kernel builds, it runs.
     assert remote.packed_kernel_decision is not packed_cpu.packed_kernel_decision

@@ -30,7 +30,11 @@ MODEL_SOURCES = (
     "bitmar.fileio",  # the crash-safe writes (kernel source, episodic store)
     "bitmar.kernels.packed_cpu_source",  # the packed CPU kernel's C++ source ...
     "bitmar.kernels.packed_cpu",  # ... and its loader: built where a compiler exists
-    "bitmar.bitnet",
+    "bitmar.bitnet.quant",
+    "bitmar.bitnet.int8_gemm",
+    "bitmar.bitnet.layer",
+    "bitmar.bitnet.packing",
+    "bitmar.bitnet.packed",
     "bitmar.memory.numerics",
     "bitmar.memory.larimar",
     "bitmar.memory.store",
