@@ -273,7 +273,7 @@ def test_the_bench_reports_the_route_of_the_ternary_matmuls() -> None:
     assert f"Route of the ternary matmuls (variant BitLinear): {route['route']} GEMM" in bitlinear.format_report(result)
     layer, x = BitLinear(4, 4), torch.randn(3, 4, requires_grad=True)
     with int8_gemm_mode("on"):
-        train_step(layer, x, torch.ones(3, 4), int8_gemm=False)  # the forced float variant ...
+        bitlinear._train_step(layer, x, torch.ones(3, 4), int8_gemm=False)  # the forced float variant ...
         assert bitnet_gemm._INT8_GEMM["mode"] == "on"  # ... gives back the mode in force (it used to leave "allowed")
     assert bitnet_gemm._INT8_GEMM["mode"] is None
 
