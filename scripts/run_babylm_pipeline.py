@@ -29,6 +29,9 @@ script installs into the checkout (see `install_devbench`); fine-tuning reads th
 (`--take_final --padding_side left`): BitMar's decoder is causal, so the first token (BOS, the pipeline's default)
 has seen nothing of the input. Results land where the pipeline writes them: PIPELINE_DIR/results/<export name>/.
 Exit status: 0 when every task finished, 1 when one failed (the rest still run), 2 for unusable arguments.
+
+One module because it runs without the bitmar package and `--write_sample_data` runs this very file by path in the
+pipeline's venv (runpy), so the task table, the checks and the sample writer travel together.
 """
 
 from __future__ import annotations
