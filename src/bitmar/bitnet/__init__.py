@@ -10,7 +10,7 @@ Storage: ternary values pack at 2 bits per weight (`pack_ternary`, 4 per byte) o
 (`pack_ternary_base3`, 5 trits per byte since 3^5 = 243 <= 256). `PackedBitLinear` keeps only the packed
 bytes and runs inference with int8 activations; `pack_model` swaps every quantized BitLinear for one. On CPU its
 product runs in a compiled kernel straight from the packed bytes (`bitmar.kernels.packed_cpu`: AVX-512 VNNI / AVX2,
-exact, built at first use), falling back to the pure-torch path below where the kernel cannot be built.
+exact, built at first use), falling back to its pure-torch path (`packed`) where the kernel cannot be built.
 
 On CPU the ternary matmuls of both BitLinear and PackedBitLinear run as exact int8 GEMMs (oneDNN) when the
 torch build has them (`int8_gemm_available()`), a short measurement at first use found them faster than float
