@@ -3,7 +3,7 @@
 
 import sys
 
-from bitmar.training.cli import main
+from bitmar.pipeline import main
 
 if __name__ == "__main__":
     sys.exit(main())

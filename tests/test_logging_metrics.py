@@ -75,7 +75,7 @@ def test_usage_window_resets_and_refuses_an_empty_window() -> None:
 
 
 def test_addressing_kl_is_the_moving_part_of_the_memory_kl() -> None:
-    """KL(q(W) || N(0, I)) = constant 0.5 K (s^2 - 1 - log s^2) + 0.5 ||W||^2 per episode (README)."""
+    """KL(q(W) || N(0, I)) = constant 0.5 K (s^2 - 1 - log s^2) + 0.5 ||W||^2 per episode (docs)."""
     memory = _memory()
     W = torch.randn(5, K) * 0.3
     kl = float(memory.kl_divergence(W))
@@ -112,15 +112,16 @@ def test_store_alpha_is_the_write_strength() -> None:
 
 @pytest.mark.parametrize("log_attention", [True, False])
 def test_wandb_log_attention_reaches_the_head_tracker(tmp_path, log_attention: bool) -> None:
-    """The trainer builds its head tracker with wandb.log_attention: false -> no Attention/* from the tracker."""
+    """The pipeline builds the head tracker with wandb.log_attention: false -> no Attention/* from the tracker."""
     from types import SimpleNamespace
 
-    from bitmar.training.trainer import Trainer
+    from bitmar.pipeline import HeadAnalysis, pipeline_hooks
 
     cfg = load_config("configs/bitmar_tiny.yaml", [f"wandb.log_attention={str(log_attention).lower()}"])
-    fake = SimpleNamespace(cfg=cfg, model=_tiny_model(), output_dir=tmp_path)
-    tracker = Trainer._make_attention_analyzer(fake)
-    assert tracker is not None and tracker.log_metrics is log_attention
+    hooks = [h for h in pipeline_hooks(cfg, tmp_path) if isinstance(h, HeadAnalysis)]
+    assert len(hooks) == 1 and hooks[0].logs_attention  # the trainer then leaves Attention/* to the tracker
+    hooks[0].attach(SimpleNamespace(model=_tiny_model()))
+    assert hooks[0].tracker is not None and hooks[0].tracker.log_metrics is log_attention
 
 
 def test_trainer_store_uses_model_memory_alpha() -> None:
@@ -151,7 +152,7 @@ def test_whole_model_compression_ratio_is_the_evaluations_and_covers_every_compo
     assert {"text_encoder", "vision_encoder", "fusion", "decoder", "memory", "embeddings"} <= set(sizes)
     assert component_of("memory_key_proj.weight") == component_of("episode_token_proj.weight") == "memory"
     shipped = model_size_by_component(_tiny_model(vocab_size=1024))["total"]  # the tiny config's own vocabulary
-    assert shipped[0] / shipped[1] == pytest.approx(7.2, abs=0.05)  # README, Logged metrics
+    assert shipped[0] / shipped[1] == pytest.approx(7.2, abs=0.05)  # docs/training-and-logging.md, Logged metrics
     assert component_of("text_encoder.blocks.0.attn.qkv_proj.weight") == "text_encoder"
 
 

@@ -29,10 +29,10 @@ from bitmar.config import config_to_dict, load_config, save_config
 from bitmar.data.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
 from bitmar.infra.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from bitmar.model import BitMar
-from bitmar.training.cli import main
+from bitmar.pipeline import main
+from bitmar.training.progress import Progress
 from bitmar.training.resume import check_resumable_model, tokenizer_mismatch
 from bitmar.training.rundir import LOCK_NAME, RunDirectoryBusy, RunLock, remove_orphaned_temp_files
-from bitmar.training.trainer import Progress
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "bitmar_tiny.yaml")
@@ -435,7 +435,7 @@ def test_a_run_directory_where_the_post_training_step_cannot_write_is_refused_be
     unwritable_dir: Path,
 ) -> None:
     from bitmar.config import ConfigError
-    from bitmar.training.cli import check_end_of_run_outputs
+    from bitmar.pipeline import check_end_of_run_outputs
 
     cfg = load_config(None, ["evaluation.run_after_training=true"])
     with pytest.raises(ConfigError, match=r"post-training step writes into .*evaluation"):

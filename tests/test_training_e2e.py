@@ -134,7 +134,8 @@ ORIGINAL_METRIC_NAMES = (
 
 
 def documented_name(key: str) -> str:
-    """A logged metric name as the README's logging table writes it (layer names and ranks as placeholders)."""
+    """A logged metric name as the logging table of docs/training-and-logging.md writes it (layer names and ranks as
+    placeholders)."""
     if key.startswith(("Summary/", "Evaluation/")):  # open-ended families, documented as one line each
         return {"Summary": "Summary/<key>", "Evaluation": "Evaluation/<task>/<metric>"}[key.split("/")[0]]
     key = re.sub(r"^Quantization/(WeightScale|Sparsity)_.+$", r"Quantization/\1_<layer>", key)
@@ -143,7 +144,8 @@ def documented_name(key: str) -> str:
 
 
 def _check_metric_names_and_values(out: Path) -> None:
-    """Every original name is in metrics.jsonl, the metrics move as documented, and the README lists every name."""
+    """Every original name is in metrics.jsonl, the metrics move as documented, and docs/training-and-logging.md
+    lists every name."""
     records = _records(out)
     keys = {k for r in records for k in r if k != "step"}
     missing = [k for k in ORIGINAL_METRIC_NAMES if k not in keys]
@@ -177,12 +179,12 @@ def _check_metric_names_and_values(out: Path) -> None:
     assert all(v == pytest.approx(16.0) for _, v in series["Quantization/Ternary_Compression_Ratio"])
     summary = json.loads((out / "summary.json").read_text())
     assert summary["compression_ratio"] == pytest.approx(series["Quantization/Compression_Ratio"][0][1])
-    # the README's logging section names every metric the run wrote
-    readme = (REPO / "README.md").read_text()
-    section = readme[readme.index("### Logged metrics") :]
+    # the logging section of the training docs names every metric the run wrote
+    page = (REPO / "docs" / "training-and-logging.md").read_text()
+    section = page[page.index("### Logged metrics") :]
     section = section[: section.index("\n## ")]
     undocumented = sorted({documented_name(k) for k in keys} - set(re.findall(r"`([^`]+)`", section)))
-    assert not undocumented, f"metrics missing from the README's logging table: {undocumented}"
+    assert not undocumented, f"metrics missing from docs/training-and-logging.md: {undocumented}"
 
 
 @pytest.mark.slow
@@ -231,7 +233,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(small_world: Path, tmp_pat
 @pytest.mark.slow
 def test_repeated_nonfinite_losses_stop_with_a_checkpoint(small_world: Path, tmp_path: Path, monkeypatch) -> None:
     import bitmar.training.objective as objective
-    from bitmar.training.cli import main
+    from bitmar.pipeline import main
 
     calls = {"n": 0}
     real_lm_loss = objective.lm_loss
@@ -258,7 +260,7 @@ def test_a_single_nonfinite_loss_is_skipped_and_training_continues(
     small_world: Path, tmp_path: Path, monkeypatch
 ) -> None:
     import bitmar.training.objective as objective
-    from bitmar.training.cli import main
+    from bitmar.pipeline import main
 
     calls = {"n": 0}
     real_lm_loss = objective.lm_loss
@@ -282,7 +284,7 @@ def test_a_single_nonfinite_loss_is_skipped_and_training_continues(
 
 
 def test_bad_config_and_missing_checkpoint_give_clear_errors(tmp_path: Path, capsys) -> None:
-    from bitmar.training.cli import main
+    from bitmar.pipeline import main
 
     assert main(["--config", "configs/bitmar_tiny.yaml", "--set", "model.memroy_size=3",
                  "--output_dir", str(tmp_path)]) == 2  # fmt: skip

@@ -25,8 +25,9 @@ from bitmar.infra.run_logger import RunLogger, resolve_wandb_mode
 from bitmar.training import plots
 from bitmar.training.losses import contrastive_loss, lm_loss, sequence_log_probs, token_nll
 from bitmar.training.objective import mask_tokens
+from bitmar.training.progress import effective_phase_epochs, epoch_fraction
 from bitmar.training.schedule import TwoStageSchedule
-from bitmar.training.trainer import effective_phase_epochs, epoch_fraction, make_optimizer
+from bitmar.training.trainer import make_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -86,7 +87,7 @@ def test_phase_epochs_fit_the_budget(budget: int, expected: dict[int, int], frac
 
 def test_readme_quick_test_budget_runs_all_three_phases() -> None:
     """The original quick test `--config configs/bitmar_config.yaml --max_epochs 1 --batch_size 4` exercises every
-    phase, a third of an epoch each (README, Training)."""
+    phase, a third of an epoch each (docs/training-and-logging.md, Training)."""
     cfg = load_config(ROOT / "configs" / "bitmar_config.yaml", ["training.max_epochs=1", "training.batch_size=4"])
     assert sorted(effective_phase_epochs(cfg)) == [1, 2, 3]
     assert epoch_fraction(cfg) == pytest.approx(1 / 3)

@@ -59,7 +59,7 @@ QUICK_OVERRIDES = ["training.max_steps_per_epoch=10", "training.validation_batch
 TRAIN_FIXED = ["evaluation.run_after_training=false", "attention_analysis.enabled=false", "wandb.create_plots=false"]
 RECORD = "ablation_run.json"  # what a run directory was trained with: reuse only what matches the request
 _NOT_TRAINING = ("evaluation", "wandb", "attention_analysis", "export")  # config sections that do not shape training
-_TRAIN_ENTRY = "import sys; from bitmar.training.cli import main; sys.exit(main())"
+_TRAIN_ENTRY = "import sys; from bitmar.pipeline import main; sys.exit(main())"
 _EVAL_ENTRY = "import sys; from bitmar.evaluation.runner import main; sys.exit(main())"
 CONFIDENCE = 0.95
 

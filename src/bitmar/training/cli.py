@@ -1,8 +1,10 @@
 """Command line of train_bitmar.py: parse, resolve the config, build data, train, summarise.
 
-User mistakes (bad config, missing data, unreadable checkpoint, a run directory another trainer is using) print one
-clear message and exit with code 2; an interrupted run (SIGTERM/SIGINT) saves checkpoints/last.pt and exits with
-128 + signal (also during the post-training evaluation, when the checkpoint is already saved).
+`main(argv, make_hooks)` trains; what runs around the training (evaluation, export, attention analysis) comes from
+`make_hooks`, which `bitmar.pipeline.main` (the entry point of train_bitmar.py) supplies. User mistakes (bad config,
+missing data, unreadable checkpoint, a run directory another trainer is using) print one clear message and exit with
+code 2; an interrupted run (SIGTERM/SIGINT) saves checkpoints/last.pt and exits with 128 + signal (also during the
+post-training evaluation, when the checkpoint is already saved).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +23,16 @@ from bitmar.data.errors import DataError
 from bitmar.infra.checkpoint import CheckpointError, load_checkpoint
 from bitmar.infra.run_logger import setup_text_logging
 from bitmar.training.distributed import DistInfo, all_reduce_mean, cleanup, init_distributed
+from bitmar.training.hooks import PostTrainingError, TrainingHook
+from bitmar.training.progress import effective_phase_epochs
 from bitmar.training.resume import adopt_checkpoint_tokenizer, check_resumable_model, find_resume_checkpoint
 from bitmar.training.rundir import RunDirectoryBusy, RunLock, remove_orphaned_temp_files
 
 log = logging.getLogger("bitmar")
+
+# Builds the hooks of a run from its resolved config and run directory, before any data or model; raises ConfigError
+# for a run whose hooks could not do their work (checked before hours of training, not after).
+HookFactory = Callable[[BitMarConfig, Path], Sequence[TrainingHook]]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,7 +96,7 @@ def _all_ranks_ok(ok: bool, dist_info: DistInfo) -> bool:
     return bool(flag.item() == 1.0)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, make_hooks: HookFactory | None = None) -> int:
     args = build_parser().parse_args(argv)
     output_dir = Path(args.output_dir)
     try:
@@ -96,7 +105,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     setup_text_logging(output_dir / "logs" / "training.log", dist_info.rank)
-    from bitmar.training.trainer import effective_phase_epochs
 
     # Rank 0 alone holds the run lock (the ranks of one run share it) and cleans what a killed run left behind.
     lock = RunLock(output_dir) if dist_info.is_main else None
@@ -121,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         if not _all_ranks_ok(ok, dist_info):
             cleanup(dist_info)
             return 2
-        return _train(args, cfg, resume_path, output_dir, dist_info)
+        return _train(args, cfg, resume_path, output_dir, dist_info, make_hooks)
     finally:
         if lock is not None:
             lock.release()
@@ -133,14 +141,13 @@ def _train(
     resume_path: str | None,
     output_dir: Path,
     dist_info: DistInfo,
+    make_hooks: HookFactory | None,
 ) -> int:
-    from bitmar.evaluation.context import EvaluationError
-    from bitmar.export.hf_export import ExportError
     from bitmar.training.trainer import Trainer, TrainingError, TrainingInterrupted
 
     trainer = None
     try:
-        check_end_of_run_outputs(cfg, output_dir)  # before hours of training, not after
+        hooks = make_hooks(cfg, output_dir) if make_hooks is not None else ()
         if cfg.training.max_steps_per_epoch is not None:
             log.info("training.max_steps_per_epoch=%d: a capped smoke run", cfg.training.max_steps_per_epoch)
         from bitmar.data.datasets import build_data
@@ -155,6 +162,7 @@ def _train(
             resume_from=resume_path,
             wandb_mode=args.wandb,
             stop_after_steps=args.stop_after_steps,
+            hooks=hooks,
         )
         summary = trainer.train()
     except (ConfigError, DataError, CheckpointError) as err:
@@ -184,7 +192,7 @@ def _train(
         log.error("%s", err)
         cleanup(dist_info)
         return 1
-    except (EvaluationError, ExportError) as err:  # the post-training step could not write (disk full, ...)
+    except PostTrainingError as err:  # the post-training step could not write (disk full, ...)
         log.error(
             "%s. Training itself finished: checkpoints/last.pt and summary.json are saved; evaluate or export "
             "it again with evaluate_bitmar.py / python -m bitmar.export once the problem is fixed",
@@ -196,27 +204,6 @@ def _train(
         print_summary(summary, output_dir)
     cleanup(dist_info, wait_for_all=True)
     return 0
-
-
-def check_end_of_run_outputs(cfg: BitMarConfig, output_dir: Path) -> None:
-    """ConfigError unless the post-training evaluation results and the export can be written into the run
-    directory: found at the end, a read-only directory would cost the whole training run its last step."""
-    from bitmar.fileio import check_writable_dir
-
-    targets = []
-    if cfg.evaluation.run_after_training:
-        targets.append(output_dir / "evaluation")
-    if cfg.export.after_training:
-        targets.append(output_dir / "hf_export")
-    for target in targets:
-        try:
-            check_writable_dir(target)
-        except OSError as err:
-            raise ConfigError(
-                f"{err}: the post-training step writes into {target}; make the run directory writable, choose "
-                "another --output_dir, or turn the step off (evaluation.run_after_training=false / "
-                "export.after_training=false)"
-            ) from None
 
 
 def print_summary(summary: dict, output_dir: Path) -> None:

@@ -13,8 +13,7 @@ import math
 import signal
 import time
 from collections import defaultdict
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,14 +48,15 @@ from bitmar.training.diagnostics import (
 )
 from bitmar.training.distributed import DistInfo, all_reduce_mean, barrier, broadcast_tensors
 from bitmar.training.hard_negatives import swap_token_classes
+from bitmar.training.hooks import TrainingHook
 from bitmar.training.losses import contrastive_loss, token_nll
 from bitmar.training.objective import TrainingObjective
+from bitmar.training.progress import PHASE_NAMES, Progress, effective_phase_epochs, epoch_fraction
 from bitmar.training.resume import find_resume_checkpoint, model_shape_mismatches, tokenizer_mismatch
 from bitmar.training.schedule import TwoStageSchedule
 
 log = logging.getLogger("bitmar")
 
-PHASE_NAMES = {1: "text pretraining", 2: "vision-text alignment", 3: "episodic memory"}
 PERSISTENT_EPISODES_PER_STEP = 4  # training episodes copied into the persistent store per phase-3 step
 
 
@@ -76,57 +76,6 @@ class TrainingInterrupted(BaseException):
         super().__init__(f"interrupted by signal {signum}")
         self.signum = signum
         self.training_done = training_done
-
-
-@dataclass
-class Progress:
-    """Where the run stands; saved in every checkpoint, so a resume continues at the same batch."""
-
-    phase: int = 1
-    epoch: int = 0  # epoch within the phase
-    batch: int = 0  # next micro-batch index within the epoch
-    global_step: int = 0  # optimizer steps taken
-    epochs_done: int = 0  # finished epochs over all phases
-    tokens_seen: int = 0
-    best_val_loss: float = math.inf
-    consecutive_nonfinite: int = 0
-    skipped_nonfinite: int = 0
-    initial_val_loss: float | None = None
-    history: dict[str, list[float]] = field(default_factory=dict)
-
-    def as_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
-
-def effective_phase_epochs(cfg: BitMarConfig, start_phase: int = 1) -> dict[int, int]:
-    """Epochs per phase, fitted into training.max_epochs (proportionally, each enabled phase keeps >= 1).
-
-    A budget smaller than the number of enabled phases gives every phase one epoch of `epoch_fraction(cfg)` of
-    the data (e.g. max_epochs 1 with three phases: a third of an epoch each), so every phase still runs."""
-    requested = {p: e for p, e in enumerate(cfg.phase_epochs(), start=1) if p >= start_phase and e > 0}
-    budget = cfg.training.max_epochs
-    if sum(requested.values()) <= budget:
-        return requested
-    if budget < len(requested):
-        return {p: 1 for p in requested}
-    total = sum(requested.values())
-    shares = {p: max(1, int(budget * e / total)) for p, e in requested.items()}
-    while sum(shares.values()) > budget:
-        largest = max(shares, key=lambda p: shares[p])
-        shares[largest] -= 1
-    leftovers = sorted(requested, key=lambda p: budget * requested[p] / total - shares[p], reverse=True)
-    for p in leftovers:
-        if sum(shares.values()) >= budget:
-            break
-        shares[p] += 1
-    return shares
-
-
-def epoch_fraction(cfg: BitMarConfig, start_phase: int = 1) -> float:
-    """Share of an epoch's batches that each epoch of this run covers: 1.0, or max_epochs / phases when the
-    budget is smaller than the number of enabled phases (the total then stays within max_epochs of data)."""
-    phases = sum(1 for p, e in enumerate(cfg.phase_epochs(), start=1) if p >= start_phase and e > 0)
-    return min(1.0, cfg.training.max_epochs / max(phases, 1))
 
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -165,7 +114,9 @@ class Trainer:
         resume_from: str | None = None,
         wandb_mode: str | None = None,
         stop_after_steps: int | None = None,
+        hooks: Sequence[TrainingHook] = (),
     ) -> None:
+        """hooks: work of the layers above training (attention analysis, evaluation, export; `bitmar.pipeline`)."""
         self.cfg = cfg
         self.output_dir = output_dir
         self.dist = dist_info
@@ -241,7 +192,9 @@ class Trainer:
         )
         if dist_info.is_main:
             save_config(cfg, output_dir / "config.yaml")
-        self.analyzer = self._make_attention_analyzer()
+        self.hooks = list(hooks)
+        for hook in self.hooks:
+            hook.attach(self)
 
     # ----------------------------------------------------------------------------------------------- set-up
     def _autocast_dtype(self) -> torch.dtype | None:
@@ -265,18 +218,6 @@ class Trainer:
     def _steps_in_epoch(self, phase: int) -> int:
         # A last partial accumulation of an epoch is a step of its own (see _run_epoch).
         return max(1, math.ceil(self._batches_in_epoch(phase) / self.cfg.training.gradient_accumulation_steps))
-
-    def _make_attention_analyzer(self) -> Any:
-        if not self.cfg.attention_analysis.enabled:
-            return None
-        from bitmar.analysis.heads import HeadImportanceTracker
-
-        return HeadImportanceTracker(
-            self.model,
-            self.cfg.attention_analysis,
-            self.output_dir / "attention_analysis",
-            log_metrics=self.cfg.wandb.log_attention,  # files are written either way; Attention/* only when on
-        )
 
     def _load_resume(self, resume_from: str | None, start_phase: int | None = None) -> dict[str, Any] | None:
         """Continue a run exactly; with `start_phase`, start that phase from the checkpoint's weights instead."""
@@ -481,8 +422,8 @@ class Trainer:
                     self.progress.phase, self.progress.epoch, self.progress.batch = phase, 0, 0
                 self._run_phase(phase)
             summary = self.final_summary()
-            if self.analyzer is not None:
-                self.analyzer.on_train_end(self.progress.global_step, self.logger)
+            for hook in self.hooks:
+                hook.on_train_end(self)
             return summary
         finally:
             for signum, handler in previous_handlers.items():
@@ -605,8 +546,8 @@ class Trainer:
             self._feed_persistent_store(last_metrics)
         step = self.progress.global_step
         bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{self.schedule.current_lr:.2e}")
-        if self.analyzer is not None and step % self.cfg.attention_analysis.log_every_n_steps == 0:
-            self.analyzer.measure(self.objective, self._analysis_batch(phase), phase, step, self.logger)
+        for hook in self.hooks:
+            hook.after_step(self, phase, step)
         if self._is_log_step(step):
             elapsed = max(time.perf_counter() - window_start, 1e-9)
             metrics = {f"Training/{k}": v for k, v in step_metrics.items()}
@@ -641,7 +582,7 @@ class Trainer:
             raise TrainingInterrupted(0)
 
     # ------------------------------------------------------------------------------------- diagnostics
-    def _analysis_batch(self, phase: int, size: int = 8) -> dict[str, Any]:
+    def analysis_batch(self, phase: int, size: int = 8) -> dict[str, Any]:
         """A fixed batch from the validation split (no RNG drawn): text for phase 1, captions later."""
         if phase >= 2 and self.data.caption_val is not None and len(self.data.caption_val) > 0:
             items = self.data.caption_val.__getitems__(list(range(min(size, len(self.data.caption_val)))))
@@ -672,14 +613,15 @@ class Trainer:
             metrics["Memory/Analysis_Avg_Similarity"] = float(diag["mean_slot_cosine"])
             metrics["Memory/Memory_Norm"] = float(diag["memory_norm"])
             metrics["Memory/Episodes_Stored"] = len(self.store)
+        hook_logs_attention = any(hook.logs_attention for hook in self.hooks)
         if (wb.log_features or wb.log_attention) and self.cfg.model.use_vision:
-            batch = self._analysis_batch(max(phase, 2), size=16)
+            batch = self.analysis_batch(max(phase, 2), size=16)
             self.model.eval()
             out = self.model(
                 batch["input_ids"],
                 batch["attention_mask"],
                 vision_features=batch["vision_features"],
-                output_attentions=wb.log_attention and self.analyzer is None,
+                output_attentions=wb.log_attention and not hook_logs_attention,
             )
             self.model.train()
             if wb.log_features:
@@ -691,8 +633,8 @@ class Trainer:
                 similarity = nn.functional.cosine_similarity(out.text_latent.float(), out.vision_latent.float(), dim=-1)
                 metrics["Features/CrossModal_Similarity"] = float(similarity.mean())
                 metrics["Features/Cross_Modal_Similarity"] = metrics["Features/CrossModal_Similarity"]  # earlier name
-            if wb.log_attention and out.attentions and self.analyzer is None:
-                # With attention analysis on, the tracker logs these keys from its own batch (one series per key).
+            if wb.log_attention and out.attentions and not hook_logs_attention:
+                # With attention analysis on, its hook logs these keys from its own batch (one series per key).
                 metrics.update(attention_entropy_metrics(out.attentions))
         return metrics
 
@@ -804,8 +746,8 @@ class Trainer:
             self.progress.best_val_loss = metrics["Validation/loss"]
             names.append("best.pt")
         self.save(*names)
-        if self.analyzer is not None:
-            self.analyzer.on_epoch_end(self.progress.epochs_done, step, self.logger)
+        for hook in self.hooks:
+            hook.after_epoch(self, step)
         viz_every = self.cfg.attention_analysis.viz_every_n_epochs
         if self.dist.is_main and self.cfg.wandb.create_plots and self.progress.epochs_done % viz_every == 0:
             self.make_plots(phase)
@@ -844,7 +786,7 @@ class Trainer:
                 safe_plot(plots.plot_compression, self.model_sizes(), plot_dir / "compression_ratio.png", step)
             )
         if wb.plot_attention_heatmaps and self.cfg.model.use_vision:
-            batch = self._analysis_batch(max(phase, 2), size=2)
+            batch = self.analysis_batch(max(phase, 2), size=2)
             with torch.no_grad():
                 self.model.eval()
                 out = self.model(
@@ -920,35 +862,10 @@ class Trainer:
             raise TrainingInterrupted(self._signal_received, training_done=True)
         if self.dist.is_main:
             with self._signals_stop_at_once():
-                self._evaluate_and_export()
+                for hook in self.hooks:
+                    hook.after_training(self)
         barrier(self.dist)
         return summary
-
-    def _evaluate_and_export(self) -> None:
-        """Rank 0, after the final checkpoint: default evaluation, then the optional Hugging Face export."""
-        from bitmar.evaluation import evaluate_after_training
-
-        # Default evaluation on the validation split (fresh memory states; training state untouched).
-        evaluate_after_training(
-            self.model,
-            self.data.tokenizer,
-            self.cfg,
-            self.cfg.data.data_dir,
-            self.output_dir,
-            caption_val=self.data.caption_val,
-            run_logger=self.logger,
-            step=self.progress.global_step,
-        )
-        if self.cfg.export.after_training:
-            from bitmar.export import export_checkpoint
-
-            export_checkpoint(
-                self.output_dir / "checkpoints" / "last.pt",
-                self.output_dir / "hf_export",
-                packed=self.cfg.export.packed,
-                vision_backbone=self.cfg.export.vision_backbone,
-                dtype=self.cfg.export.dtype,
-            )
 
     def _ranks_agree(self) -> bool:
         """DDP keeps replicas identical; verify it (parameters and the persistent memory) before saving."""
