@@ -26,6 +26,8 @@ import bitmar.bitnet.layer as bitnet_layer
 from bitmar.bench import suite
 from bitmar.bench.__main__ import main as bench_main
 from bitmar.bench.generation import ternary_weight_bytes
+from bitmar.bench.rows import NO_DIFFERENCE, Goal, Row, Settings, per_repeat_ratios, ratio_row, value_row, verdict
+from bitmar.bench.timing import train_step
 from bitmar.bench.training import attention_flops, count_flops, linear_flops
 from bitmar.bitnet import BitLinear, PackedBitLinear, int8_gemm_decision, int8_gemm_mode, pack_model, set_int8_gemm
 from bitmar.model import BitMar
@@ -38,39 +40,39 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_no_difference_when_the_distance_from_one_is_within_the_spread() -> None:
-    at_most = suite.Goal("<=", 1.2, "<= 1.2x")
-    at_least = suite.Goal(">=", 3.0, ">= 3x")
-    assert suite.verdict(1.05, 0.95, 1.10, at_most) == suite.NO_DIFFERENCE  # |0.05| < 0.15
-    assert suite.verdict(0.97, 0.90, 1.00, None) == suite.NO_DIFFERENCE
-    assert suite.verdict(1.10, 1.08, 1.12, at_most) == "yes"  # a real slowdown, within the goal
-    assert suite.verdict(1.30, 1.25, 1.35, at_most) == "no"
-    assert suite.verdict(1.10, 1.00, 1.10, at_most) == "yes"  # |0.10| == spread: strict, so a difference
-    assert suite.verdict(1.30, 1.25, 1.35, None) == "-"
-    assert suite.verdict(3.5, 3.5, 3.5, at_least) == "yes"  # no spread (exact measurement): the median decides
+    at_most = Goal("<=", 1.2, "<= 1.2x")
+    at_least = Goal(">=", 3.0, ">= 3x")
+    assert verdict(1.05, 0.95, 1.10, at_most) == NO_DIFFERENCE  # |0.05| < 0.15
+    assert verdict(0.97, 0.90, 1.00, None) == NO_DIFFERENCE
+    assert verdict(1.10, 1.08, 1.12, at_most) == "yes"  # a real slowdown, within the goal
+    assert verdict(1.30, 1.25, 1.35, at_most) == "no"
+    assert verdict(1.10, 1.00, 1.10, at_most) == "yes"  # |0.10| == spread: strict, so a difference
+    assert verdict(1.30, 1.25, 1.35, None) == "-"
+    assert verdict(3.5, 3.5, 3.5, at_least) == "yes"  # no spread (exact measurement): the median decides
     # Measured values are not compared with 1: only their goal counts.
-    assert suite.verdict(1.0, 0.5, 1.5, suite.Goal(">=", 2.0, ">= 2"), is_ratio=False) == "no"
+    assert verdict(1.0, 0.5, 1.5, Goal(">=", 2.0, ">= 2"), is_ratio=False) == "no"
     with pytest.raises(ValueError, match="non-finite"):
-        suite.verdict(float("nan"), 1.0, 1.0, None)
+        verdict(float("nan"), 1.0, 1.0, None)
 
 
 def test_a_row_without_a_measurable_difference_is_judged_as_ratio_one() -> None:
-    def row(goal: suite.Goal) -> suite.Row:
-        return suite.ratio_row("t", "r", "A", "B", "time A / time B", [1.1, 0.9, 1.2, 0.8], [1.0] * 4, goal)
+    def row(goal: Goal) -> Row:
+        return ratio_row("t", "r", "A", "B", "time A / time B", [1.1, 0.9, 1.2, 0.8], [1.0] * 4, goal)
 
-    faster_goal, slower_ok = suite.Goal(">=", 3.0, ">= 3x"), suite.Goal("<=", 1.2, "<= 1.2x")
-    assert row(slower_ok).verdict == suite.NO_DIFFERENCE and row(slower_ok).goal_met is True
-    assert row(faster_goal).verdict == suite.NO_DIFFERENCE and row(faster_goal).goal_met is False
+    faster_goal, slower_ok = Goal(">=", 3.0, ">= 3x"), Goal("<=", 1.2, "<= 1.2x")
+    assert row(slower_ok).verdict == NO_DIFFERENCE and row(slower_ok).goal_met is True
+    assert row(faster_goal).verdict == NO_DIFFERENCE and row(faster_goal).goal_met is False
     d = row(slower_ok).to_dict()
     assert d["no_difference"] is True and d["spread"] == pytest.approx(d["p75"] - d["p25"])
 
 
 def test_ratios_are_taken_per_repeat() -> None:
-    median, p25, p75 = suite.per_repeat_ratios([2.0, 4.0, 6.0], [1.0, 2.0, 2.0])  # ratios 2, 2, 3
+    median, p25, p75 = per_repeat_ratios([2.0, 4.0, 6.0], [1.0, 2.0, 2.0])  # ratios 2, 2, 3
     assert (median, p25, p75) == (2.0, 2.0, 2.5)
     with pytest.raises(ValueError, match="same positive number of repeats"):
-        suite.per_repeat_ratios([1.0, 2.0], [1.0])
+        per_repeat_ratios([1.0, 2.0], [1.0])
     with pytest.raises(ValueError, match="must be"):
-        suite.Goal("<", 1.0, "bad")
+        Goal("<", 1.0, "bad")
 
 
 # --------------------------------------------------------------------------------------------------- FLOPs
@@ -216,7 +218,7 @@ def test_cuda_request_without_a_gpu_fails_with_a_clear_message(
     with pytest.raises(ValueError, match="gpu_training needs a CUDA GPU"):
         from bitmar.bench.training import gpu_training_rows
 
-        gpu_training_rows(suite.Settings(device="cuda"))
+        gpu_training_rows(Settings(device="cuda"))
 
 
 def test_gpu_training_logic_runs_on_cpu_with_compile_forced_eager() -> None:
@@ -261,7 +263,7 @@ def test_bad_selection_fails_before_running(capsys: pytest.CaptureFixture[str]) 
 
 def test_the_bench_reports_the_route_of_the_ternary_matmuls() -> None:
     route = int8_gemm_decision()
-    machine = suite.machine_info(suite.Settings(quick=True))
+    machine = suite.machine_info(Settings(quick=True))
     assert machine["ternary_matmul_route"] == route and route["route"] in ("int8", "float")
     header = suite.format_table({"machine": machine, "rows": [], "unavailable": []})
     assert f"ternary matmuls on CPU (BitLinear, PackedBitLinear): {route['route']} GEMM, {route['reason']}" in header
@@ -273,17 +275,17 @@ def test_the_bench_reports_the_route_of_the_ternary_matmuls() -> None:
     assert f"Route of the ternary matmuls (variant BitLinear): {route['route']} GEMM" in bitlinear.format_report(result)
     layer, x = BitLinear(4, 4), torch.randn(3, 4, requires_grad=True)
     with int8_gemm_mode("on"):
-        bitlinear._train_step(layer, x, torch.ones(3, 4), int8_gemm=False)  # the forced float variant ...
+        train_step(layer, x, torch.ones(3, 4), int8_gemm=False)  # the forced float variant ...
         assert bitnet_gemm._INT8_GEMM["mode"] == "on"  # ... gives back the mode in force (it used to leave "allowed")
     assert bitnet_gemm._INT8_GEMM["mode"] is None
 
 
 def test_outputs_are_written_as_json_and_markdown(tmp_path: Path) -> None:
-    row = suite.ratio_row("t", "some ratio", "A", "B", "time A / time B", [2.0, 2.2], [1.0, 1.0],
-                          suite.Goal("<=", 1.2, "<= 1.2x"))  # fmt: skip
-    value = suite.value_row("t", "some value", "A", "samples/s", [5.0, 7.0], None, "samples/s")
+    row = ratio_row("t", "some ratio", "A", "B", "time A / time B", [2.0, 2.2], [1.0, 1.0],
+                          Goal("<=", 1.2, "<= 1.2x"))  # fmt: skip
+    value = value_row("t", "some value", "A", "samples/s", [5.0, 7.0], None, "samples/s")
     result = {
-        "machine": suite.machine_info(suite.Settings(quick=True)),
+        "machine": suite.machine_info(Settings(quick=True)),
         "seconds": {"t": 1.0},
         "rows": [row.to_dict(), value.to_dict()],
         "unavailable": [{"benchmark": "t", "name": "other", "reason": "not installed"}],
@@ -355,7 +357,7 @@ def test_quick_suite_prints_the_whole_table(tmp_path: Path) -> None:
         assert all(math.isfinite(v) for v in values) and r["p25"] <= r["median"] <= r["p75"], r
         if r["is_ratio"]:
             assert min(values) > 0 and r["spread"] == pytest.approx(r["p75"] - r["p25"]), r
-        assert r["verdict"] in ("yes", "no", suite.NO_DIFFERENCE, "-")
+        assert r["verdict"] in ("yes", "no", NO_DIFFERENCE, "-")
         assert r["repeats"] >= 1 and r["variant_a"] and r["variant_b"]
     machine = result["machine"]
     assert machine["quick"] is True and machine["torch"] == torch.__version__ and machine["cpu"]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from bitmar.bench import suite
+from bitmar.bench import rows, suite
 from bitmar.cli_args import positive_float, positive_int
 
 
@@ -33,8 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--peak_tflops",
         "--peak-tflops",
         type=positive_float,
-        default=suite.H200_BF16_PEAK_TFLOPS,
-        help=f"GPU peak for MFU (default {suite.H200_BF16_PEAK_TFLOPS:g}: measured H200 bf16 dense ceiling)",
+        default=rows.H200_BF16_PEAK_TFLOPS,
+        help=f"GPU peak for MFU (default {rows.H200_BF16_PEAK_TFLOPS:g}: measured H200 bf16 dense ceiling)",
     )
     parser.add_argument("--tmp-dir", default=None, help="where temporary files go (default: system tmp)")
     return parser
@@ -52,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(err))
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    settings = suite.Settings(
+    settings = rows.Settings(
         quick=args.quick,
         device=args.device,
         threads=torch.get_num_threads(),

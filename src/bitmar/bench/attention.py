@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -27,10 +26,11 @@ from typing import Any
 
 import torch
 
-from bitmar import fileio
 from bitmar.analysis.heads import HeadImportanceTracker
+from bitmar.bench.rows import Goal, Row, Settings, Unavailable, ratio_row
 from bitmar.cli_args import positive_int
 from bitmar.config import load_config
+from bitmar.fileio import atomic_write_text
 from bitmar.infra.run_logger import RunLogger
 from bitmar.model import BitMar
 from bitmar.training.objective import TrainingObjective
@@ -171,6 +171,31 @@ def format_report(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def attention_rows(settings: Settings) -> list[Row | Unavailable]:
+    """The attention-head analysis benchmark (`bench.attention`, tiny config): blocks of `log_every_n_steps` training
+    steps with and without one analysis, alternating; the ratio is per block pair. Its amortised overhead (median
+    analysis time / (interval x median step)) is in the details."""
+    phases, pairs = ([2], 1) if settings.quick else ([1, 2, 3], 3)
+    result = run_benchmark(phases=phases, pairs=pairs)
+    budget = float(result["config"].get("budget", 0.10))
+    out: list[Row | Unavailable] = []
+    for r in result["phases"]:
+        out.append(
+            ratio_row(
+                "attention",
+                f"attention analysis every {r['interval']} steps, phase {r['phase']} (tiny, batch {r['batch_size']})",
+                "training + analysis",
+                "training",
+                f"block time A / B (amortised overhead {100 * r['amortised_overhead']:.1f}%)",
+                r["block_s"]["on"],
+                r["block_s"]["off"],
+                Goal("<=", 1.0 + budget, f"<= {1 + budget:.2f}x"),
+                {k: v for k, v in r.items() if k not in ("block_s", "block_cpu_s")},
+            )
+        )
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bitmar.bench.attention", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="phase 2 only, 2 pairs of blocks (~1 min on 1 core)")
@@ -186,11 +211,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = run_benchmark(phases, pairs)
     print(format_report(result))
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = fileio.mkstemp(dir=args.json.parent, prefix=f".{args.json.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(result, handle, indent=2)
-        os.replace(tmp, args.json)
+        atomic_write_text(args.json, json.dumps(result, indent=2))
         print(f"\nwrote {args.json}")
     return 0
 

@@ -12,23 +12,25 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
+import inspect
 import json
 import statistics
 import sys
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
+from bitmar.bench.rows import NOT_SLOWER, TIME_RATIO, Goal, Row, Settings, Unavailable, ratio_row
+from bitmar.bench.timing import quartiles, time_interleaved, train_step
 from bitmar.bitnet import (
     BitLinear,
     PackedBitLinear,
     int8_gemm_available,
     int8_gemm_decision,
-    int8_gemm_mode,
     pack_ternary,
     pack_ternary_base3,
     packed_bits_per_weight,
@@ -47,46 +49,14 @@ TRAIN_VARIANTS = (
 INFERENCE_VARIANTS = ("BitLinear eval", "PackedBitLinear", "PackedBitLinear(cache_weights=False)", "nn.Linear eval")
 
 
-def _quartiles(values: Sequence[float]) -> tuple[float, float, float]:
-    if len(values) == 1:
-        return values[0], values[0], values[0]
-    q1, q2, q3 = statistics.quantiles(values, n=4, method="inclusive")
-    return q1, q2, q3
-
-
-def time_interleaved(
-    fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 2
-) -> dict[str, dict[str, list[float]]]:
-    """Seconds per call of each function, run round-robin with a rotating order (fair under background load).
-
-    Returns {"wall": {name: [s, ...]}, "cpu": {name: [s, ...]}}: wall-clock time and process CPU time (the CPU
-    time of a single-threaded run ignores time lost to other processes on a shared machine).
-    """
-    if repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got {repeats}")
-    names = list(fns)
-    for _ in range(warmup):
-        for name in names:
-            fns[name]()
-    wall: dict[str, list[float]] = {name: [] for name in names}
-    cpu: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(repeats):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
-            start_wall, start_cpu = time.perf_counter(), time.process_time()
-            fns[name]()
-            cpu[name].append(time.process_time() - start_cpu)
-            wall[name].append(time.perf_counter() - start_wall)
-    return {"wall": wall, "cpu": cpu}
-
-
 def summarize(times: dict[str, dict[str, list[float]]], baseline: str) -> dict[str, dict[str, float]]:
     """Median and quartiles (ms) per variant, per-repeat wall-time ratios to `baseline` (median, quartiles) and the
     median per-repeat CPU-time ratio."""
     out = {}
     wall, cpu = times["wall"], times["cpu"]
     for name, ts in wall.items():
-        q1, med, q3 = _quartiles([t * 1e3 for t in ts])
-        r1, rmed, r3 = _quartiles([t / b for t, b in zip(ts, wall[baseline], strict=True)])
+        q1, med, q3 = quartiles([t * 1e3 for t in ts])
+        r1, rmed, r3 = quartiles([t / b for t, b in zip(ts, wall[baseline], strict=True)])
         cpu_ratio = statistics.median(t / max(b, 1e-9) for t, b in zip(cpu[name], cpu[baseline], strict=True))
         out[name] = {
             "median_ms": med,
@@ -115,16 +85,6 @@ def _train_modules(d: int, seed: int) -> dict[str, nn.Module]:
     return modules
 
 
-def _train_step(module: nn.Module, x: Tensor, grad: Tensor, int8_gemm: bool = True) -> None:
-    """One forward+backward; `int8_gemm=False` forces float GEMMs, True keeps the route in force (measured by
-    default: a forced int8 route could run oneDNN's reference kernel, hundreds of times slower, on some CPUs)."""
-    x.grad = None
-    for p in module.parameters():
-        p.grad = None
-    with contextlib.nullcontext() if int8_gemm else int8_gemm_mode("off"):
-        module(x).backward(grad)
-
-
 def time_train_step(d: int, tokens: int = 8192, repeats: int = 15, warmup: int = 2, seed: int = 0) -> dict[str, Any]:
     """Forward+backward time of BitLinear variants and nn.Linear at width d on (tokens, d) float32 inputs."""
     modules = _train_modules(d, seed)
@@ -132,7 +92,7 @@ def time_train_step(d: int, tokens: int = 8192, repeats: int = 15, warmup: int =
     x = torch.randn(tokens, d, generator=generator).requires_grad_(True)  # (N, d)
     grad = torch.randn(tokens, d, generator=generator)  # (N, d)
     fns = {
-        name: (lambda m=m, name=name: _train_step(m, x, grad, int8_gemm=name != "BitLinear, float GEMM"))
+        name: (lambda m=m, name=name: train_step(m, x, grad, int8_gemm=name != "BitLinear, float GEMM"))
         for name, m in modules.items()
     }
     times = time_interleaved(fns, repeats, warmup)
@@ -275,6 +235,95 @@ def format_report(result: dict[str, Any]) -> str:
             f"{row['compression_2bit']:.1f}x / {row['compression_base3']:.1f}x |"
         )
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Rows of `python -m bitmar.bench`
+# ---------------------------------------------------------------------------------------------------------------
+
+# The issue's cost of quantization: the norm and quantizer passes around the GEMM weigh more when the GEMM is small.
+BITLINEAR_GOALS = {256: Goal("<=", 1.10, "<= 1.10x"), 768: Goal("<=", 1.05, "<= 1.05x")}
+
+
+def _auto_bitlinear(d: int) -> tuple[nn.Module | None, str]:
+    """transformers' AutoBitLinear in online (training-time) quantization mode with RMSNorm, or why not."""
+    try:
+        from transformers.integrations.bitnet import AutoBitLinear
+    except ImportError as err:
+        return None, f"transformers.integrations.bitnet.AutoBitLinear cannot be imported: {err}"
+    params = inspect.signature(AutoBitLinear.__init__).parameters
+    if "online_quant" not in params:
+        return None, "this transformers' AutoBitLinear has no online_quant argument (training-time quantization)"
+    kwargs = {"use_rms_norm": True} if "use_rms_norm" in params else {}
+    return AutoBitLinear(d, d, bias=False, online_quant=True, **kwargs), "ok"
+
+
+def bitlinear_rows(settings: Settings) -> list[Row | Unavailable]:
+    """Forward+backward at d = 256 and 768 on (tokens, d) float32 inputs: BitLinear against nn.Linear (the cost of
+    quantization) and against AutoBitLinear(online_quant=True, use_rms_norm=True) (the same computation in
+    transformers: RMSNorm, absmax int8 activations, absmean ternary weights, straight-through backward; its quantizers
+    are torch.compile'd, so the full run includes compilation in the warm-up; --quick runs them eagerly)."""
+    tokens, repeats, warmup = (2048, 5, 1) if settings.quick else (8192, 15, 2)
+    out: list[Row | Unavailable] = []
+    for d in (256, 768):
+        torch.manual_seed(0)
+        bit = BitLinear(d, d)
+        linear = nn.Linear(d, d, bias=False)
+        auto, reason = _auto_bitlinear(d)
+        modules: dict[str, nn.Module] = {"nn.Linear": linear, "BitLinear": bit}
+        for m in (linear, auto):
+            if m is not None:
+                with torch.no_grad():
+                    m.weight.copy_(bit.weight)
+        generator = torch.Generator().manual_seed(d)
+        x = torch.randn(tokens, d, generator=generator).requires_grad_(True)  # (N, d)
+        grad = torch.randn(tokens, d, generator=generator)  # (N, d)
+        stance = torch.compiler.set_stance("force_eager") if settings.quick else contextlib.nullcontext()
+        auto_label = "AutoBitLinear(online_quant)" + (" eager" if settings.quick else ", compiled")
+        if auto is not None:
+            try:  # capability probe: torch.compile needs a working C++ toolchain on CPU
+                with stance:
+                    train_step(auto, x, grad)
+                modules[auto_label] = auto
+            except Exception as err:  # noqa: BLE001 - any failure of the probe means "not available here"
+                reason = f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}"
+                auto = None
+        fns = {name: functools.partial(train_step, m, x, grad) for name, m in modules.items()}
+        with stance:
+            times = time_interleaved(fns, repeats, warmup)["wall"]
+        name = f"BitLinear fwd+bwd, d={d}, {tokens} tokens"
+        route = int8_gemm_decision()["route"]  # BitLinear's ternary matmul: int8 or float GEMM
+        details = {"median_ms": {k: 1e3 * statistics.median(v) for k, v in times.items()}, "route": route}
+        out.append(
+            ratio_row(
+                "bitlinear",
+                name,
+                f"BitLinear ({route} GEMM)",
+                "nn.Linear",
+                TIME_RATIO,
+                times["BitLinear"],
+                times["nn.Linear"],
+                BITLINEAR_GOALS[d],
+                details,
+            )
+        )
+        if auto is None:
+            out.append(Unavailable("bitlinear", f"{name}: BitLinear vs AutoBitLinear", reason))
+        else:
+            out.append(
+                ratio_row(
+                    "bitlinear",
+                    name,
+                    f"BitLinear ({route} GEMM)",
+                    auto_label,
+                    TIME_RATIO,
+                    times["BitLinear"],
+                    times[auto_label],
+                    NOT_SLOWER,
+                    details,
+                )
+            )
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from bitmar.bench.suite import Goal, Row, Settings, Unavailable, ratio_row
+from bitmar.bench.rows import Goal, Row, Settings, Unavailable, ratio_row
 
 SCALING_GOAL = Goal(">=", 1.6, ">= 1.6x tokens/s")
 

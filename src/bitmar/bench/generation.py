@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
-from bitmar.bench.bitlinear import time_interleaved
-from bitmar.bench.suite import NOT_SLOWER, TIME_RATIO, Goal, Row, Settings, Unavailable, ratio_row
+from bitmar.bench.rows import NOT_SLOWER, TIME_RATIO, Goal, Row, Settings, Unavailable, ratio_row
+from bitmar.bench.timing import time_interleaved
 from bitmar.bench.training import FULL_CONFIG, TINY_CONFIG, synthetic_batch
 from bitmar.bitnet import BitLinear, PackedBitLinear, pack_model
 from bitmar.config import load_config

@@ -38,9 +38,12 @@ import psutil
 import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
+from bitmar.bench.rows import Goal, Row, Settings, Unavailable, ratio_row, value_row
+from bitmar.cli_args import positive_int
 from bitmar.data import layout
 from bitmar.data.datasets import CaptionTokens, ImageCaptionDataset, collate_captions
 from bitmar.data.features import CaptionFeatureStore, CaptionSource, StackedFeatures
+from bitmar.fileio import atomic_write_text
 
 GOAL_SAMPLES_PER_S = 20_000
 GOAL_RSS_MB = 300
@@ -272,21 +275,64 @@ def format_report(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+def loader_rows(settings: Settings) -> list[Row | Unavailable]:
+    """`bench.loader.run_loader_benchmark` repeated (each repeat writes a fresh CC3M-like float16 feature file and
+    runs its three loader variants one after the other): batched `os.preadv` reads (the shipped path) against
+    per-item memmap rows and against batched memmap fancy-indexing; samples/s and RSS growth of the shipped path."""
+    n_rows, batches, compare, repeats = (40_000, 60, 30, 2) if settings.quick else (1_000_000, 600, 300, 3)
+    runs = [
+        run_loader_benchmark(rows=n_rows, batches=batches, workers=1, compare_batches=compare, tmp_dir=settings.tmp_dir)
+        for _ in range(repeats)
+    ]
+
+    def values(variant: str, key: str) -> list[float]:
+        return [r["variants"][variant][key] for r in runs]
+
+    batched = values("batched", "samples_per_s")
+    name = f"loader, {n_rows:,} x 768 float16 ({runs[0]['file_gb']:.2f} GB), batch 256, 1 worker"
+    metric = "samples/s A / samples/s B"
+    details = {"runs": runs}
+    return [
+        ratio_row(
+            "loader",
+            name,
+            "batched preadv",
+            "per-item memmap",
+            metric,
+            batched,
+            values("per-item", "samples_per_s"),
+            None,
+            details,
+        ),
+        ratio_row(
+            "loader", name, "batched preadv", "batched memmap", metric, batched, values("memmap", "samples_per_s"), None
+        ),
+        value_row(
+            "loader",
+            f"{name}: throughput",
+            "batched preadv",
+            "samples/s",
+            batched,
+            Goal(">=", GOAL_SAMPLES_PER_S, f">= {GOAL_SAMPLES_PER_S:,} samples/s"),
+            "samples/s",
+        ),
+        value_row(
+            "loader",
+            f"{name}: RSS growth",
+            "batched preadv",
+            "MB (main + worker)",
+            values("batched", "rss_growth_mb"),
+            Goal("<=", GOAL_RSS_MB, f"<= {GOAL_RSS_MB} MB"),
+            "MB",
+        ),
+    ]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bitmar.bench.loader", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rows", type=_positive, default=1_000_000, help="feature rows (default 1,000,000)")
-    parser.add_argument("--batches", type=_positive, default=None, help="batches per variant (default: one epoch)")
-    parser.add_argument("--compare-batches", type=_positive, default=600, help="batches of the per-item variant")
+    parser.add_argument("--rows", type=positive_int, default=1_000_000, help="feature rows (default 1,000,000)")
+    parser.add_argument("--batches", type=positive_int, default=None, help="batches per variant (default: one epoch)")
+    parser.add_argument("--compare-batches", type=positive_int, default=600, help="batches of the per-item variant")
     parser.add_argument("--workers", type=int, default=1, help="DataLoader workers (default 1)")
     parser.add_argument("--quick", action="store_true", help="200,000 rows, 300 batches per variant")
     parser.add_argument("--tmp-dir", default=None, help="where the temporary feature files go (default: system tmp)")
@@ -298,7 +344,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     print(format_report(result))
     if args.json is not None:
-        args.json.write_text(json.dumps(result, indent=2), encoding="utf-8")
+        atomic_write_text(args.json, json.dumps(result, indent=2))
         print(f"\nwrote {args.json}")
     return 0
 

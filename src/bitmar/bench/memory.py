@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from bitmar.bench.bitlinear import time_interleaved
-from bitmar.bench.suite import Goal, Row, Settings, Unavailable, ratio_row
+from bitmar.bench.rows import Goal, Row, Settings, Unavailable, ratio_row
+from bitmar.bench.timing import time_interleaved
 from bitmar.bench.training import FULL_CONFIG, build_objective, make_step, synthetic_batch
 from bitmar.config import load_config
 from bitmar.memory import EpisodicMemory

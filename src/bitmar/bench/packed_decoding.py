@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bitmar.bench.suite import Goal, Row, Settings, Unavailable, ratio_row
+from bitmar.bench.rows import Goal, Row, Settings, Unavailable, ratio_row
 from bitmar.bitnet import BitLinear, PackedBitLinear, pack_model
 from bitmar.config import load_config
 from bitmar.kernels.packed_cpu import packed_kernel_decision

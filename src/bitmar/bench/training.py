@@ -33,8 +33,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from bitmar.bench.bitlinear import time_interleaved
-from bitmar.bench.suite import TIME_RATIO, Goal, Row, Settings, Unavailable, ratio_row, value_row
+from bitmar.bench.rows import TIME_RATIO, Goal, Row, Settings, Unavailable, ratio_row, value_row
+from bitmar.bench.timing import time_interleaved
 from bitmar.bitnet import PackedBitLinear
 from bitmar.config import BitMarConfig, load_config
 from bitmar.model import BitMar
