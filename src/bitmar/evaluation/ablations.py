@@ -20,16 +20,16 @@ seed) with its 95% CI and a verdict where the better direction is known. Output:
 and ablations.json (per-seed values, aggregates, comparisons, wall time). `--quick` caps every epoch at
 training.max_steps_per_epoch=10 steps (numbers are then only a smoke test). A run whose training or evaluation fails
 is reported with its log; the others still run (exit status 1 at the end). Bad arguments exit 2.
+
+This module plans, trains and evaluates the runs and is the command line; the statistics are in
+`bitmar.evaluation.ablation_stats`, the table (aggregation over seeds, Markdown) in `bitmar.evaluation.ablation_table`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import re
-import statistics
 import subprocess
 import sys
 import time
@@ -41,9 +41,26 @@ from typing import Any
 
 from bitmar.cli_args import positive_int
 from bitmar.config import MAX_SEED, ConfigError, config_to_dict, load_config
+from bitmar.evaluation.ablation_stats import (
+    CONFIDENCE,
+    better_direction,
+    mean_ci,
+    paired_difference,
+    summarize,
+    t_quantile,
+    verdict,
+)
+from bitmar.evaluation.ablation_table import aggregate, format_aggregate, markdown_table, metric_key
 from bitmar.evaluation.context import EvaluationError
-from bitmar.evaluation.runner import _device, format_value, md_cell
+from bitmar.evaluation.runner import _device
 from bitmar.fileio import atomic_write_text, check_writable_dir
+
+__all__ = [  # the statistics and table functions are re-exported: `from bitmar.evaluation.ablations import ...`
+    "BASE_CONFIG", "CONFIDENCE", "QUICK_OVERRIDES", "RECORD", "REPO_ROOT", "TRAIN_FIXED", "VARIANTS", "RunSpec",
+    "aggregate", "better_direction", "build_parser", "check_reusable", "evaluate_run", "failed", "format_aggregate",
+    "main", "markdown_table", "mean_ci", "metric_key", "paired_difference", "plan_runs", "run_all", "run_one",
+    "subprocess_env", "summarize", "t_quantile", "train_run", "training_config", "verdict",
+]  # fmt: skip
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 BASE_CONFIG = "configs/bitmar_tiny.yaml"
@@ -61,143 +78,6 @@ RECORD = "ablation_run.json"  # what a run directory was trained with: reuse onl
 _NOT_TRAINING = ("evaluation", "wandb", "attention_analysis", "export")  # config sections that do not shape training
 _TRAIN_ENTRY = "import sys; from bitmar.pipeline import main; sys.exit(main())"
 _EVAL_ENTRY = "import sys; from bitmar.evaluation.runner import main; sys.exit(main())"
-CONFIDENCE = 0.95
-
-# ----------------------------------------------------------------------------------------------------------------
-# Statistics
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def _t_central_probability(t: float, df: int) -> float:
-    """P(|T| <= t) for Student's t with integer df: the closed forms of Abramowitz & Stegun 26.7.3 (odd df) and
-    26.7.4 (even df), exact up to rounding."""
-    theta = math.atan(t / math.sqrt(df))
-    c2 = math.cos(theta) ** 2
-    if df % 2 == 1:
-        if df == 1:
-            return 2.0 * theta / math.pi
-        term = total = math.cos(theta)
-        for k in range(1, (df - 1) // 2):  # cos θ, (2/3) cos³θ, (2·4)/(3·5) cos⁵θ, ... up to cos^(df-2) θ
-            term *= c2 * (2 * k) / (2 * k + 1)
-            total += term
-        return 2.0 / math.pi * (theta + math.sin(theta) * total)
-    term = total = 1.0
-    for k in range(1, df // 2):  # 1, (1/2) cos²θ, (1·3)/(2·4) cos⁴θ, ... up to cos^(df-2) θ
-        term *= c2 * (2 * k - 1) / (2 * k)
-        total += term
-    return math.sin(theta) * total
-
-
-def t_quantile(p: float, df: int) -> float:
-    """The p-quantile (0.5 < p < 1) of Student's t with df >= 1 degrees of freedom, e.g. t_quantile(0.975, 2) =
-    4.303. Bisection on the exact distribution function; beyond 1000 degrees of freedom the normal quantile (the
-    difference is below 1e-3)."""
-    if not 0.5 < p < 1.0 or df < 1:
-        raise ValueError(f"t_quantile needs 0.5 < p < 1 and df >= 1, got p={p}, df={df}")
-    if df > 1000:
-        return statistics.NormalDist().inv_cdf(p)
-    target = 2.0 * p - 1.0
-    low, high = 0.0, 1.0
-    while _t_central_probability(high, df) < target:
-        high *= 2.0
-    for _ in range(200):
-        mid = 0.5 * (low + high)
-        if _t_central_probability(mid, df) < target:
-            low = mid
-        else:
-            high = mid
-        if high - low <= 1e-12 * high:
-            break
-    return 0.5 * (low + high)
-
-
-def _number(value: Any) -> Any:
-    """Results files store non-finite floats as "nan" / "inf" strings (JSON has no such numbers): read them back."""
-    if isinstance(value, str) and value.strip().lower() in ("nan", "inf", "-inf", "infinity", "-infinity"):
-        return float(value)
-    return value
-
-
-def mean_ci(values: Sequence[float], confidence: float = CONFIDENCE) -> dict[str, Any]:
-    """n, mean, sample std (n - 1), half-width of the confidence interval of the mean (t with n - 1 df) and its
-    bounds; std and the interval are None for n < 2 (one value says nothing about the spread)."""
-    n = len(values)
-    mean = statistics.fmean(values) if n else None
-    if n < 2:
-        return {"n": n, "mean": mean, "std": None, "ci95": None, "low": None, "high": None}
-    std = statistics.stdev(values)
-    half = t_quantile(0.5 + confidence / 2, n - 1) * std / math.sqrt(n)
-    return {"n": n, "mean": mean, "std": std, "ci95": half, "low": mean - half, "high": mean + half}
-
-
-def summarize(values: Sequence[Any]) -> dict[str, Any] | None:
-    """Aggregate one metric of one variant over its seeds (None when no seed has it).
-
-    Numbers: kind "numeric" with `mean_ci` of the finite ones ("non_finite" counts the others); booleans: kind
-    "share_true" (n, true, share); anything else: kind "values" (the distinct values)."""
-    values = [_number(v) for v in values if v is not None]
-    if not values:
-        return None
-    if all(isinstance(v, bool) for v in values):
-        true = sum(values)
-        return {"kind": "share_true", "n": len(values), "true": true, "share": true / len(values)}
-    if all(isinstance(v, (int, float)) for v in values):
-        finite = [float(v) for v in values if math.isfinite(v)]
-        return {"kind": "numeric", **mean_ci(finite), "non_finite": len(values) - len(finite)}
-    return {"kind": "values", "n": len(values), "values": sorted({str(v) for v in values})}
-
-
-def paired_difference(full: dict[int, Any], other: dict[int, Any]) -> dict[str, Any] | None:
-    """full − other over the seeds both have as finite numbers (pairs share the seed, so seed-to-seed variation
-    common to both cancels): `mean_ci` of the per-seed differences, plus the seeds used. None without a pair."""
-    seeds = sorted(
-        s for s in full.keys() & other.keys() if all(_finite_number(v) for v in (_number(full[s]), _number(other[s])))
-    )
-    if not seeds:
-        return None
-    diffs = [float(_number(full[s])) - float(_number(other[s])) for s in seeds]
-    return {"pairing": "paired by seed", "seeds": seeds, **mean_ci(diffs)}
-
-
-def _finite_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-# Words that make a metric a control condition (what is "good" depends on the claim): no verdict.
-_CONTROL_WORDS = ("forgotten", "without image", "no image", "empty memory", "shuffled image")
-_LOWER_IS_BETTER = ("loss", "nll", "error", "perplexity")
-_HIGHER_IS_BETTER = ("accuracy", "recall", "r@", "bleu", "rouge", "match", "gain")
-# Tasks whose every headline row is a score where more is better (Winoground text/image/group, BLiMP UIDs).
-_HIGHER_IS_BETTER_TASKS = ("minimal_pairs", "winoground")
-
-
-def better_direction(task: str, metric: str, hint: Any = None) -> bool | None:
-    """True if higher is better, False if lower is, None if unknown. A boolean `higher_is_better` hint of the
-    headline row wins; otherwise the metric name decides, conservatively (control rows and unknown names: None)."""
-    if isinstance(hint, bool):
-        return hint
-    name = metric.lower()
-    if any(word in name for word in _CONTROL_WORDS):
-        return None
-    if any(word in name for word in _LOWER_IS_BETTER):
-        return False
-    if any(word in name for word in _HIGHER_IS_BETTER) or task in _HIGHER_IS_BETTER_TASKS:
-        return True
-    return None
-
-
-def verdict(difference: dict[str, Any] | None, higher_is_better: bool | None) -> str:
-    """'full better' / 'full worse' when the 95% CI of full − other excludes 0, 'no difference (CI includes 0)' when
-    it does not; blank when the better direction is unknown or there are fewer than 2 pairs (no CI)."""
-    if difference is None or higher_is_better is None:
-        return ""
-    if difference["ci95"] is None:
-        return f"n={difference['n']}: no CI"
-    if difference["low"] <= 0.0 <= difference["high"]:
-        return "no difference (CI includes 0)"
-    full_higher = difference["mean"] > 0
-    return "full better" if full_higher == higher_is_better else "full worse"
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # Runs
@@ -429,207 +309,6 @@ def run_all(
 
 def failed(run: dict[str, Any]) -> bool:
     return run["training"]["status"] == "failed" or run.get("evaluation", {}).get("status") == "failed"
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Aggregation
-# ----------------------------------------------------------------------------------------------------------------
-
-# Timings inside a metric's name ("... (0.52 s vs memory write 0.003 s)") differ per run: dropped from the row key.
-_TIMING = re.compile(r"\s*\([^()]*\d\s*(?:s|ms|min)\b[^()]*\)")
-
-
-def metric_key(metric: str) -> str:
-    return _TIMING.sub("", metric).strip()
-
-
-def _seed_rows(run: dict[str, Any]) -> list[tuple[str, str, Any, Any, Any]]:
-    """(task, metric, value, reference, higher_is_better hint) of one run: every headline row of its evaluated
-    tasks, and the final validation loss of its training."""
-    rows = []
-    for task, result in ((run.get("results") or {}).get("tasks") or {}).items():
-        if result.get("status") != "ok":
-            continue
-        for h in result.get("headline", []):
-            rows.append((task, metric_key(h["metric"]), h.get("value"), h.get("reference"), h.get("higher_is_better")))
-    summary = run.get("summary") or {}
-    if "final_validation_loss" in summary:
-        rows.append(("training", "final validation loss", summary["final_validation_loss"], None, False))
-    return rows
-
-
-def aggregate(runs: dict[str, dict[int, dict[str, Any]]], variants: Sequence[str]) -> list[dict[str, Any]]:
-    """One row per (task, metric), in first-seen order: per-seed values, per-variant aggregates and, for every
-    variant other than `full`, the paired difference full − variant with its verdict."""
-    rows: dict[tuple[str, str], dict[str, Any]] = {}
-    for variant in variants:
-        for seed, run in sorted(runs.get(variant, {}).items()):
-            for task, metric, value, reference, hint in _seed_rows(run):
-                row = rows.setdefault(
-                    (task, metric),
-                    {"task": task, "metric": metric, "hint": None, "references": {}, "per_seed": {}},
-                )
-                if isinstance(hint, bool):
-                    row["hint"] = hint
-                row["per_seed"].setdefault(variant, {})[seed] = value
-                row["references"].setdefault(variant, {})[seed] = reference
-    table = []
-    for row in rows.values():
-        higher = better_direction(row["task"], row["metric"], row["hint"])
-        aggregates = {v: summarize(list(row["per_seed"].get(v, {}).values())) for v in variants}
-        # the reference column (chance, blind model, empty memory) of `full`, else of the first variant with the row
-        references = row["references"].get("full") or next(iter(row["references"].values()))
-        reference = summarize(list(references.values()))
-        comparisons = {}
-        full = row["per_seed"].get("full")
-        if full is not None and (aggregates["full"] or {}).get("kind") == "numeric":
-            for v in variants:
-                if v == "full" or v not in row["per_seed"]:
-                    continue
-                diff = paired_difference(full, row["per_seed"][v])
-                if diff is not None:
-                    comparisons[v] = {**diff, "verdict": verdict(diff, higher)}
-        table.append(
-            {
-                "task": row["task"],
-                "metric": row["metric"],
-                "higher_is_better": higher,
-                "per_seed": {v: {str(s): x for s, x in vals.items()} for v, vals in row["per_seed"].items()},
-                "aggregate": aggregates,
-                "reference": reference,
-                "comparisons": comparisons,
-            }
-        )
-    return table
-
-
-def format_aggregate(agg: dict[str, Any] | None) -> str:
-    """'mean ± CI95 (n)' for numbers ('mean (1)' for one seed), '67% true (3)' for booleans, '—' when missing."""
-    if agg is None:
-        return "—"
-    if agg["kind"] == "share_true":
-        return f"{agg['share']:.0%} true ({agg['n']})"
-    if agg["kind"] == "values":
-        return md_cell(" / ".join(agg["values"])) + f" ({agg['n']})"
-    if agg["mean"] is None:
-        return f"non-finite ({agg['non_finite']})"
-    text = format_value(agg["mean"])
-    if agg["ci95"] is not None:
-        text += f" ± {format_value(agg['ci95'])}"
-    text += f" ({agg['n']}" + (f", {agg['non_finite']} non-finite" if agg["non_finite"] else "") + ")"
-    return text
-
-
-def format_difference(diff: dict[str, Any] | None) -> str:
-    if diff is None:
-        return "—"
-    sign = "+" if diff["mean"] > 0 else ""
-    text = sign + format_value(diff["mean"])
-    if diff["ci95"] is not None:
-        text += f" ± {format_value(diff['ci95'])}"
-    return text + f" ({diff['n']})"
-
-
-def _reference_cell(ref: dict[str, Any] | None) -> str:
-    """The reference column: its mean over full's seeds (chance, blind model, empty memory...), yes/no for booleans."""
-    if ref is None or ref["kind"] == "values" or (ref["kind"] == "numeric" and ref["mean"] is None):
-        return ""
-    if ref["kind"] == "share_true":
-        return {1.0: "yes", 0.0: "no"}.get(ref["share"], f"{ref['share']:.0%} yes")
-    return format_value(ref["mean"])
-
-
-def _minutes(seconds: float | None) -> str:
-    return f"{seconds / 60:.1f} min" if seconds else ""
-
-
-def markdown_table(
-    runs: dict[str, dict[int, dict[str, Any]]],
-    variants: Sequence[str],
-    seeds: Sequence[int],
-    quick: bool,
-    wall_seconds: float | None = None,
-    jobs: int | None = None,
-) -> str:
-    table = aggregate(runs, variants)
-    others = [v for v in variants if v != "full"]
-    lines = [
-        "# BitMar ablations" + (" (quick: 10 steps per epoch, smoke-test numbers)" if quick else ""),
-        "",
-        f"Seeds {', '.join(map(str, seeds))} (`--set training.seed=<s>`; data, tokenizer and pseudo-words fixed). "
-        "Cells: mean ± half-width of the 95% confidence interval of the mean (Student t, n − 1 degrees of freedom) "
-        "(n seeds); booleans: share of seeds where true; —: not measured (task skipped or run failed).",
-        "",
-        "| Task | Metric | " + " | ".join(variants) + " | Reference (full) |",
-        "|---|---|" + "---:|" * (len(variants) + 1),
-    ]
-    for row in table:
-        cells = [format_aggregate(row["aggregate"][v]) for v in variants]
-        ref_cell = _reference_cell(row["reference"])
-        lines.append(f"| {row['task']} | {md_cell(row['metric'])} | " + " | ".join(cells) + f" | {ref_cell} |")
-    if "full" in variants and others:
-        lines += [
-            "",
-            "## full vs each variant",
-            "",
-            "full − variant, paired by seed: mean of the per-seed differences ± half-width of its 95% CI (n pairs). "
-            "Verdict only where the better direction is known (↑ higher, ↓ lower is better); 'no difference' when the "
-            "CI includes 0.",
-            "",
-            "| Task | Metric | Better | " + " | ".join(f"full − {v} | verdict" for v in others) + " |",
-            "|---|---|:-:|" + "---:|---|" * len(others),
-        ]
-        for row in table:
-            if not row["comparisons"]:
-                continue
-            better = {True: "↑", False: "↓", None: ""}[row["higher_is_better"]]
-            cells = []
-            for v in others:
-                diff = row["comparisons"].get(v)
-                cells += [format_difference(diff), diff["verdict"] if diff else ""]
-            lines.append(f"| {row['task']} | {md_cell(row['metric'])} | {better} | " + " | ".join(cells) + " |")
-    lines += [
-        "",
-        "## Runs",
-        "",
-        "| Variant | Seed | Training | Train time | Evaluation | Eval time | Final validation loss |",
-        "|---|---:|---|---:|---|---:|---:|",
-    ]
-    for variant in variants:
-        for seed, run in sorted(runs.get(variant, {}).items()):
-            train, evaluation = run["training"], run.get("evaluation") or {}
-            loss = format_value((run.get("summary") or {}).get("final_validation_loss"))
-            lines.append(
-                f"| {variant} | {seed} | {train['status']} | {_minutes(train.get('seconds'))} "
-                f"| {evaluation.get('status', '')} | {_minutes(evaluation.get('seconds'))} | {loss} |"
-            )
-    if wall_seconds is not None:
-        count = sum(len(r) for r in runs.values())
-        lines += ["", f"Wall time: {wall_seconds / 60:.1f} min for {count} runs, {jobs} at a time."]
-    problems = []
-    for variant in variants:
-        for seed, run in sorted(runs.get(variant, {}).items()):
-            for stage in ("training", "evaluation"):
-                outcome = run.get(stage) or {}
-                if outcome.get("status") == "failed":
-                    error = " / ".join(outcome.get("error") or [])
-                    problems.append(
-                        f"- **{variant}/seed_{seed}** {stage} failed: `{md_cell(error)[-300:]}` (log: {outcome['log']})"
-                    )
-    if problems:
-        lines += ["", *problems]
-    reasons = sorted(
-        {
-            f"- {task} skipped for {variant}: {result.get('reason', '')}"
-            for variant in variants
-            for run in runs.get(variant, {}).values()
-            for task, result in ((run.get("results") or {}).get("tasks") or {}).items()
-            if result.get("status") == "skipped"
-        }
-    )
-    if reasons:
-        lines += ["", *reasons]
-    return "\n".join(lines) + "\n"
 
 
 # ----------------------------------------------------------------------------------------------------------------
