@@ -51,7 +51,7 @@ class FakeLogger:
 def _model(seed: int = 0) -> tuple[BitMar, TrainingObjective]:
     torch.manual_seed(seed)
     model = BitMar(CFG.model)
-    return model, TrainingObjective(model, CFG, MASK_ID, SPECIAL_IDS)
+    return model, TrainingObjective.from_config(model, CFG, MASK_ID, SPECIAL_IDS)
 
 
 def _batch(kind: str, size: int = 6, length: int = 20, seed: int = 1) -> dict[str, Any]:

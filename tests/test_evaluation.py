@@ -270,6 +270,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     cfg = load_config(REPO / "configs" / "bitmar_tiny.yaml", [f"data.data_dir={data_dir}", *TRAIN_OVERRIDES])
     run_dir = root / "run"
     data = build_data(cfg, run_dir)
+    cfg.model.vocab_size = len(data.tokenizer)  # settled before the model is built (as train_bitmar.py does)
     cpu = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     trainer = Trainer(cfg, run_dir, cpu, data, wandb_mode="disabled")
     trainer.train()

@@ -47,7 +47,7 @@ def _caption_batch(cfg, size: int = 6, length: int = 16) -> dict[str, object]:
 
 def test_bf16_training_step_of_every_phase_on_cuda() -> None:
     model, cfg = _tiny()
-    objective = TrainingObjective(model, cfg, mask_token_id=3, special_token_ids=[0, 1, 2])
+    objective = TrainingObjective.from_config(model, cfg, mask_token_id=3, special_token_ids=[0, 1, 2])
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     batch = _caption_batch(cfg)
     text = {"kind": "text", "input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}

@@ -254,7 +254,7 @@ def _objective(**weights: float) -> tuple[TrainingObjective, dict[str, torch.Ten
         "attention_mask": torch.tensor([[1] * 5, [1] * 5, [1] * 4 + [0], [1] * 5]),
         "vision_features": torch.randn(4, TINY_MODEL.vision_encoder_dim),
     }
-    return TrainingObjective(model, cfg, 3, [0, 1, 2], swaps), batch
+    return TrainingObjective.from_config(model, cfg, 3, [0, 1, 2], swaps), batch
 
 
 def test_visual_words_loss_counts_content_words_and_trains_the_vision_encoder() -> None:

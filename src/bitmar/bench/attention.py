@@ -62,7 +62,7 @@ def time_phase(phase: int, pairs: int, config_path: Path = DEFAULT_CONFIG, seed:
     interval = cfg.attention_analysis.log_every_n_steps
     torch.manual_seed(seed)
     model = BitMar(cfg.model)
-    objective = TrainingObjective(model, cfg, mask_token_id=3, special_token_ids=[0, 1, 2])
+    objective = TrainingObjective.from_config(model, cfg, mask_token_id=3, special_token_ids=[0, 1, 2])
     t = cfg.training
     optimizer = make_optimizer(model, t)  # the trainer's AdamW
     kind = "text" if phase == 1 else "caption"

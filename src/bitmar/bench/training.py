@@ -80,7 +80,7 @@ def build_objective(cfg: BitMarConfig, quantize: bool, seed: int = 0, device: st
     cfg.model.quantize = quantize
     torch.manual_seed(seed)
     model = BitMar(cfg.model).to(device)
-    objective = TrainingObjective(model, cfg, MASK_ID, SPECIAL_IDS)
+    objective = TrainingObjective.from_config(model, cfg, MASK_ID, SPECIAL_IDS)
     return objective.train()
 
 
@@ -213,7 +213,7 @@ def time_training_case(case: TrainingCase, phase: int, repeats: int, warmup: int
     steps = {}
     for label, quantize in (("BitMar", True), ("full precision", False)):
         objective = build_objective(load_config(case.config), quantize)
-        steps[label] = make_step(objective, objective.model, objective.cfg, batch, phase)
+        steps[label] = make_step(objective, objective.model, cfg, batch, phase)
     times = time_interleaved(steps, repeats, warmup)["wall"]
     tokens = text_tokens(batch)
     return {

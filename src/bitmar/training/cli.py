@@ -14,7 +14,6 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -25,8 +24,14 @@ from bitmar.infra.run_logger import setup_text_logging
 from bitmar.training.distributed import DistInfo, all_reduce_mean, cleanup, init_distributed
 from bitmar.training.hooks import PostTrainingError, TrainingHook
 from bitmar.training.progress import effective_phase_epochs
-from bitmar.training.resume import adopt_checkpoint_tokenizer, check_resumable_model, find_resume_checkpoint
+from bitmar.training.resume import (
+    ResumePoint,
+    adopt_checkpoint_tokenizer,
+    check_resumable_model,
+    find_resume_checkpoint,
+)
 from bitmar.training.rundir import RunDirectoryBusy, RunLock, remove_orphaned_temp_files
+from bitmar.training.signals import TrainingInterrupted
 
 log = logging.getLogger("bitmar")
 
@@ -66,11 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def resolve_config(
-    args: argparse.Namespace, output_dir: Path
-) -> tuple[BitMarConfig, str | None, dict[str, Any] | None]:
-    """A resumed run takes its config from the checkpoint (CLI overrides still apply on top, but not ones that change
-    the model's shape: those are refused, listing the differing keys)."""
+def resolve_config(args: argparse.Namespace, output_dir: Path) -> tuple[BitMarConfig, ResumePoint | None]:
+    """The run's config and the checkpoint it resumes (None for a new run). A resumed run takes its config from the
+    checkpoint (CLI overrides still apply on top, but not ones that change the model's shape: those are refused,
+    listing the differing keys). The checkpoint is loaded here, once."""
     overrides = list(args.overrides)
     if args.max_epochs is not None:
         overrides.append(f"training.max_epochs={args.max_epochs}")
@@ -84,8 +88,9 @@ def resolve_config(
             payload = load_checkpoint(found)
             cfg = config_from_dict(payload["config"], overrides)
             check_resumable_model(payload, cfg)
-            return cfg, str(found), payload
-    return load_config(args.config, overrides), None, None
+            return cfg, ResumePoint(found, payload)
+        log.info("--resume auto: no checkpoint in %s/checkpoints yet, starting a new run", output_dir)
+    return load_config(args.config, overrides), None
 
 
 def _all_ranks_ok(ok: bool, dist_info: DistInfo) -> bool:
@@ -114,22 +119,21 @@ def main(argv: list[str] | None = None, make_hooks: HookFactory | None = None) -
             if lock is not None:
                 lock.acquire()
                 remove_orphaned_temp_files(output_dir)
-            cfg, resume_path, payload = resolve_config(args, output_dir)
+            cfg, resume = resolve_config(args, output_dir)
             if args.phase is not None and args.phase not in effective_phase_epochs(cfg, args.phase):
                 raise ConfigError(
                     f"--phase {args.phase}: that phase has no epochs in this config; enable it (e.g. --set "
                     f"training.phase{args.phase}_{('text', 'alignment', 'memory')[args.phase - 1]}.epochs=1)"
                 )
-            if payload is not None and dist_info.is_main:
-                adopt_checkpoint_tokenizer(payload, cfg, output_dir)
-            del payload
+            if resume is not None and dist_info.is_main:
+                adopt_checkpoint_tokenizer(resume.payload, cfg, output_dir)
         except (RunDirectoryBusy, ConfigError, DataError, CheckpointError) as err:
             log.error("%s", err)
             ok = False
         if not _all_ranks_ok(ok, dist_info):
             cleanup(dist_info)
             return 2
-        return _train(args, cfg, resume_path, output_dir, dist_info, make_hooks)
+        return _train(args, cfg, resume, output_dir, dist_info, make_hooks)
     finally:
         if lock is not None:
             lock.release()
@@ -138,12 +142,12 @@ def main(argv: list[str] | None = None, make_hooks: HookFactory | None = None) -
 def _train(
     args: argparse.Namespace,
     cfg: BitMarConfig,
-    resume_path: str | None,
+    resume: ResumePoint | None,
     output_dir: Path,
     dist_info: DistInfo,
     make_hooks: HookFactory | None,
 ) -> int:
-    from bitmar.training.trainer import Trainer, TrainingError, TrainingInterrupted
+    from bitmar.training.trainer import Trainer, TrainingError, settle_vocab_size
 
     trainer = None
     try:
@@ -153,17 +157,20 @@ def _train(
         from bitmar.data.datasets import build_data
 
         data = build_data(cfg, output_dir, rank=dist_info.rank, world_size=dist_info.world_size)
+        settle_vocab_size(cfg, data.tokenizer)
         trainer = Trainer(
             cfg,
             output_dir,
             dist_info,
             data,
             start_phase=args.phase,
-            resume_from=resume_path,
+            resume=resume,
             wandb_mode=args.wandb,
             stop_after_steps=args.stop_after_steps,
             hooks=hooks,
         )
+        if resume is not None:
+            resume.payload.clear()  # the trainer holds the restored state: do not keep the loaded copy for the run
         summary = trainer.train()
     except (ConfigError, DataError, CheckpointError) as err:
         log.error("%s", err)

@@ -80,3 +80,16 @@ def cleanup(info: DistInfo, wait_for_all: bool = False) -> None:
         if wait_for_all:
             dist.barrier()
         dist.destroy_process_group()
+
+
+def replicas_identical(tensors: list[torch.Tensor], info: DistInfo) -> bool:
+    """True when `tensors` (e.g. the parameters and the persistent memory) hold the same values on every rank: DDP
+    keeps replicas identical, and a run verifies it before its final save. Compares two checksums with rank 0's."""
+    with torch.no_grad():
+        vector = torch.cat([t.detach().float().flatten() for t in tensors])
+        checksum = torch.stack([vector.sum(), (vector * torch.arange(vector.numel(), device=vector.device)).sum()])
+        reference = checksum.clone()
+        broadcast_tensors([reference], info)
+        agree = torch.tensor(float(torch.allclose(checksum, reference, rtol=1e-6, atol=0)), device=info.device)
+        agree = all_reduce_mean(agree, info)
+    return bool(agree.item() == 1.0)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bitmar.config import BitMarConfig
+from bitmar.config import BitMarConfig, TrainingConfig
 from bitmar.training.hard_negatives import WordSwapper
 from bitmar.training.losses import contrastive_loss, lm_loss, sequence_log_probs
 
@@ -55,19 +55,42 @@ class TrainingObjective(nn.Module):
     def __init__(
         self,
         model: nn.Module,
+        training: TrainingConfig,
+        mask_token_id: int,
+        special_token_ids: list[int],
+        swap_token_classes: list[list[int]] | None = None,
+        *,
+        use_vision: bool,
+        use_memory: bool,
+    ) -> None:
+        """training: the loss weights and the settings of the masking, contrastive and memory terms; use_vision /
+        use_memory: the model's flags (`model.use_vision` / `model.use_memory`; captions are plain text without
+        vision, no memory terms without memory). swap_token_classes: token ids per swappable word class
+        (`hard_negatives.swap_token_classes(tokenizer)`); without them (or with loss weight 0) captions get no hard
+        negatives."""
+        super().__init__()
+        self.model = model
+        self.training_cfg = training
+        self.use_vision = use_vision
+        self.use_memory = use_memory
+        self.mask_token_id = mask_token_id
+        self.special_token_ids = special_token_ids
+        self.swapper = WordSwapper(swap_token_classes) if swap_token_classes else None
+
+    @classmethod
+    def from_config(
+        cls,
+        model: nn.Module,
         cfg: BitMarConfig,
         mask_token_id: int,
         special_token_ids: list[int],
         swap_token_classes: list[list[int]] | None = None,
-    ) -> None:
-        """swap_token_classes: token ids per swappable word class (`hard_negatives.swap_token_classes(tokenizer)`);
-        without them (or with loss weight 0) captions get no hard negatives."""
-        super().__init__()
-        self.model = model
-        self.cfg = cfg
-        self.mask_token_id = mask_token_id
-        self.special_token_ids = special_token_ids
-        self.swapper = WordSwapper(swap_token_classes) if swap_token_classes else None
+    ) -> TrainingObjective:
+        """The objective of a run's config: its `training` section and the model's two flags."""
+        return cls(
+            model, cfg.training, mask_token_id, special_token_ids, swap_token_classes,
+            use_vision=cfg.model.use_vision, use_memory=cfg.model.use_memory,
+        )  # fmt: skip
 
     def forward(self, batch: dict[str, Tensor], phase: int) -> tuple[Tensor, dict[str, Tensor]]:
         if batch["kind"] == "text":
@@ -75,7 +98,7 @@ class TrainingObjective(nn.Module):
         return self._caption_losses(batch, phase)
 
     def _text_losses(self, batch: dict[str, Tensor], phase: int) -> tuple[Tensor, dict[str, Tensor]]:
-        w = self.cfg.training.loss_weights
+        w = self.training_cfg.loss_weights
         ids = batch["input_ids"]
         mask = batch.get("attention_mask")
         if mask is None:
@@ -86,7 +109,7 @@ class TrainingObjective(nn.Module):
         total = w.lm * loss_lm
         if w.encoder_mlm > 0:
             masked, chosen = mask_tokens(
-                ids, mask, self.cfg.training.mlm_probability, self.mask_token_id, self.special_token_ids
+                ids, mask, self.training_cfg.mlm_probability, self.mask_token_id, self.special_token_ids
             )
             tokens, _ = self.model.encode_text(masked, mask)  # (B, T, C)
             logits = self.model.lm_logits(tokens[chosen])  # (M, V)
@@ -99,16 +122,16 @@ class TrainingObjective(nn.Module):
         return total, metrics
 
     def _caption_losses(self, batch: dict[str, Tensor], phase: int) -> tuple[Tensor, dict[str, Tensor]]:
-        w = self.cfg.training.loss_weights
+        w = self.training_cfg.loss_weights
         ids, mask, features = batch["input_ids"], batch["attention_mask"], batch["vision_features"]
-        if not self.cfg.model.use_vision:  # ablation without vision: captions are plain text
+        if not self.use_vision:  # ablation without vision: captions are plain text
             out = self.model(ids, mask, return_latents=False)
             loss_caption = lm_loss(out.logits, ids, mask)
             return w.caption * loss_caption, {"Loss_caption": loss_caption.detach()}
         out = self.model(ids, mask, vision_features=features)
         loss_caption = lm_loss(out.logits, ids, mask)
         loss_contrastive, accuracy = contrastive_loss(
-            out.text_latent, out.vision_latent, self.cfg.training.contrastive_temperature
+            out.text_latent, out.vision_latent, self.training_cfg.contrastive_temperature
         )
         total = w.caption * loss_caption + w.contrastive * loss_contrastive
         metrics = {
@@ -126,7 +149,7 @@ class TrainingObjective(nn.Module):
             metrics["Loss_binding"] = loss_binding.detach()
             if binding_accuracy is not None:
                 metrics["Binding_accuracy"] = binding_accuracy
-        if phase >= 3 and self.cfg.model.use_memory:
+        if phase >= 3 and self.use_memory:
             memory_total, memory_metrics = self._memory_losses(
                 ids, mask, features, out.vision_latent, out.multimodal_latent, batch
             )
@@ -189,8 +212,8 @@ class TrainingObjective(nn.Module):
         episodes: Tensor,
         batch: dict[str, Tensor],
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        w = self.cfg.training.loss_weights
-        n = min(ids.size(0), self.cfg.training.memory_episodes_per_write)
+        w = self.training_cfg.loss_weights
+        n = min(ids.size(0), self.training_cfg.memory_episodes_per_write)
         if "episode_input_ids" in batch:  # fast-mapping episodes: captions with a pseudo-word (data.pseudo_words)
             ids, mask = batch["episode_input_ids"], batch["episode_attention_mask"]  # (N, T')
             n = ids.size(0)
@@ -200,7 +223,7 @@ class TrainingObjective(nn.Module):
             ids, mask, features, values = ids[:n], mask[:n], features[:n], episodes[:n]  # values: (N, R * E)
         keys = self.model.vision_key(features, vision_latent[:n])  # (N, key width) from the image alone
         state = self.model.write_memory(keys, values)
-        noise_scale = self.cfg.training.memory_query_noise * features.detach().float().std()
+        noise_scale = self.training_cfg.memory_query_noise * features.detach().float().std()
         query_features = features + noise_scale * torch.randn_like(features)
         readout, weights = self.model.read_memory(state, vision_features=query_features)  # (N, E), (N, K)
         recon = self.model(ids, mask, memory_readout=readout, return_latents=False)

@@ -1,15 +1,15 @@
 """Figures saved under <output_dir>/plots/ (matplotlib, Agg backend): each titled, with labelled axes.
 
-Every function takes plain arrays and a path and returns the path written. The trainer calls them through
-`bitmar.infra.figures.safe_plot`, which turns a drawing failure into a warning: a plot that cannot be drawn never
-stops training.
+Every `plot_*` function takes plain arrays and a path and returns the path written. `RunFigures` draws a run's set
+at an epoch end from the model, its memory store and metrics.jsonl, each through `bitmar.infra.figures.safe_plot`,
+which turns a drawing failure into a warning: a plot that cannot be drawn never stops training.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +18,15 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
-from bitmar.infra.figures import save_figure  # noqa: E402
+from bitmar.bitnet import BitLinear  # noqa: E402
+from bitmar.config import BitMarConfig  # noqa: E402
+from bitmar.infra.figures import safe_plot, save_figure  # noqa: E402
+from bitmar.infra.run_logger import RunLogger  # noqa: E402
+from bitmar.memory import EpisodicStore  # noqa: E402
+from bitmar.model import BitMar  # noqa: E402
+from bitmar.training.diagnostics import component_of  # noqa: E402
 
 
 def _slot_grid(values: np.ndarray) -> np.ndarray:
@@ -208,3 +215,92 @@ def plot_loss_panels(records: Sequence[dict[str, Any]], keys: Sequence[str], pat
     fig.suptitle("Training losses")
     fig.tight_layout()
     return save_figure(fig, path)
+
+
+class RunFigures:
+    """The figures of a run (the `wandb.plot_*` switches), drawn into <output_dir>/plots/ and sent to the run logger.
+
+    analysis_batch(phase, size): a fixed validation batch on the model's device (`Validator.analysis_batch`);
+    model_sizes(): {component: (float32 bytes, packed bytes)} (`Diagnostics.model_sizes`).
+    """
+
+    def __init__(
+        self,
+        model: BitMar,
+        store: EpisodicStore | None,
+        cfg: BitMarConfig,
+        logger: RunLogger,
+        plot_dir: Path,
+        *,
+        analysis_batch: Callable[..., dict[str, Any]],
+        model_sizes: Callable[[], dict[str, tuple[int, int]]],
+    ) -> None:
+        self.model = model
+        self.store = store
+        self.cfg = cfg
+        self.logger = logger
+        self.plot_dir = plot_dir
+        self.analysis_batch = analysis_batch
+        self.model_sizes = model_sizes
+
+    def draw(self, phase: int, step: int) -> list[Path]:
+        wb, plot_dir = self.cfg.wandb, self.plot_dir
+        written: list[Path | None] = []
+        if wb.plot_memory_usage and self.store is not None:
+            written.append(self._memory_slots(step))
+        if wb.plot_quantization_dist:
+            latent = self._latent_weights()
+            if latent:  # none in the full-precision ablation
+                written.append(safe_plot(plot_quantization, latent, plot_dir / f"quantization_step_{step}.png", step))
+            written.append(safe_plot(plot_compression, self.model_sizes(), plot_dir / "compression_ratio.png", step))
+        if wb.plot_attention_heatmaps and self.cfg.model.use_vision:
+            written += self._attention_heatmaps(phase, step)
+        records = read_metrics(self.logger.metrics_path)
+        loss_keys = sorted({k for r in records for k in r if k.startswith("Training/Loss")})
+        written.append(safe_plot(plot_loss_panels, records, loss_keys, plot_dir / "loss_curves.png"))
+        grad_keys = sorted({k for r in records for k in r if k.startswith("Gradients/")})
+        if grad_keys:
+            written.append(
+                safe_plot(plot_curves, records, grad_keys, plot_dir / "gradient_norms.png", "Gradient norms", "L2 norm")
+            )
+        paths = [p for p in written if p is not None]
+        for path in paths:
+            self.logger.log_figure(f"Plots/{path.stem.split('_step_')[0]}", path, step)
+        return paths
+
+    def _memory_slots(self, step: int) -> Path | None:
+        state = self.store.state if len(self.store) > 0 else self.model.memory.empty_state()
+        mass = state.usage.detach().float()  # (K,) addressing mass of the held episodes
+        usage = mass / mass.max() if bool(mass.max() > 0) else mass  # relative to the busiest slot, as logged
+        path = self.plot_dir / f"memory_slots_step_{step}.png"
+        return safe_plot(plot_memory_slots, usage.cpu().numpy(), state.age.float().cpu().numpy(), path, step)
+
+    def _latent_weights(self) -> dict[str, dict[str, np.ndarray]]:
+        """{component: {layer: W / gamma}} of every quantizing ternary layer."""
+        latent: dict[str, dict[str, np.ndarray]] = {}
+        for name, module in self.model.named_modules():
+            if isinstance(module, BitLinear) and module.quantize:
+                weight = module.weight.detach().float()
+                scaled = (weight / weight.abs().mean().clamp(min=1e-5)).cpu().numpy()
+                latent.setdefault(component_of(name), {})[name] = scaled
+        return latent
+
+    def _attention_heatmaps(self, phase: int, step: int) -> list[Path | None]:
+        batch = self.analysis_batch(max(phase, 2), size=2)
+        with torch.no_grad():
+            self.model.eval()
+            out = self.model(
+                batch["input_ids"],
+                batch["attention_mask"],
+                vision_features=batch["vision_features"],
+                output_attentions=True,
+            )
+            self.model.train()
+        written = []
+        for kind in ("decoder", "cross_modal"):
+            maps = out.attentions.get(kind) if out.attentions else None
+            if maps:
+                path = self.plot_dir / f"attention_{kind}_step_{step}.png"
+                title = f"{kind} attention, last layer, step {step}"
+                written.append(safe_plot(plot_attention_heatmap, maps[-1][0].float().cpu().numpy(), path, title))
+        return written

@@ -20,6 +20,14 @@ from bitmar.infra.checkpoint import CheckpointError
 log = logging.getLogger("bitmar")
 
 
+@dataclasses.dataclass(frozen=True)
+class ResumePoint:
+    """A checkpoint to resume from, loaded once (`bitmar.infra.checkpoint.load_checkpoint`, on the CPU)."""
+
+    path: Path
+    payload: dict[str, Any]
+
+
 def find_resume_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     """`--resume auto`: the run's last.pt if it exists."""
     candidate = Path(output_dir) / "checkpoints" / "last.pt"

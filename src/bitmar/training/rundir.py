@@ -1,4 +1,5 @@
-"""Safety of a run directory: one trainer at a time (a lock), and no orphaned temporary files after a SIGKILL.
+"""The run directory: one trainer at a time (a lock), no orphaned temporary files after a SIGKILL, and the files a
+trainer writes there (config.yaml, checkpoints/, summary.json; `RunFiles`, `run_summary`).
 
 The lock is `<run_dir>/.run.lock`, held with `fcntl.flock` for the life of the trainer (the kernel drops it when the
 process dies, however it dies) and holding a JSON record of its owner (pid, host, start time, command). A clean exit
@@ -18,8 +19,18 @@ import shutil
 import socket
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import torch
+
+from bitmar.bitnet import quantization_stats
+from bitmar.config import BitMarConfig, save_config
+from bitmar.fileio import atomic_write_text
+from bitmar.infra.checkpoint import save_checkpoint
+from bitmar.training.distributed import DistInfo, barrier
+from bitmar.training.progress import Progress
 
 log = logging.getLogger("bitmar")
 
@@ -160,3 +171,69 @@ def remove_orphaned_temp_files(run_dir: str | os.PathLike) -> list[Path]:
         removed.append(path)
         log.warning("removed %s (%.1f MB), left behind by an interrupted write", path, size / 1e6)
     return removed
+
+
+# ------------------------------------------------------------------------------------------------- the run's files
+class RunFiles:
+    """What a trainer writes into its run directory; rank 0 writes, and every rank waits at a checkpoint, so nobody
+    races ahead of one."""
+
+    def __init__(self, output_dir: Path, dist: DistInfo) -> None:
+        self.output_dir = Path(output_dir)
+        self.dist = dist
+        self.checkpoints = self.output_dir / "checkpoints"
+
+    def write_config(self, cfg: BitMarConfig) -> None:
+        if self.dist.is_main:
+            save_config(cfg, self.output_dir / "config.yaml")
+
+    def save_checkpoint(self, payload: Callable[[], dict[str, Any]], *names: str) -> None:
+        """checkpoints/<name> for each name, of one `payload()` (built on rank 0 only)."""
+        if self.dist.is_main:
+            state = payload()
+            for name in names:
+                save_checkpoint(state, self.checkpoints / name)
+        barrier(self.dist)
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        if self.dist.is_main:
+            atomic_write_text(self.output_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+
+
+def run_summary(
+    final: dict[str, float],
+    progress: Progress,
+    model: torch.nn.Module,
+    model_sizes: dict[str, tuple[int, int]],
+    *,
+    use_vision: bool,
+    ranks_agree: bool | None = None,
+) -> dict[str, Any]:
+    """summary.json (and the Summary/ metrics): the final validation `final` next to the run's start and counters,
+    the share of ternary weights and the compression ratios; `ranks_agree` only under DDP."""
+    summary: dict[str, Any] = {
+        "initial_validation_loss": progress.initial_val_loss,
+        "final_validation_loss": final["Validation/loss"],
+        "best_validation_loss": progress.best_val_loss,
+        "final_text_loss": final["Validation/Text_Loss"],
+        "final_perplexity": final["Validation/Perplexity"],
+        "caption_loss_true_image": final["Validation/Caption_Loss"],
+        "caption_loss_no_image": final["Validation/Caption_Loss_No_Image"],
+        "optimizer_steps": progress.global_step,
+        "tokens_seen": progress.tokens_seen,
+        "skipped_nonfinite_steps": progress.skipped_nonfinite,
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
+    if use_vision:
+        summary["caption_loss_shuffled_image"] = final["Validation/Caption_Loss_Shuffled_Image"]
+        summary["grounding_gain"] = summary["caption_loss_shuffled_image"] - summary["caption_loss_true_image"]
+    if "Validation/Memory_Recall_Loss" in final:
+        summary["memory_recall_loss"] = final["Validation/Memory_Recall_Loss"]
+    if ranks_agree is not None:
+        summary["ranks_agree"] = ranks_agree
+    stats = quantization_stats(model)
+    summary["ternary_fraction"] = stats["ternary_fraction"]
+    unpacked, packed = model_sizes["total"]
+    summary["compression_ratio"] = unpacked / packed  # whole model, float32 / packed (as the evaluation reports)
+    summary["ternary_compression_ratio"] = stats["compression_ratio"]
+    return summary
