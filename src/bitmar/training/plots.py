@@ -157,7 +157,7 @@ def plot_curves(records: Sequence[dict[str, Any]], keys: Sequence[str], path: Pa
 
 
 # Loss terms grouped by scale, one panel each, so that no term flattens the others (the memory KL sits at hundreds:
-# it holds a constant 0.5 K (s^2 - 1 - log s^2), see README "Training/Loss_memory_kl").
+# it holds a constant 0.5 K (s^2 - 1 - log s^2), see "The memory KL term" in docs/training-and-logging.md).
 LOSS_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("total", ("Training/Loss",)),
     (

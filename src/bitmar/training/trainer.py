@@ -157,7 +157,7 @@ class Trainer:
         if t.compile:
             self.train_module = torch.compile(self.train_module)
         self.autocast_dtype = self._autocast_dtype()
-        if self.device.type == "cpu":  # the route of the ternary matmuls, measured here once per process (README)
+        if self.device.type == "cpu":  # the ternary matmuls' route, measured once per process (docs/performance.md)
             try:
                 log.info("%s", describe_int8_gemm())
             except ValueError as err:  # a malformed BITMAR_INT8_GEMM
