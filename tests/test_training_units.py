@@ -236,3 +236,24 @@ def test_optimizer_steps_refresh_the_bitlinear_weight_cache() -> None:
         cached = layer(x).detach()  # served from the cache when it believes the weight unchanged
         layer.clear_weight_cache()
         torch.testing.assert_close(cached, layer(x).detach(), rtol=0, atol=0)
+
+
+def test_training_and_infra_stand_below_the_layers_that_use_them() -> None:
+    """bitmar.training imports nothing of evaluation/analysis/export/bench/pipeline (bitmar.pipeline composes them
+    through hooks); bitmar.infra imports nothing of BitMar but bitmar.fileio."""
+    import ast
+
+    above = ("bitmar.evaluation", "bitmar.analysis", "bitmar.export", "bitmar.bench", "bitmar.pipeline")
+    for package, allowed in (("training", None), ("infra", ("bitmar.fileio",))):
+        for path in sorted((ROOT / "src" / "bitmar" / package).glob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.Import):
+                    names = [alias.name for alias in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.level == 0:  # `from bitmar import x` names bitmar.x
+                    names = [f"{node.module}.{alias.name}" for alias in node.names]
+                else:
+                    continue
+                for name in names:
+                    assert not name.startswith(above), f"{package}/{path.name} imports {name}"
+                    if allowed is not None and name.startswith("bitmar"):
+                        assert name.startswith(allowed), f"{package}/{path.name} imports {name}"
