@@ -3,21 +3,22 @@
 
 This module stands above all four: it builds the hooks the trainer calls (`bitmar.training.hooks`), so the training
 package never imports the layers that use its results. `main` is the command line of train_bitmar.py (flags:
-`bitmar.training.cli.build_parser`).
+`bitmar.training.cli.build_parser`). The analysis, evaluation and export code loads when a run builds its hooks, not
+when this module loads: `--help` and a refused config answer without it.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import bitmar.evaluation as evaluation
-from bitmar.analysis.heads import HeadImportanceTracker
 from bitmar.config import BitMarConfig, ConfigError
-from bitmar.evaluation.context import EvaluationError
-from bitmar.export.hf_export import ExportError, export_checkpoint
 from bitmar.fileio import check_writable_dir
 from bitmar.training import cli
 from bitmar.training.hooks import PostTrainingError, TrainerView, TrainingHook
+
+if TYPE_CHECKING:
+    from bitmar.analysis.heads import HeadImportanceTracker
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,6 +49,8 @@ class HeadAnalysis(TrainingHook):
         self.tracker: HeadImportanceTracker | None = None
 
     def attach(self, trainer: TrainerView) -> None:
+        from bitmar.analysis.heads import HeadImportanceTracker
+
         self.tracker = HeadImportanceTracker(trainer.model, self.cfg, self.output_dir, log_metrics=self.log_metrics)
 
     def after_step(self, trainer: TrainerView, phase: int, step: int) -> None:
@@ -66,10 +69,16 @@ class EvaluateAndExport(TrainingHook):
     training state untouched; `evaluation.run_after_training`), then the optional Hugging Face export
     (`export.after_training`)."""
 
+    def __init__(self) -> None:
+        # Loaded when a run starts (not when train_bitmar.py loads), so an import error shows before training.
+        from bitmar import evaluation, export
+
+        self.evaluation, self.export = evaluation, export
+
     def after_training(self, trainer: TrainerView) -> None:
         cfg, output_dir = trainer.cfg, trainer.output_dir
         try:
-            evaluation.evaluate_after_training(
+            self.evaluation.evaluate_after_training(
                 trainer.model,
                 trainer.data.tokenizer,
                 cfg,
@@ -80,14 +89,14 @@ class EvaluateAndExport(TrainingHook):
                 step=trainer.progress.global_step,
             )
             if cfg.export.after_training:
-                export_checkpoint(
+                self.export.export_checkpoint(
                     output_dir / "checkpoints" / "last.pt",
                     output_dir / "hf_export",
                     packed=cfg.export.packed,
                     vision_backbone=cfg.export.vision_backbone,
                     dtype=cfg.export.dtype,
                 )
-        except (EvaluationError, ExportError) as err:  # e.g. the results cannot be written (disk full, ...)
+        except (self.evaluation.EvaluationError, self.export.ExportError) as err:  # e.g. cannot write (disk full)
             raise PostTrainingError(str(err)) from err
 
 
