@@ -3,8 +3,8 @@
 
 This module stands above all four: it builds the hooks the trainer calls (`bitmar.training.hooks`), so the training
 package never imports the layers that use its results. `main` is the command line of train_bitmar.py (flags:
-`bitmar.training.cli.build_parser`). The analysis, evaluation and export code loads when a run builds its hooks, not
-when this module loads: `--help` and a refused config answer without it.
+`bitmar.training.cli.build_parser`). The analysis, evaluation and export code loads once a run starts, not when
+this module loads: `--help` and a refused config answer without it.
 """
 
 from __future__ import annotations
