@@ -152,6 +152,24 @@ def test_contrastive_loss_prefers_aligned_pairs() -> None:
     assert aligned < shuffled and accuracy == 1.0
 
 
+def test_hard_negative_captions_join_only_the_image_to_text_softmax() -> None:
+    torch.manual_seed(0)
+    text, vision = torch.randn(4, 16), torch.randn(4, 16)
+    plain, _ = contrastive_loss(text, vision, 0.1)
+    far, _ = contrastive_loss(text, vision, 0.1, negative_text=-vision[:2])  # negatives no image prefers
+    close, _ = contrastive_loss(text, vision, 0.1, negative_text=vision[:2])  # negatives that match images 0, 1
+    assert plain < far < close  # a negative only ever adds to the loss, a matching one a lot
+    # the image->text half gets the negatives as extra columns, the text->image half is unchanged
+    t = torch.nn.functional.normalize(text, dim=-1)
+    v = torch.nn.functional.normalize(vision, dim=-1)
+    n = torch.nn.functional.normalize(vision[:2], dim=-1)
+    expected = 0.5 * (
+        torch.nn.functional.cross_entropy(t @ v.T / 0.1, torch.arange(4))
+        + torch.nn.functional.cross_entropy(torch.cat([v @ t.T, v @ n.T], 1) / 0.1, torch.arange(4))
+    )
+    assert torch.allclose(close, expected)
+
+
 def test_mask_tokens_never_masks_specials_or_padding() -> None:
     torch.manual_seed(0)
     ids = torch.tensor([[1, 5, 6, 7, 2, 0, 0]] * 64)

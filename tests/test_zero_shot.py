@@ -165,6 +165,14 @@ class PriorDominatedModel(torch.nn.Module):
             logits[torch.arange(len(shown)), self.picture_at, shown] += math.log(3.0)
         return SimpleNamespace(logits=logits)
 
+    def encode_text(self, input_ids: torch.Tensor, attention_mask=None):  # noqa: ANN001
+        """Text latent: the one-hot of the caption's first word (the word after BOS)."""
+        return None, torch.nn.functional.one_hot(input_ids[:, 1], len(WORDS)).float()
+
+    def encode_vision(self, vision_features: torch.Tensor):
+        """Vision latent: the one-hot of the word the picture shows."""
+        return None, torch.nn.functional.one_hot(vision_features[:, 0].long(), len(WORDS)).float()
+
 
 def _context(tmp_path: Path, picture_at: int) -> EvalContext:
     cfg = BitMarConfig()
@@ -182,6 +190,8 @@ def test_winoground_pmi_column_removes_the_caption_prior(tmp_path: Path) -> None
     out = evaluate_winoground(_context(tmp_path, picture_at=0))["metrics"]
     assert (out["text_score"], out["image_score"], out["group_score"]) == (0.0, 1.0, 0.0)  # the reported score
     assert (out["text_score_pmi"], out["image_score_pmi"], out["group_score_pmi"]) == (1.0, 1.0, 1.0)
+    # image-text matching cos(z_t, z_v): each caption's latent names its first word, each picture's the word shown
+    assert (out["text_score_matching"], out["image_score_matching"], out["group_score_matching"]) == (1.0, 1.0, 1.0)
 
 
 def test_vqa_pmi_column_removes_the_answer_prior(tmp_path: Path) -> None:
@@ -247,7 +257,7 @@ def _objective(**weights: float) -> tuple[TrainingObjective, dict[str, torch.Ten
         setattr(cfg.training.loss_weights, key, value)
     torch.manual_seed(0)
     model = BitMar(cfg.model).eval()  # no dropout: the same inputs give the same loss
-    swaps = [[10, 11, 12, 13], [20, 21]] if weights.get("hard_negative") else None
+    swaps = [[10, 11, 12, 13], [20, 21]] if weights.get("hard_negative") or weights.get("negative_contrastive") else None
     batch = {
         "kind": "caption",
         "input_ids": torch.tensor([[1, 5, 10, 20, 2], [1, 5, 11, 21, 2], [1, 5, 12, 2, 0], [1, 5, 13, 10, 2]]),
@@ -339,3 +349,14 @@ def test_winoground_effects_decompose_the_scores_exactly() -> None:
     assert torch.allclose(winoground_effects(s - prior)["interaction"], effects["interaction"])
     bound = effects["interaction"] > 0
     assert not (winoground_outcomes(s - prior)["text"] & ~bound).any()  # no prior correction passes a non-binding item
+
+
+def test_word_swapped_captions_join_the_contrastive_loss_as_negatives() -> None:
+    plain, batch = _objective(negative_contrastive=0.0)
+    negclip, _ = _objective(negative_contrastive=1.0)  # same seed: the same model
+    without = plain(batch, 2)[1]["Loss_contrastive"]
+    with_negatives = negclip(batch, 2)[1]["Loss_contrastive"]
+    assert with_negatives > without  # the last caption has a swappable pair (13, 10): one more column per image
+    swapped_only, _ = _objective(negative_contrastive=1.0)
+    swapped_only.swapper = None  # no word classes: nothing to swap, the plain loss
+    assert swapped_only(batch, 2)[1]["Loss_contrastive"].item() == pytest.approx(without.item())

@@ -111,6 +111,7 @@ class LossWeights:
     contrastive: float = 0.5  # text-vision InfoNCE
     visual_words: float = 1.0  # the pooled vision tokens predict the caption's words through the tied LM head
     hard_negative: float = 0.0  # caption ranked above its word-swapped negative under its picture (hard_negatives.py)
+    negative_contrastive: float = 0.0  # word-swapped captions join the contrastive softmax as negatives (NegCLIP)
     memory_reconstruction: float = 1.0  # caption decoded from the memory readout (Larimar)
     memory_autoencoding: float = 0.5  # caption decoded from its own episode latent
     memory_kl: float = 0.01  # beta * KL(q(W) || N(0, I)) on the addressing weights

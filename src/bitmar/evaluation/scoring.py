@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bitmar.data import layout
@@ -45,6 +46,7 @@ from bitmar.evaluation.context import (
     score_sequences,
     sentence_token_ids,
 )
+from bitmar.evaluation.retrieval import latents
 
 # ----------------------------------------------------------------------------------------------------------------
 # Minimal pairs
@@ -185,6 +187,15 @@ def evaluate_winoground(ctx: EvalContext) -> dict[str, Any]:
         )  # fmt: skip
         for name, hits in winoground_outcomes(scores - prior.view(-1, 2, 1)).items():
             metrics[f"{name}_score_pmi"] = float(hits.float().mean())
+    if ctx.has_vision:  # image-text matching: cos(z_t, z_v) of the contrastive latents (CLIP's Winoground score)
+        pair_captions = [str(r[f"caption_{c}"]) for r in records for c in (0, 1)]
+        pair_images = np.asarray([int(r[f"image_{i}"]) for r in records for i in (0, 1)])
+        text_latent, vision_latent = latents(ctx, pair_captions, ctx.tensor(features[pair_images]))
+        text_latent = F.normalize(text_latent, dim=-1).view(-1, 2, 1, text_latent.shape[-1])
+        vision_latent = F.normalize(vision_latent, dim=-1).view(-1, 1, 2, vision_latent.shape[-1])
+        matching = (text_latent * vision_latent).sum(-1)  # (N, caption, image)
+        for name, hits in winoground_outcomes(matching).items():
+            metrics[f"{name}_score_matching"] = float(hits.float().mean())
     readout = ctx.memory_readout(vf) if vf is not None else None  # support memory of training episodes
     if readout is not None:
         with_memory, _ = score_sequences(
@@ -221,6 +232,15 @@ def evaluate_winoground(ctx: EvalContext) -> dict[str, Any]:
             {"metric": f"{name} score, PMI (extra)", "value": metrics[f"{name}_score_pmi"], "reference": chance[name]}
             for name in ("text", "image", "group")
             if f"{name}_score_pmi" in metrics
+        ]
+        + [
+            {
+                "metric": f"{name} score, image-text matching (extra)",
+                "value": metrics[f"{name}_score_matching"],
+                "reference": chance[name],
+            }
+            for name in ("text", "image", "group")
+            if f"{name}_score_matching" in metrics
         ]
         + [
             {

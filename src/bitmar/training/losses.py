@@ -34,12 +34,23 @@ def sequence_log_probs(logits: Tensor, input_ids: Tensor, attention_mask: Tensor
     return logp.sum(dim=-1)
 
 
-def contrastive_loss(text_latent: Tensor, vision_latent: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
-    """Symmetric InfoNCE between matching (text, image) rows; returns (loss, in-batch retrieval accuracy)."""
+def contrastive_loss(
+    text_latent: Tensor, vision_latent: Tensor, temperature: float, negative_text: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Symmetric InfoNCE between matching (text, image) rows; returns (loss, in-batch retrieval accuracy).
+
+    negative_text (H, D): hard-negative captions (NegCLIP, Yuksekgonul et al. 2023), word-swapped copies of some of
+    the batch's captions. They join the image->text softmax of every image as extra columns
+    (a caption that is false of every picture), so an image must prefer its caption over the same words in another
+    order; the text->image direction is unchanged."""
     text = F.normalize(text_latent.float(), dim=-1)  # (B, D)
     vision = F.normalize(vision_latent.float(), dim=-1)  # (B, D)
     logits = text @ vision.T / temperature  # (B, B)
     labels = torch.arange(logits.size(0), device=logits.device)
-    loss = 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
+    image_to_text = logits.T  # (B images, B texts)
+    if negative_text is not None and negative_text.numel() > 0:
+        negative = F.normalize(negative_text.float(), dim=-1)  # (H, D)
+        image_to_text = torch.cat([image_to_text, vision @ negative.T / temperature], dim=1)  # (B, B + H)
+    loss = 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(image_to_text, labels))
     accuracy = (logits.argmax(dim=-1) == labels).float().mean()
     return loss, accuracy.detach()
