@@ -25,7 +25,6 @@ from bitmar.data.sample import (
     SETTINGS,
     Scene,
     SceneObject,
-    generate_sample_dataset,
     normalize_sentence,
     question_answers,
     world_scenes,
@@ -98,22 +97,22 @@ def test_training_scenes_include_uncoloured_subjects_like_the_winoground_object_
     assert all(not any(w in COLOURS for w in c.split()) for c in bare if "?" not in c)
 
 
-def test_evaluation_items_are_held_out_of_training(tmp_path: Path) -> None:
-    generate_sample_dataset(tmp_path, WORLD)
-    captions = json.loads((tmp_path / layout.CC3M_CAPTIONS).read_text(encoding="utf-8"))
-    captions += json.loads((tmp_path / layout.LOCAL_NARR_CAPTIONS).read_text(encoding="utf-8"))
+def test_evaluation_items_are_held_out_of_training(small_world: Path) -> None:
+    # the session's world (tests/conftest.py), only read: every generated world holds its evaluation items out
+    captions = json.loads((small_world / layout.CC3M_CAPTIONS).read_text(encoding="utf-8"))
+    captions += json.loads((small_world / layout.LOCAL_NARR_CAPTIONS).read_text(encoding="utf-8"))
     index = sample.training_text_index(captions)
-    wino = [json.loads(line) for line in (tmp_path / layout.WINOGROUND_FILE).read_text().splitlines()]
+    wino = [json.loads(line) for line in (small_world / layout.WINOGROUND_FILE).read_text().splitlines()]
     for item in wino:  # not a training caption, nor a run of words inside one
         for key in ("caption_0", "caption_1"):
             assert f" {normalize_sentence(item[key])} " not in index, item[key]
     # the pictures are new: no evaluation feature row is a training row
-    train_x = np.concatenate([np.load(tmp_path / name) for name in layout.CC3M_FEATURES]).astype(np.float32)
+    train_x = np.concatenate([np.load(small_world / name) for name in layout.CC3M_FEATURES]).astype(np.float32)
     for rel in (sample.WINOGROUND_FEATURES, sample.VQA_FEATURES):
-        x = np.load(tmp_path / rel).astype(np.float32)
+        x = np.load(small_world / rel).astype(np.float32)
         nearest = ((x[:, None, :] - train_x[None, :200, :]) ** 2).sum(-1).min()
         assert nearest > 1.0
-    vqa = [json.loads(line) for line in (tmp_path / layout.VQA_FILE).read_text().splitlines()]
+    vqa = [json.loads(line) for line in (small_world / layout.VQA_FILE).read_text().splitlines()]
     for q in vqa:  # questions are grammatical: "what color are the balls?"
         noun = q["question"].rstrip("?").split()[-1]
         if q["question_type"] in ("colour", "setting") and noun in NOUNS.values():
