@@ -191,6 +191,7 @@ def test_winoground_pmi_column_removes_the_caption_prior(tmp_path: Path) -> None
     assert (out["text_score_pmi"], out["image_score_pmi"], out["group_score_pmi"]) == (1.0, 1.0, 1.0)
     # image-text matching cos(z_t, z_v): each caption's latent names its first word, each picture's the word shown
     assert (out["text_score_matching"], out["image_score_matching"], out["group_score_matching"]) == (1.0, 1.0, 1.0)
+    assert out["latent_cosine"]["caption_pair"] == 0.0 and out["latent_cosine"]["image_pair"] == 0.0  # orthogonal
 
 
 def test_vqa_pmi_column_removes_the_answer_prior(tmp_path: Path) -> None:

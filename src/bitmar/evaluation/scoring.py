@@ -196,6 +196,15 @@ def evaluate_winoground(ctx: EvalContext) -> dict[str, Any]:
         matching = (text_latent * vision_latent).sum(-1)  # (N, caption, image)
         for name, hits in winoground_outcomes(matching).items():
             metrics[f"{name}_score_matching"] = float(hits.float().mean())
+        # Why matching fails or works: how far apart the latents of an item's two captions (same words, other order)
+        # and its two pictures are, against two captions / pictures of different items (the next item's).
+        t, v = text_latent[:, :, 0], vision_latent[:, 0, :]  # (N, 2, L) unit rows
+        metrics["latent_cosine"] = {
+            "caption_pair": float((t[:, 0] * t[:, 1]).sum(-1).mean()),
+            "caption_other_item": float((t[:, 0] * t[:, 0].roll(1, 0)).sum(-1).mean()),
+            "image_pair": float((v[:, 0] * v[:, 1]).sum(-1).mean()),
+            "image_other_item": float((v[:, 0] * v[:, 0].roll(1, 0)).sum(-1).mean()),
+        }
     readout = ctx.memory_readout(vf) if vf is not None else None  # support memory of training episodes
     if readout is not None:
         with_memory, _ = score_sequences(
