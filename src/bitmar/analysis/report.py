@@ -439,7 +439,7 @@ def run(args: argparse.Namespace) -> dict[str, Path]:
     else:
         raise AnalysisError(
             f"no measurements of {args.attention_type!r} heads in {analysis_dir} (measured types: "
-            f"{', '.join(histories)}); see the README on which phase measures which heads"
+            f"{', '.join(histories)}); see docs/attention-analysis.md on which phase measures which heads"
         )
     k = args.top_k or max(h.track_top_k for h in histories.values())
     out_dir = Path(args.output_dir) if args.output_dir else analysis_dir / "figures"

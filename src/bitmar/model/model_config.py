@@ -20,7 +20,7 @@ ARCHITECTURE_PRESETS: dict[str, dict[str, int]] = {
 
 @dataclass
 class ModelConfig:
-    """Shape and behaviour of the BitMar network (see README "Configuration")."""
+    """Shape and behaviour of the BitMar network (see docs/configuration.md)."""
 
     text_encoder: str = "bitnet-small"  # preset for the bidirectional text encoder
     text_decoder: str = "bitnet-base"  # preset for the causal decoder
