@@ -250,14 +250,15 @@ def test_binding_loss_ranks_the_caption_above_its_negative() -> None:
     assert pos.grad[0] < 0 < neg.grad[0] and abs(pos.grad[1]) < abs(pos.grad[0])  # a solved pair pulls less
 
 
-def _objective(**weights: float) -> tuple[TrainingObjective, dict[str, torch.Tensor]]:
+def _objective(hard_negatives: bool = False, **weights: float) -> tuple[TrainingObjective, dict[str, torch.Tensor]]:
     cfg = BitMarConfig()
     cfg.model = dataclasses.replace(TINY_MODEL)
+    cfg.training.contrastive_hard_negatives = hard_negatives
     for key, value in weights.items():
         setattr(cfg.training.loss_weights, key, value)
     torch.manual_seed(0)
     model = BitMar(cfg.model).eval()  # no dropout: the same inputs give the same loss
-    swaps = [[10, 11, 12, 13], [20, 21]] if weights.get("hard_negative") or weights.get("negative_contrastive") else None
+    swaps = [[10, 11, 12, 13], [20, 21]] if weights.get("hard_negative") or hard_negatives else None
     batch = {
         "kind": "caption",
         "input_ids": torch.tensor([[1, 5, 10, 20, 2], [1, 5, 11, 21, 2], [1, 5, 12, 2, 0], [1, 5, 13, 10, 2]]),
@@ -352,11 +353,11 @@ def test_winoground_effects_decompose_the_scores_exactly() -> None:
 
 
 def test_word_swapped_captions_join_the_contrastive_loss_as_negatives() -> None:
-    plain, batch = _objective(negative_contrastive=0.0)
-    negclip, _ = _objective(negative_contrastive=1.0)  # same seed: the same model
+    plain, batch = _objective(hard_negatives=False)
+    negclip, _ = _objective(hard_negatives=True)  # same seed: the same model
     without = plain(batch, 2)[1]["Loss_contrastive"]
     with_negatives = negclip(batch, 2)[1]["Loss_contrastive"]
     assert with_negatives > without  # the last caption has a swappable pair (13, 10): one more column per image
-    swapped_only, _ = _objective(negative_contrastive=1.0)
+    swapped_only, _ = _objective(hard_negatives=True)
     swapped_only.swapper = None  # no word classes: nothing to swap, the plain loss
     assert swapped_only(batch, 2)[1]["Loss_contrastive"].item() == pytest.approx(without.item())

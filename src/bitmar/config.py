@@ -111,7 +111,6 @@ class LossWeights:
     contrastive: float = 0.5  # text-vision InfoNCE
     visual_words: float = 1.0  # the pooled vision tokens predict the caption's words through the tied LM head
     hard_negative: float = 0.0  # caption ranked above its word-swapped negative under its picture (hard_negatives.py)
-    negative_contrastive: float = 0.0  # word-swapped captions join the contrastive softmax as negatives (NegCLIP)
     memory_reconstruction: float = 1.0  # caption decoded from the memory readout (Larimar)
     memory_autoencoding: float = 0.5  # caption decoded from its own episode latent
     memory_kl: float = 0.01  # beta * KL(q(W) || N(0, I)) on the addressing weights
@@ -136,6 +135,9 @@ class TrainingConfig:
     max_steps_per_epoch: int | None = None  # cap for smoke runs
     loss_weights: LossWeights = field(default_factory=LossWeights)
     contrastive_temperature: float = 0.07
+    # NegCLIP: word-swapped captions join each image's contrastive softmax as extra negatives (a switch, not a weight:
+    # they enter the contrastive term, weighted by loss_weights.contrastive)
+    contrastive_hard_negatives: bool = False
     memory_episodes_per_write: int = 32  # episodes written into one training memory (<= memory_size)
     memory_query_noise: float = 0.1  # phase 3: relative noise on the query features, so recall is retrieval, not echo
     mlm_probability: float = 0.15  # fraction of tokens masked for the encoder's masked-token loss

@@ -4,7 +4,7 @@ Phase 1 (text): causal LM loss of the decoder + masked-token loss of the bidirec
 Phase 2 (alignment): caption loss conditioned on the image + symmetric InfoNCE between text and vision latents +
     visual words (the pooled vision tokens predict the caption's content words through the tied LM head) and,
     optionally, a ranking of each caption above its word-swapped hard negative (`hard_negatives`) and the
-    word-swapped captions as extra negatives of the contrastive softmax (NegCLIP, `negative_contrastive`); text-only
+    word-swapped captions as extra negatives of the contrastive softmax (NegCLIP, `training.contrastive_hard_negatives`); text-only
     batches keep flowing (data.text_ratio). Phase 3 keeps all of these.
 Phase 3 (memory): Larimar's objective on top of phase 2. A batch's episodes are written into a fresh memory
     as (key = vision-only key, value = caption+image episode latent); they are read back with a *noisy* vision
@@ -132,7 +132,7 @@ class TrainingObjective(nn.Module):
         out = self.model(ids, mask, vision_features=features)
         loss_caption = lm_loss(out.logits, ids, mask)
         negative_text = None
-        if w.negative_contrastive > 0 and self.swapper is not None:
+        if self.training_cfg.contrastive_hard_negatives and self.swapper is not None:
             negatives, has = self.swapper(ids, mask)  # (B, T), (B,)
             if bool(has.any()):
                 negative_text = self.model.encode_text(negatives[has], mask[has])[1]  # (H, Lt)

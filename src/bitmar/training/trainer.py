@@ -123,7 +123,8 @@ class Trainer:
         mask_id = tokenizer.mask_token_id if tokenizer.mask_token_id is not None else tokenizer.unk_token_id
         special = [i for i in (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) if i is not None]
         weights = cfg.training.loss_weights
-        swaps = swap_token_classes(tokenizer) if weights.hard_negative > 0 or weights.negative_contrastive > 0 else None
+        hard_negatives = weights.hard_negative > 0 or cfg.training.contrastive_hard_negatives
+        swaps = swap_token_classes(tokenizer) if hard_negatives else None
         self.objective = TrainingObjective.from_config(self.model, cfg, mask_id, special, swaps)
         self.augmenter = fast_mapping_augmenter(cfg) if cfg.model.use_memory and cfg.model.use_vision else None
         t = cfg.training
