@@ -15,8 +15,6 @@ CFG = TINY_MODEL
 B, T, BOS = 3, 6, 1
 
 
-
-
 @pytest.fixture(scope="module")
 def model() -> BitMar:
     torch.manual_seed(0)

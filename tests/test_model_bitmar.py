@@ -22,8 +22,6 @@ CFG = TINY_MODEL
 B, T = 3, 7
 
 
-
-
 def _model(cfg: ModelConfig = CFG, **overrides) -> BitMar:
     torch.manual_seed(0)
     return BitMar(replace(cfg, **overrides))

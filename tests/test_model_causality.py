@@ -18,8 +18,6 @@ CFG = TINY_MODEL
 B, T = 3, 9
 
 
-
-
 def _inputs(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, CFG.vocab_size, (B, T), generator=g)

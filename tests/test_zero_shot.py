@@ -241,6 +241,18 @@ def test_swap_classes_keep_single_token_words_of_the_tokenizer() -> None:
     assert classes == [[4, 5], [7, 8]]  # "zz" is not one token; a class of one word cannot swap
 
 
+def test_requested_hard_negatives_without_swappable_words_are_reported(caplog: pytest.LogCaptureFixture) -> None:
+    from bitmar.config import TrainingConfig
+    from bitmar.training.hard_negatives import requested_swap_classes
+
+    training = TrainingConfig()
+    assert requested_swap_classes(_tokenizer(), training) is None  # nothing requested: no classes, no message
+    training.contrastive_hard_negatives = True
+    with caplog.at_level("WARNING", logger="bitmar"):
+        assert requested_swap_classes(_tokenizer(), training) == []  # the toy vocabulary has no colour or noun
+    assert "no caption gets a negative" in caplog.text
+
+
 def test_binding_loss_ranks_the_caption_above_its_negative() -> None:
     pos = torch.tensor([-3.0, -2.0], requires_grad=True)
     neg = torch.tensor([-3.0, -6.0], requires_grad=True)

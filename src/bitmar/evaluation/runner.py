@@ -448,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         tasks = check_task_names(args.tasks) if args.tasks else None
         device = _device(args.device)
-        if device.type == "cpu":  # the route of the ternary matmuls, measured here once per process (docs/performance.md)
+        if device.type == "cpu":  # the ternary matmul route, measured once per process (docs/performance.md)
             try:
                 log.info("%s", describe_int8_gemm())
             except ValueError as err:  # a malformed BITMAR_INT8_GEMM

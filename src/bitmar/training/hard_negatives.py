@@ -14,6 +14,7 @@ negative has the caption's length. Captions without two different words of one c
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -54,6 +55,21 @@ def swap_token_classes(tokenizer: Any, classes: dict[str, Sequence[str]] | None 
         if len(ids) >= 2:
             out.append(ids)
     return out
+
+
+def requested_swap_classes(tokenizer: Any, training: Any) -> list[list[int]] | None:
+    """The swap classes when a term of `training` (a TrainingConfig) uses hard negatives, else None. A tokenizer that
+    splits every listed word into pieces has none: the terms then add nothing, which is said once in the log."""
+    if not (training.loss_weights.hard_negative > 0 or training.contrastive_hard_negatives):
+        return None
+    classes = swap_token_classes(tokenizer)
+    if not classes:
+        logging.getLogger("bitmar").warning(
+            "hard negatives requested (loss_weights.hard_negative / training.contrastive_hard_negatives) but no "
+            "colour, size or noun of bitmar.training.hard_negatives is a single token of this tokenizer: no caption "
+            "gets a negative; train the tokenizer on data that holds these words or turn the option off"
+        )
+    return classes
 
 
 class WordSwapper:

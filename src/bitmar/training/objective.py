@@ -4,8 +4,9 @@ Phase 1 (text): causal LM loss of the decoder + masked-token loss of the bidirec
 Phase 2 (alignment): caption loss conditioned on the image + symmetric InfoNCE between text and vision latents +
     visual words (the pooled vision tokens predict the caption's content words through the tied LM head) and,
     optionally, a ranking of each caption above its word-swapped hard negative (`hard_negatives`) and the
-    word-swapped captions as extra negatives of the contrastive softmax (NegCLIP, `training.contrastive_hard_negatives`); text-only
-    batches keep flowing (data.text_ratio). Phase 3 keeps all of these.
+    word-swapped captions as extra negatives of the contrastive softmax (NegCLIP,
+    `training.contrastive_hard_negatives`); text-only batches keep flowing (data.text_ratio). Phase 3 keeps all of
+    these.
 Phase 3 (memory): Larimar's objective on top of phase 2. A batch's episodes are written into a fresh memory
     as (key = vision-only key, value = caption+image episode latent); they are read back with a *noisy* vision
     query, which holds no caption tokens, and the decoder must reconstruct the caption from the readout alone

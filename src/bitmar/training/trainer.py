@@ -34,7 +34,7 @@ from bitmar.memory import EpisodicStore
 from bitmar.model import BitMar
 from bitmar.training.diagnostics import Diagnostics, gradient_norms
 from bitmar.training.distributed import DistInfo, barrier, broadcast_tensors, replicas_identical
-from bitmar.training.hard_negatives import swap_token_classes
+from bitmar.training.hard_negatives import requested_swap_classes
 from bitmar.training.hooks import TrainingHook
 from bitmar.training.objective import TrainingObjective
 from bitmar.training.plots import RunFigures
@@ -122,9 +122,7 @@ class Trainer:
         )
         mask_id = tokenizer.mask_token_id if tokenizer.mask_token_id is not None else tokenizer.unk_token_id
         special = [i for i in (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) if i is not None]
-        weights = cfg.training.loss_weights
-        hard_negatives = weights.hard_negative > 0 or cfg.training.contrastive_hard_negatives
-        swaps = swap_token_classes(tokenizer) if hard_negatives else None
+        swaps = requested_swap_classes(tokenizer, cfg.training)
         self.objective = TrainingObjective.from_config(self.model, cfg, mask_id, special, swaps)
         self.augmenter = fast_mapping_augmenter(cfg) if cfg.model.use_memory and cfg.model.use_vision else None
         t = cfg.training
