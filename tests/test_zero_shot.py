@@ -29,8 +29,7 @@ from bitmar.data.sample import (
     question_answers,
     world_scenes,
 )
-from bitmar.evaluation.captioning import token_log_probs
-from bitmar.evaluation.context import EvalContext, score_sequences
+from bitmar.evaluation.context import EvalContext, score_sequences, token_log_probs
 from bitmar.evaluation.scoring import evaluate_vqa, evaluate_winoground
 from bitmar.model import BitMar
 from bitmar.training.hard_negatives import WordSwapper, swap_token_classes
@@ -362,6 +361,47 @@ def test_winoground_effects_decompose_the_scores_exactly() -> None:
     assert torch.allclose(winoground_effects(s - prior)["interaction"], effects["interaction"])
     bound = effects["interaction"] > 0
     assert not (winoground_outcomes(s - prior)["text"] & ~bound).any()  # no prior correction passes a non-binding item
+
+
+def test_interaction_splits_over_the_two_swapped_words_and_adds_up() -> None:
+    from bitmar.evaluation.scoring import interaction_by_swapped_word, winoground_effects
+
+    # item 0: "a [dog] on a [box]" / "a [box] on a [dog]" (5 tokens, two runs of one token); item 1: captions of
+    # different lengths (not analysed); item 2: one run only ("[b a]" vs "[a b]": adjacent words, not two words)
+    targets = torch.zeros(3, 2, 2, 5, dtype=torch.long)
+    targets[0, 0] = torch.tensor([4, 10, 6, 4, 11])
+    targets[0, 1] = torch.tensor([4, 11, 6, 4, 10])
+    targets[1, 0], targets[1, 1] = torch.tensor([4, 10, 6, 11, 0]), torch.tensor([4, 11, 6, 4, 10])
+    targets[2, 0], targets[2, 1] = torch.tensor([10, 11, 2, 0, 0]), torch.tensor([11, 10, 2, 0, 0])
+    valid = targets != 0
+    valid[0] = True
+    logp = -torch.rand(3, 2, 2, 5, generator=torch.Generator().manual_seed(0)) * valid
+    parts = interaction_by_swapped_word(logp, targets, valid)
+    assert parts["analysed"].tolist() == [True, False, False]
+    interaction = winoground_effects(logp.sum(-1))["interaction"]
+    assert float(parts["first"][0] + parts["second"][0] + parts["rest"][0]) == pytest.approx(
+        float(interaction[0]), abs=1e-5
+    )
+    per_position = (logp[0, 0, 0] + logp[0, 1, 1] - logp[0, 0, 1] - logp[0, 1, 0]) / 2
+    assert float(parts["first"][0]) == pytest.approx(float(per_position[1]))
+    assert float(parts["second"][0]) == pytest.approx(float(per_position[4]))
+
+
+def test_winoground_reports_where_the_binding_comes_from(tmp_path: Path) -> None:
+    # the toy reads the picture at the first word only: the first swapped word binds (log 3), the second not at all
+    (tmp_path / "eval").mkdir()
+    item = {"id": 0, "caption_0": "a c b", "caption_1": "b c a", "image_0": 0, "image_1": 1, "tag": "object_swap"}
+    (tmp_path / layout.WINOGROUND_FILE).write_text(json.dumps(item) + "\n", encoding="utf-8")
+    np.save(tmp_path / sample.WINOGROUND_FEATURES, np.array([[4, 0], [5, 0]], dtype=np.float32))
+    result = evaluate_winoground(_context(tmp_path, picture_at=0))
+    split = result["metrics"]["binding"]["by_swapped_word"]
+    assert split["items"] == 1
+    assert split["first"] == {"mean_interaction": pytest.approx(math.log(3.0)), "positive": 1.0}
+    assert split["second"] == {"mean_interaction": pytest.approx(0.0, abs=1e-6), "positive": 0.0}
+    assert result["metrics"]["binding"]["by_swapped_word_per_tag"]["object_swap"]["items"] == 1
+    rows = {r["metric"]: r["value"] for r in result["headline"]}
+    assert rows["binding at the first swapped word: share > 0"] == 1.0
+    assert rows["binding at the second swapped word: mean interaction (nats)"] == pytest.approx(0.0, abs=1e-6)
 
 
 def test_word_swapped_captions_join_the_contrastive_loss_as_negatives() -> None:

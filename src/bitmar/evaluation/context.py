@@ -324,6 +324,27 @@ def score_sequences(
 
 
 @torch.no_grad()
+def token_log_probs(
+    ctx: EvalContext, seqs: Sequence[Sequence[int]], vision_features: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """log p of every token after BOS given its prefix (N, T - 1) float32 (0 at padding), the tokens (N, T - 1) and
+    which are real (N, T - 1) bool; T is the longest sequence."""
+    longest = max(len(seq) for seq in seqs)
+    out = []
+    for start in range(0, len(seqs), ctx.ecfg.batch_size):
+        ids, mask = pad_sequences(seqs[start : start + ctx.ecfg.batch_size], ctx.tokenizer.pad_token_id)
+        ids = torch.nn.functional.pad(ids, (0, longest - ids.shape[1]), value=ctx.tokenizer.pad_token_id)
+        mask = torch.nn.functional.pad(mask, (0, longest - mask.shape[1]))
+        ids, mask = ids.to(ctx.device), mask.to(ctx.device)
+        vf = None if vision_features is None else vision_features[start : start + ctx.ecfg.batch_size]
+        logits = ctx.model(input_ids=ids, attention_mask=mask, vision_features=vf, return_latents=False).logits
+        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, ids[:, 1:, None])[..., 0]  # (B, T - 1)
+        valid = mask[:, 1:].bool()
+        out.append((logp.masked_fill(~valid, 0.0).cpu(), ids[:, 1:].cpu(), valid.cpu()))
+    return tuple(torch.cat(parts) for parts in zip(*out, strict=True))  # type: ignore[return-value]
+
+
+@torch.no_grad()
 def teacher_forced_accuracy(
     model: nn.Module,
     seqs: Sequence[Sequence[int]],

@@ -15,7 +15,10 @@ winoground: two captions with the same words in another order and their two imag
     cancels between the two images of one caption). Each item's four scores are also split exactly into a caption
     effect, an image effect and their interaction (`winoground_effects`): text = interaction > |caption effect|,
     image = interaction > |image effect|, and the share of items whose interaction is positive (reported as
-    "binding") is an upper bound of every score that only re-weights captions or images.
+    "binding") is an upper bound of every score that only re-weights captions or images. Where the interaction comes
+    from: for items whose captions are two swapped words in one frame, it is split token by token into the first
+    swapped word, the second and the rest (`interaction_by_swapped_word`; rows "binding at the first / second
+    swapped word").
 vqa: a question about an image, the answer among 7 distractors. Each candidate scores log p(" answer" | BOS question,
     image), summed over the answer tokens (lm-eval's multiple-choice `acc`, the reported accuracy); also per-token mean
     (`acc_norm` style), the blind model (no image) and, as an extra column, PMI = log p(a | q, i) - log p(a | q).
@@ -45,6 +48,7 @@ from bitmar.evaluation.context import (
     read_jsonl,
     score_sequences,
     sentence_token_ids,
+    token_log_probs,
 )
 from bitmar.evaluation.retrieval import latents
 
@@ -154,6 +158,84 @@ def winoground_effects(s: Tensor) -> dict[str, Tensor]:
     }
 
 
+def _differing_runs(differs: list[bool]) -> list[tuple[int, int]]:
+    """[start, end) of each run of True in `differs`."""
+    runs, start = [], None
+    for t, d in enumerate([*differs, False]):
+        if d and start is None:
+            start = t
+        elif not d and start is not None:
+            runs.append((start, t))
+            start = None
+    return runs
+
+
+def interaction_by_swapped_word(token_logp: Tensor, targets: Tensor, valid: Tensor) -> dict[str, Tensor]:
+    """Where an item's binding comes from: its interaction split over caption positions.
+
+    token_logp, targets, valid: (N, 2, 2, L) per (item, caption, image) from `token_log_probs`. An item is analysed
+    when its two captions have the same number of tokens and differ in at least two separate runs of tokens (two
+    swapped words: "a [dog] on a [box]" / "a [box] on a [dog]"). Per position t, I_t = (l00 + l11 - l01 - l10) / 2
+    (the interaction of `winoground_effects`, token by token); it is summed over the first run of differing tokens
+    (the first swapped word), the last run (the second swapped word) and every other position (the rest), so the
+    three add up to the item's interaction. Returns {"analysed": (N,) bool, "first" / "second" / "rest": (N,)
+    float32, 0 where not analysed}."""
+    per_position = (token_logp[:, 0, 0] + token_logp[:, 1, 1] - token_logp[:, 0, 1] - token_logp[:, 1, 0]) / 2
+    n = token_logp.shape[0]
+    out = {"analysed": torch.zeros(n, dtype=torch.bool), **{k: torch.zeros(n) for k in ("first", "second", "rest")}}
+    for k in range(n):
+        if not torch.equal(valid[k, 0, 0], valid[k, 1, 0]):  # captions of different lengths: no aligned positions
+            continue
+        differs = ((targets[k, 0, 0] != targets[k, 1, 0]) & valid[k, 0, 0]).tolist()
+        runs = _differing_runs(differs)
+        if len(runs) < 2:
+            continue
+        (a0, a1), (b0, b1) = runs[0], runs[-1]
+        row = per_position[k].float()
+        out["analysed"][k] = True
+        out["first"][k], out["second"][k] = row[a0:a1].sum(), row[b0:b1].sum()
+        out["rest"][k] = row.sum() - out["first"][k] - out["second"][k]
+    return out
+
+
+def _swapped_word_summary(parts: dict[str, Tensor], items: Tensor) -> dict[str, Any]:
+    """Mean interaction (nats) and share > 0 of each part over the analysed items among `items` (indices)."""
+    chosen = items[parts["analysed"][items]]
+    summary: dict[str, Any] = {"items": int(chosen.numel())}
+    for name in ("first", "second", "rest"):
+        values = parts[name][chosen]
+        summary[name] = {
+            "mean_interaction": float(values.mean()) if chosen.numel() else float("nan"),
+            "positive": float((values > 0).float().mean()) if chosen.numel() else float("nan"),
+        }
+    return summary
+
+
+def _swapped_word_rows(summary: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """Headline rows of the interaction at the first and the second swapped word (none without a picture)."""
+    if not summary or not summary["items"]:
+        return []
+    rows = []
+    for part in ("first", "second"):
+        rows.append(
+            {
+                "metric": f"binding at the {part} swapped word: mean interaction (nats)",
+                "value": summary[part]["mean_interaction"],
+                "reference": 0.0,
+                "higher_is_better": True,
+            }
+        )
+        rows.append(
+            {
+                "metric": f"binding at the {part} swapped word: share > 0",
+                "value": summary[part]["positive"],
+                "reference": 0.5,
+                "higher_is_better": True,
+            }
+        )
+    return rows
+
+
 def evaluate_winoground(ctx: EvalContext) -> dict[str, Any]:
     records = read_jsonl(ctx.eval_path(layout.WINOGROUND_FILE), ("caption_0", "caption_1", "image_0", "image_1"))
     rows = max(max(int(r["image_0"]), int(r["image_1"])) for r in records) + 1
@@ -180,6 +262,16 @@ def evaluate_winoground(ctx: EvalContext) -> dict[str, Any]:
         "interaction_positive": float((effects["interaction"] > 0).float().mean()),
         **{f"mean_abs_{k}": float(v.abs().mean()) for k, v in effects.items()},
     }
+    tags: dict[str, list[int]] = defaultdict(list)
+    for n, r in enumerate(records):
+        tags[str(r.get("tag", "all"))].append(n)
+    if ctx.has_vision:  # where the binding comes from: the interaction at the first and at the second swapped word
+        per_token = (x.view(len(records), 2, 2, -1) for x in token_log_probs(ctx, seqs, vf))
+        parts = interaction_by_swapped_word(*per_token)
+        metrics["binding"]["by_swapped_word"] = _swapped_word_summary(parts, torch.arange(len(records)))
+        metrics["binding"]["by_swapped_word_per_tag"] = {
+            tag: _swapped_word_summary(parts, torch.as_tensor(idx)) for tag, idx in sorted(tags.items())
+        }
     if ctx.has_vision:  # the PMI column: log p(c | i) - log p(c), each caption scored once without an image
         prior, _ = score_sequences(
             ctx.model, seqs[::2], pad_id=ctx.tokenizer.pad_token_id, batch_size=ctx.ecfg.batch_size,
@@ -213,9 +305,6 @@ def evaluate_winoground(ctx: EvalContext) -> dict[str, Any]:
         )  # fmt: skip
         memory_outcome = winoground_outcomes(with_memory.view(-1, 2, 2))
         metrics["with_memory"] = {f"{k}_score": float(v.float().mean()) for k, v in memory_outcome.items()}
-    tags: dict[str, list[int]] = defaultdict(list)
-    for n, r in enumerate(records):
-        tags[str(r.get("tag", "all"))].append(n)
     metrics["per_tag"] = {
         tag: {name: float(hits[idx].float().mean()) for name, hits in outcome.items()}
         for tag, idx in sorted(tags.items())
@@ -258,7 +347,8 @@ def evaluate_winoground(ctx: EvalContext) -> dict[str, Any]:
                 "reference": 0.5,
                 "higher_is_better": True,
             }
-        ],  # fmt: skip
+        ]
+        + _swapped_word_rows(metrics["binding"].get("by_swapped_word")),  # fmt: skip
         "notes": [
             f"{len(records)} items; s(c, i) = log p(caption | image) (PMI rows: log p(c | i) - log p(c), an extra "
             "view); reference column = chance"
