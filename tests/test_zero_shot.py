@@ -33,7 +33,7 @@ from bitmar.evaluation.context import EvalContext, score_sequences, token_log_pr
 from bitmar.evaluation.scoring import evaluate_vqa, evaluate_winoground
 from bitmar.model import BitMar
 from bitmar.training.hard_negatives import WordSwapper, swap_token_classes
-from bitmar.training.objective import TrainingObjective, binding_loss
+from bitmar.training.objective import TrainingObjective, binding_loss, word_order_alignment
 
 WORLD = SampleDataConfig(seed=5, num_cc3m=600, num_local_narratives=40, num_text_lines=300, num_novel_episodes=8)
 
@@ -250,6 +250,40 @@ def test_requested_hard_negatives_without_swappable_words_are_reported(caplog: p
     with caplog.at_level("WARNING", logger="bitmar"):
         assert requested_swap_classes(_tokenizer(), training) == []  # the toy vocabulary has no colour or noun
     assert "no caption gets a negative" in caplog.text
+
+
+def test_word_order_alignment_sends_early_words_to_early_tokens() -> None:
+    is_word = torch.tensor(
+        [[False, True, True, False, True, True, False], [True, False, False, False, False, False, False]]
+    )
+    align = word_order_alignment(is_word, 4)  # (B, N, T)
+    assert align.shape == (2, 4, 7) and torch.allclose(align.sum(dim=1), torch.ones(2, 7))
+    words = [1, 2, 4, 5]  # positions 1/8, 3/8, 5/8, 7/8 of the caption: the centres of tokens 0, 1, 2, 3
+    assert align[0, :, words].argmax(dim=0).tolist() == [0, 1, 2, 3]
+    assert align[1, :, 0].argmax() in (1, 2)  # a lone word sits in the middle of its caption
+    assert torch.equal(word_order_alignment(is_word, 1), torch.ones(2, 1, 7))
+
+
+def test_ordered_visual_words_care_which_token_says_what_and_the_bag_does_not() -> None:
+    objective, batch = _objective(visual_words=1.0)
+    model = objective.model
+    table = model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
+    n, c = TINY_MODEL.vision_num_tokens, TINY_MODEL.hidden_size
+    tokens = torch.zeros(4, n, c)
+    for j, word in ((0, 10), (-1, 20)):  # picture 0: its first token says "10" (logit 10), its last "20"
+        tokens[0, j] = 10 * table[word].detach() / table[word].detach().norm() ** 2
+    model.encode_vision = lambda features: (tokens, None)
+    rows = [[1, 30, 31, 2], [1, 32, 33, 2], [1, 34, 35, 2]]
+    in_order = torch.tensor([[1, 10, 20, 2], *rows])  # caption 0 names 10 first, as the tokens do
+    reversed_ = torch.tensor([[1, 20, 10, 2], *rows])
+    mask = torch.ones_like(in_order)
+    ordered = [
+        objective._visual_words_loss(ids, mask, batch["vision_features"]).item() for ids in (in_order, reversed_)
+    ]
+    assert ordered[0] < ordered[1] - 0.1
+    objective.training_cfg.visual_words_alignment = "bag"
+    bag = [objective._visual_words_loss(ids, mask, batch["vision_features"]).item() for ids in (in_order, reversed_)]
+    assert bag[0] == pytest.approx(bag[1])
 
 
 def test_binding_loss_ranks_the_caption_above_its_negative() -> None:

@@ -109,7 +109,7 @@ class LossWeights:
     encoder_mlm: float = 0.5  # masked-token loss of the bidirectional text encoder (makes it useful before phase 2)
     caption: float = 1.0  # image-conditioned caption loss
     contrastive: float = 0.5  # text-vision InfoNCE
-    visual_words: float = 1.0  # the pooled vision tokens predict the caption's words through the tied LM head
+    visual_words: float = 1.0  # the vision tokens predict the caption's words through the tied LM head
     hard_negative: float = 0.0  # caption ranked above its word-swapped negative under its picture (hard_negatives.py)
     memory_reconstruction: float = 1.0  # caption decoded from the memory readout (Larimar)
     memory_autoencoding: float = 0.5  # caption decoded from its own episode latent
@@ -138,6 +138,9 @@ class TrainingConfig:
     # NegCLIP: word-swapped captions join each image's contrastive softmax as extra negatives (a switch, not a weight:
     # they enter the contrastive term, weighted by loss_weights.contrastive)
     contrastive_hard_negatives: bool = False
+    # visual words: "ordered" (vision token j predicts the caption's words near position j / N of the caption: roles
+    # get their own tokens) | "bag" (the pooled tokens predict every word: the term before 2026-12-01, role-blind)
+    visual_words_alignment: str = "ordered"
     memory_episodes_per_write: int = 32  # episodes written into one training memory (<= memory_size)
     memory_query_noise: float = 0.1  # phase 3: relative noise on the query features, so recall is retrieval, not echo
     mlm_probability: float = 0.15  # fraction of tokens masked for the encoder's masked-token loss
@@ -223,6 +226,7 @@ _SEED_MODEL_KEYS_MOVED_TO_TRAINING = ("learning_rate", "batch_size", "max_epochs
 _CHOICES: dict[str, tuple[str, ...]] = {
     "data.nonfinite_features": ("drop", "error"),
     "training.precision": ("auto", "fp32", "bf16"),
+    "training.visual_words_alignment": ("ordered", "bag"),
     "model.memory_key_input": ("latent", "features"),
     "wandb.mode": ("auto", "online", "offline", "disabled"),
     "export.dtype": ("bfloat16", "float32"),

@@ -2,7 +2,7 @@
 
 Phase 1 (text): causal LM loss of the decoder + masked-token loss of the bidirectional encoder.
 Phase 2 (alignment): caption loss conditioned on the image + symmetric InfoNCE between text and vision latents +
-    visual words (the pooled vision tokens predict the caption's content words through the tied LM head) and,
+    visual words (the vision tokens predict the caption's content words, in order, through the tied LM head) and,
     optionally, a ranking of each caption above its word-swapped hard negative (`hard_negatives`) and the
     word-swapped captions as extra negatives of the contrastive softmax (NegCLIP,
     `training.contrastive_hard_negatives`); text-only batches keep flowing (data.text_ratio). Phase 3 keeps all of
@@ -51,6 +51,20 @@ def binding_loss(positive: Tensor, negative: Tensor) -> Tensor:
     """Sequence-level ranking of a caption over its word-swapped negative under the same picture:
     mean softplus(log p(c' | i) - log p(c | i)) = -log sigmoid of the margin, the Winoground text comparison."""
     return F.softplus(negative - positive).mean()
+
+
+def word_order_alignment(is_word: Tensor, num_tokens: int) -> Tensor:
+    """Which vision tokens predict which caption word, for the ordered visual-words term: (B, T) bool of the words
+    that count -> (B, N, T) weights, each word's distribution over the N tokens. A word at relative position
+    p = (rank + 0.5) / count among its caption's words goes to the tokens around it: weights proportional to
+    exp(-(p - c_j)^2 / (2 s^2)) with token centres c_j = (j + 0.5) / N and width s = 1 / N. One token: all ones."""
+    rank = torch.cumsum(is_word.float(), dim=1) - 1  # (B, T)
+    count = is_word.float().sum(dim=1, keepdim=True).clamp(min=1.0)  # (B, 1)
+    position = (rank + 0.5) / count  # (B, T)
+    centres = (torch.arange(num_tokens, device=is_word.device, dtype=position.dtype) + 0.5) / num_tokens  # (N,)
+    width = 1.0 / num_tokens
+    distance = position[:, None, :] - centres[None, :, None]  # (B, N, T)
+    return torch.softmax(-(distance**2) / (2 * width**2), dim=1)
 
 
 class TrainingObjective(nn.Module):
@@ -165,7 +179,7 @@ class TrainingObjective(nn.Module):
         return total, metrics
 
     def _visual_words_loss(self, ids: Tensor, mask: Tensor, features: Tensor) -> Tensor:
-        """The pooled vision tokens, read through the tied LM head, predict the caption's words (a bag of words).
+        """The vision tokens, read through the tied LM head, predict the caption's words.
 
         Why: the caption loss alone teaches the decoder to read the picture very slowly, because most caption tokens
         are predictable from the text prefix; measured on the sample world, a tiny run's decoder predicted nouns
@@ -175,26 +189,37 @@ class TrainingObjective(nn.Module):
         learns too: measured, detaching it halves the noun grounding of a 300-step phase-2 run). Words are
         weighted by their inverse document frequency within the batch, so words in every caption ("a", "the")
         weigh nothing and rare content words (nouns, colours, settings) carry the loss.
+
+        `training.visual_words_alignment`: "ordered" (default) has vision token j predict the words near relative
+        position j / N of the caption (`word_order_alignment`), so what a caption says first (its subject) and what
+        it says later (the reference object) land in different tokens. "bag" has the mean of the tokens predict
+        every word: measured, that made the decoder read a picture as a bag of nouns (docs/evaluation-and-ablations.md,
+        Winoground: the interaction at an item's first swapped noun cancels the one at its second).
         """
         tokens, _ = self.model.encode_vision(features)  # (B, N, C)
         words = mask.bool().clone()  # (B, T)
         for special in self.special_token_ids:
             words &= ids != special
         vocab = torch.unique(ids[words])  # (W,) the words of this batch's captions
-        logits = self.model.lm_logits(tokens.mean(dim=1))[:, vocab].float()  # (B, W)
+        if self.training_cfg.visual_words_alignment == "bag":
+            tokens = tokens.mean(dim=1, keepdim=True)  # (B, 1, C)
+        logits = self.model.lm_logits(tokens)[..., vocab].float()  # (B, N, W)
         if vocab.numel() == 0:
             return logits.sum() * 0.0
         column = torch.searchsorted(vocab, ids).clamp(max=vocab.numel() - 1)  # (B, T) each word's column
-        counts = torch.zeros_like(logits).scatter_add_(1, column, words.float())  # (B, W) occurrences in caption b
+        counts = logits.new_zeros(ids.shape[0], vocab.numel()).scatter_add_(1, column, words.float())  # (B, W)
         idf = torch.log(ids.shape[0] / (counts > 0).sum(dim=0).clamp(min=1))  # (W,)
         informative = idf > 0  # a word that every caption holds says nothing about the picture
         if not bool(informative.any()):
             return logits.sum() * 0.0
         # The softmax runs over the batch's informative words only: the rest of the table (rare words, the BPE
         # pieces that pseudo-words are made of) gets no gradient, so the memory's copy-by-embedding keeps its geometry.
-        log_probs = torch.log_softmax(logits.masked_fill(~informative, float("-inf")), dim=-1)  # (B, W)
+        log_probs = torch.log_softmax(logits.masked_fill(~informative, float("-inf")), dim=-1)  # (B, N, W)
         weight = idf[column] * words  # (B, T)
-        picked = torch.where(weight > 0, log_probs.gather(1, column), torch.zeros_like(weight))  # (B, T)
+        scored = weight > 0
+        per_token = log_probs.gather(2, column[:, None, :].expand(-1, log_probs.shape[1], -1))  # (B, N, T)
+        per_token = per_token.masked_fill(~scored[:, None, :], 0.0)  # uninformative words may be -inf here
+        picked = (word_order_alignment(scored, log_probs.shape[1]) * per_token).sum(dim=1)  # (B, T)
         per_caption = (picked * weight).sum(dim=1) / weight.sum(dim=1).clamp(min=1e-6)  # (B,)
         return -per_caption.mean()
 
