@@ -286,6 +286,25 @@ def test_ordered_visual_words_care_which_token_says_what_and_the_bag_does_not() 
     assert bag[0] == pytest.approx(bag[1])
 
 
+def test_bag_visual_words_are_the_pooled_term_of_before() -> None:
+    # the term as it was before visual_words_alignment existed, written out: the mean token predicts every word
+    objective, batch = _objective(visual_words=1.0)
+    objective.training_cfg.visual_words_alignment = "bag"
+    ids, mask, features = batch["input_ids"], batch["attention_mask"], batch["vision_features"]
+    tokens, _ = objective.model.encode_vision(features)
+    words = mask.bool() & (ids > 2)  # special ids 0, 1, 2
+    vocab = torch.unique(ids[words])
+    logits = objective.model.lm_logits(tokens.mean(dim=1))[:, vocab].float()  # (B, W)
+    column = torch.searchsorted(vocab, ids).clamp(max=vocab.numel() - 1)
+    present = torch.zeros_like(logits).scatter_add_(1, column, words.float()) > 0
+    idf = torch.log(ids.shape[0] / present.sum(dim=0).clamp(min=1))
+    log_probs = torch.log_softmax(logits.masked_fill(~(idf > 0), float("-inf")), dim=-1)
+    weight = idf[column] * words
+    picked = torch.where(weight > 0, log_probs.gather(1, column), torch.zeros_like(weight))
+    expected = -((picked * weight).sum(dim=1) / weight.sum(dim=1).clamp(min=1e-6)).mean()
+    assert objective._visual_words_loss(ids, mask, features).item() == expected.item()  # bit for bit
+
+
 def test_binding_loss_ranks_the_caption_above_its_negative() -> None:
     pos = torch.tensor([-3.0, -2.0], requires_grad=True)
     neg = torch.tensor([-3.0, -6.0], requires_grad=True)
