@@ -32,6 +32,7 @@ from bitmar.model import BitMar
 GENERATION_GOAL = Goal(">=", 3.0, ">= 3x tokens/s")
 BYTES_GOAL = Goal(">=", 8.0, ">= 8x fewer bytes")
 NEW_TOKENS = 64
+QUICK_NEW_TOKENS = 16  # --quick only checks that every case runs; without the cache, time grows with length squared
 PROMPT_TOKENS = 8
 # (config, model file, batch): batch 1 is single-stream latency; 32 is the evaluation batch (captioning a set).
 GENERATION_CASES = (("tiny", TINY_CONFIG, 1), ("tiny", TINY_CONFIG, 32), ("full", FULL_CONFIG, 1))
@@ -56,7 +57,7 @@ def _sync(device: torch.device) -> None:
 
 def generation_rows(settings: Settings) -> list[Row | Unavailable]:
     device = torch.device(settings.device)
-    repeats = 2 if settings.quick else 7
+    repeats, new_tokens = (2, QUICK_NEW_TOKENS) if settings.quick else (7, NEW_TOKENS)
     rows: list[Row | Unavailable] = []
     models: dict[str, BitMar] = {}
     for label, config_path, batch_size in GENERATION_CASES:
@@ -68,19 +69,19 @@ def generation_rows(settings: Settings) -> list[Row | Unavailable]:
         features = torch.randn(batch_size, model.config.vision_encoder_dim, generator=g).to(device)  # (B, D)
 
         def call(use_cache: bool, model: BitMar = model, ids: torch.Tensor = ids, feats: torch.Tensor = features):
-            _generate(model, ids, feats, use_cache, NEW_TOKENS)
+            _generate(model, ids, feats, use_cache, new_tokens)
             _sync(device)
 
         for use_cache in (True, False):  # warm-up: weight caches, allocator (short, the full run is timed below)
             _generate(model, ids, features, use_cache, 4)
         fns = {"cache": functools.partial(call, True), "no cache": functools.partial(call, False)}
         times = time_interleaved(fns, repeats, warmup=0)["wall"]
-        cached_tps = [batch_size * NEW_TOKENS / t for t in times["cache"]]  # generated tokens per second
-        full_tps = [batch_size * NEW_TOKENS / t for t in times["no cache"]]
+        cached_tps = [batch_size * new_tokens / t for t in times["cache"]]  # generated tokens per second
+        full_tps = [batch_size * new_tokens / t for t in times["no cache"]]
         rows.append(
             ratio_row(
                 "generation",
-                f"generation, {label} config, {NEW_TOKENS} new tokens, batch {batch_size}, prompt {PROMPT_TOKENS} + "
+                f"generation, {label} config, {new_tokens} new tokens, batch {batch_size}, prompt {PROMPT_TOKENS} + "
                 f"vision ({statistics.median(cached_tps):,.0f} vs {statistics.median(full_tps):,.0f} tokens/s)",
                 "KV cache",
                 "no cache",
