@@ -499,3 +499,55 @@ def test_two_seeds_of_two_variants_in_parallel_end_to_end(tmp_path: Path, capsys
     assert "| Task | Metric | full | no_memory | Reference (full) |" in md
     assert "| Task | Metric | Better | full − no_memory | verdict |" in md
     assert "| full | 4 | trained |" in md and "Wall time: " in md
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Two settings of one variant, paired by seed (ablation_compare)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _evaluated_run(root: Path, seed: int, score: float, loss: float) -> None:
+    run = root / "full" / f"seed_{seed}"
+    (run / "evaluation").mkdir(parents=True)
+    results = {"tasks": {"winoground": {"status": "ok", "headline": [
+        {"metric": "group score", "value": score, "reference": 1 / 6},
+    ]}}}  # fmt: skip
+    (run / "evaluation" / "results.json").write_text(json.dumps(results))
+    (run / "summary.json").write_text(json.dumps({"final_validation_loss": loss}))
+
+
+def test_compare_pairs_two_settings_by_seed(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from bitmar.evaluation import ablation_compare
+
+    a, b = tmp_path / "ordered", tmp_path / "bag"
+    for seed, (sa, sb) in enumerate([(0.18, 0.01), (0.17, 0.01), (0.18, 0.00), (0.50, None)]):
+        _evaluated_run(a, seed, sa, 1.16)
+        if sb is not None:  # seed 3 only in A: not paired
+            _evaluated_run(b, seed, sb, 1.16 + 0.01 * seed)
+    rows, seeds = ablation_compare.compare(a, b)
+    assert seeds == [0, 1, 2]
+    group = next(r for r in rows if r["metric"] == "group score")
+    diff = group["comparisons"]["B"]
+    assert diff["n"] == 3 and diff["mean"] == pytest.approx((0.17 + 0.16 + 0.18) / 3)
+    assert diff["verdict"] == "full better"  # printed as "A better"
+    loss = next(r for r in rows if r["metric"] == "final validation loss")
+    assert loss["comparisons"]["B"]["mean"] == pytest.approx(-0.01)
+    out = tmp_path / "compare.md"
+    assert ablation_compare.main([str(a), str(b), "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert printed == out.read_text() and "| winoground | group score |" in printed and "A better" in printed
+    assert "seeds 0, 1, 2" in printed
+
+
+def test_compare_errors_name_the_root_and_the_fix(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from bitmar.evaluation import ablation_compare
+
+    _evaluated_run(tmp_path / "a", 0, 0.1, 1.0)
+    _evaluated_run(tmp_path / "b", 1, 0.1, 1.0)
+    assert ablation_compare.main([str(tmp_path / "a"), str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert ablation_compare.main([str(tmp_path / "a"), str(tmp_path / "b")]) == 2
+    assert "share no seed" in capsys.readouterr().err
+    (tmp_path / "empty" / "full").mkdir(parents=True)
+    assert ablation_compare.main([str(tmp_path / "a"), str(tmp_path / "empty")]) == 2
+    assert "holds no evaluated run" in capsys.readouterr().err
