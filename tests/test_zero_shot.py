@@ -286,6 +286,16 @@ def test_ordered_visual_words_care_which_token_says_what_and_the_bag_does_not() 
     assert bag[0] == pytest.approx(bag[1])
 
 
+def test_patch_token_features_pool_whatever_the_alignment() -> None:
+    # patch tokens are image regions in raster order: no caption order to align with, so "ordered" pools like "bag"
+    objective, batch = _objective(visual_words=1.0)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    patches = torch.randn(4, 5, TINY_MODEL.vision_encoder_dim, generator=torch.Generator().manual_seed(3))
+    ordered = objective._visual_words_loss(ids, mask, patches).item()
+    objective.training_cfg.visual_words_alignment = "bag"
+    assert objective._visual_words_loss(ids, mask, patches).item() == ordered
+
+
 def test_bag_visual_words_are_the_pooled_term_of_before() -> None:
     # the term as it was before visual_words_alignment existed, written out: the mean token predicts every word
     objective, batch = _objective(visual_words=1.0)

@@ -139,7 +139,8 @@ class TrainingConfig:
     # they enter the contrastive term, weighted by loss_weights.contrastive)
     contrastive_hard_negatives: bool = False
     # visual words: "ordered" (vision token j predicts the caption's words near position j / N of the caption: roles
-    # get their own tokens) | "bag" (the pooled tokens predict every word: the term before 2026-12-01, role-blind)
+    # get their own tokens; patch-token features always pool) | "bag" (the pooled tokens predict every word: the
+    # term before 2026-12-01, role-blind)
     visual_words_alignment: str = "ordered"
     memory_episodes_per_write: int = 32  # episodes written into one training memory (<= memory_size)
     memory_query_noise: float = 0.1  # phase 3: relative noise on the query features, so recall is retrieval, not echo

@@ -192,7 +192,8 @@ class TrainingObjective(nn.Module):
 
         `training.visual_words_alignment`: "ordered" (default) has vision token j predict the words near relative
         position j / N of the caption (`word_order_alignment`), so what a caption says first (its subject) and what
-        it says later (the reference object) land in different tokens. "bag" has the mean of the tokens predict
+        it says later (the reference object) land in different tokens; patch-token features (B, P, D), whose tokens
+        are image regions in raster order, always use the bag. "bag" has the mean of the tokens predict
         every word: measured, that made the decoder read a picture as a bag of nouns (docs/evaluation-and-ablations.md,
         Winoground: the interaction at an item's first swapped noun cancels the one at its second).
         """
@@ -201,7 +202,8 @@ class TrainingObjective(nn.Module):
         for special in self.special_token_ids:
             words &= ids != special
         vocab = torch.unique(ids[words])  # (W,) the words of this batch's captions
-        if self.training_cfg.visual_words_alignment == "bag":
+        # Patch tokens (B, P, D features) sit in raster order, which says nothing about caption order: they pool.
+        if self.training_cfg.visual_words_alignment == "bag" or features.dim() == 3:
             tokens = tokens.mean(dim=1, keepdim=True)  # (B, 1, C)
         logits = self.model.lm_logits(tokens)[..., vocab].float()  # (B, N, W)
         if vocab.numel() == 0:
