@@ -332,7 +332,9 @@ def test_every_task_runs_with_numbers_in_range_and_leaves_the_model_alone(traine
 def test_trained_model_beats_chance_on_retrieval_and_minimal_pairs(trained: SimpleNamespace) -> None:
     r = _metrics(trained, "retrieval")
     for direction in ("image_to_text", "text_to_image"):
-        assert r[direction]["R@1"] > 2 * r["chance"]["R@1"], r
+        # 32 items: one hit is 0.03 of R@1, so R@1 only has to beat chance and the margins are asserted at R@5/R@10
+        assert r[direction]["R@1"] > r["chance"]["R@1"], r
+        assert r[direction]["R@5"] > 2 * r["chance"]["R@5"], r
         assert r[direction]["R@10"] > 1.5 * r["chance"]["R@10"], r
     assert r["mean_matched_cosine"] > r["mean_unmatched_cosine"]
     m = _metrics(trained, "minimal_pairs")
