@@ -47,8 +47,8 @@ def memory_inputs(n: int, dim: int, seed: int) -> tuple[torch.Tensor, torch.Tens
 
 
 def memory_rows(settings: Settings) -> list[Row | Unavailable]:
-    # --quick: no warm-up (a full-configuration step costs seconds; the quick run only checks that this runs)
-    batch_size, length, repeats, warmup = (2, 32, 2, 0) if settings.quick else (8, 64, 5, 1)
+    # --quick: one repeat, no warm-up (a full-configuration step costs seconds; the quick run only checks that it runs)
+    batch_size, length, repeats, warmup = (2, 32, 1, 0) if settings.quick else (8, 64, 5, 1)
     cfg = load_config(FULL_CONFIG)
     m = cfg.model
     batch = synthetic_batch(3, batch_size, length, m.vocab_size, m.vision_encoder_dim)
