@@ -551,3 +551,10 @@ def test_compare_errors_name_the_root_and_the_fix(tmp_path: Path, capsys: pytest
     (tmp_path / "empty" / "full").mkdir(parents=True)
     assert ablation_compare.main([str(tmp_path / "a"), str(tmp_path / "empty")]) == 2
     assert "holds no evaluated run" in capsys.readouterr().err
+    _evaluated_run(tmp_path / "c", 0, 0.1, 1.0)
+    taken = tmp_path / "a"  # --output names a directory: cannot be written as a file
+    assert ablation_compare.main([str(tmp_path / "a"), str(tmp_path / "c"), "--output", str(taken)]) == 2
+    assert "--output" in capsys.readouterr().err
+    (tmp_path / "c" / "full" / "seed_0" / "evaluation" / "results.json").write_text("[]")
+    assert ablation_compare.main([str(tmp_path / "a"), str(tmp_path / "c")]) == 2
+    assert "not a BitMar results object" in capsys.readouterr().err

@@ -51,6 +51,8 @@ def read_runs(root: Path, variant: str) -> dict[int, dict[str, Any]]:
             record["summary"] = json.loads(summary.read_text(encoding="utf-8")) if summary.is_file() else {}
         except (OSError, json.JSONDecodeError) as err:
             raise CompareError(f"{run_dir}: unreadable results ({err}); evaluate the run again") from None
+        if not isinstance(record["results"], dict) or not isinstance(record["summary"], dict):
+            raise CompareError(f"{run_dir}: results.json / summary.json is not a BitMar results object; evaluate again")
         runs[int(match.group(1))] = record
     if not runs:
         raise CompareError(f"{base} holds no evaluated run (seed_<s>/evaluation/results.json)")
@@ -110,7 +112,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     table = markdown(rows, seeds, str(a_root), str(b_root))
     if args.output:
-        atomic_write_text(Path(args.output), table)
+        try:
+            atomic_write_text(Path(args.output), table)
+        except OSError as err:
+            print(
+                f"error: --output {args.output}: {err}; choose a file in a directory you can write to", file=sys.stderr
+            )
+            return 2
     print(table, end="")
     return 0
 
