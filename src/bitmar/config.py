@@ -110,7 +110,8 @@ class LossWeights:
     caption: float = 1.0  # image-conditioned caption loss
     contrastive: float = 0.5  # text-vision InfoNCE
     # the vision tokens predict the caption's words through the tied LM head; 3.0 over 1.0: better Winoground, VQA,
-    # captioning and noun grounding over 5 paired seeds, 10.0 worse (docs/evaluation-and-ablations.md)
+    # captioning and noun grounding on the sample world over 5 paired seeds (a held-out world: same direction, not
+    # established), 10.0 worse (docs/evaluation-and-ablations.md)
     visual_words: float = 3.0
     hard_negative: float = 0.0  # caption ranked above its word-swapped negative under its picture (hard_negatives.py)
     memory_reconstruction: float = 1.0  # caption decoded from the memory readout (Larimar)
