@@ -151,14 +151,16 @@ def test_all_zero_vision_features_give_finite_outputs(train: bool):
     assert torch.isfinite(state.memory).all()
 
 
-def test_bfloat16_autocast_on_cpu():
-    model = _model().train()
+@pytest.mark.parametrize("vision_copy", [False, True])
+def test_bfloat16_autocast_on_cpu(vision_copy: bool):
+    model = _model(vision_copy=vision_copy).train()
     ids, mask, vision = _inputs()
     state = model.write_memory(torch.randn(4, CFG.episode_dim), torch.randn(4, CFG.episode_dim))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(ids, mask, vision_features=vision, memory_state=state)
         loss = F.cross_entropy(out.logits[:, :-1].float().reshape(-1, CFG.vocab_size), ids[:, 1:].reshape(-1))
-    assert out.logits.dtype == torch.bfloat16
+    # The decoder's logits stay bfloat16; the vision copy path adds its log-mixture in float32 (as the memory's does).
+    assert out.logits.dtype == (torch.float32 if vision_copy else torch.bfloat16)
     assert torch.isfinite(out.logits.float()).all() and torch.isfinite(out.multimodal_latent.float()).all()
     loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

@@ -15,6 +15,7 @@ TINY_MODEL = ModelConfig(
     vision_latent_size=24,
     vision_num_tokens=3,
     vision_layers=1,
+    vision_copy=True,
     fusion_layers=1,
     memory_size=16,
     episode_dim=24,

@@ -143,6 +143,8 @@ def generate_tokens(
     text_index = mask.sum(dim=1, keepdim=True) - 1  # (B, 1) text index of each row's last token
     for step in range(max_new_tokens):
         logits = model.lm_logits(hidden[:, -1])  # (B, V)
+        if vision_tokens is not None and model.vision_pointer is not None:
+            logits = logits.float() + model.vision_copy_log_probs(hidden[:, -1:], vision_tokens)[:, 0]
         if memory_readout is not None:
             copy = model.copy_log_probs(memory_readout, text_index + step)  # (B, 1, V) | None
             if copy is not None:

@@ -37,6 +37,9 @@ class ModelConfig:
     vision_layers: int = 2  # BitNet transformer layers over the vision tokens
     vision_quantization: bool = True  # False: full-precision twin of the vision encoder (ablation)
     fusion_layers: int = 1  # cross-attention layers (text tokens attend to vision tokens)
+    # Vision copy path: each decoder position points at the vision tokens (learned attention) and adds the gated log of
+    # the pointed tokens' word distributions (read through the tied LM head) to its logits (BitMar.vision_copy_log_probs).
+    vision_copy: bool = False
     memory_size: int = 512  # K: episodic memory slots
     episode_dim: int = 768  # latent width written into memory
     memory_alpha: float = 1.0  # write strength of the persistent store (EpisodicStore alpha; 1.0 = exact one-shot)

@@ -55,6 +55,8 @@ def component_of(name: str) -> str:
         return "memory"
     if first == "embed_tokens":
         return "embeddings"
+    if first in ("vision_pointer", "vision_copy_gate"):  # the decoder's copy path (model.vision_copy)
+        return "decoder"
     for component in ("text_encoder", "vision_encoder", "fusion", "decoder"):
         if component in name:
             return component

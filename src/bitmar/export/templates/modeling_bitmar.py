@@ -220,7 +220,8 @@ class BitMarModel(BitMarPreTrainedModel):
     """`AutoModel.from_pretrained(dir, trust_remote_code=True)`: the decoder's final hidden states (B, T, C) of the text
     positions as `last_hidden_state` (no LM head), e.g. for the BabyLM pipeline's (Super)GLUE classifier, which
     reads the first or last token's state. Same weights as BitMarForCausalLM; `lm_logits(last_hidden_state)` equals its
-    logits (without a memory readout, whose copy path adds to the logits)."""
+    logits without a memory readout and without vision (the copy paths of both add to the logits;
+    `self.model.vision_copy_log_probs` gives the vision one)."""
 
     _auto_class = "AutoModel"
 
