@@ -29,7 +29,8 @@ from bitmar.data.sample import (
     question_answers,
     world_scenes,
 )
-from bitmar.evaluation.context import EvalContext, score_sequences, token_log_probs
+from bitmar.evaluation.context import EvalContext, caption_token_ids, score_sequences, token_log_probs
+from bitmar.evaluation.retrieval import decoder_pmi_scores, recall_at_k
 from bitmar.evaluation.scoring import evaluate_vqa, evaluate_winoground
 from bitmar.model import BitMar
 from bitmar.training.hard_negatives import WordSwapper, swap_token_classes
@@ -201,6 +202,21 @@ def test_vqa_pmi_column_removes_the_answer_prior(tmp_path: Path) -> None:
     out = evaluate_vqa(_context(tmp_path, picture_at=1))["metrics"]
     assert out["accuracy"] == 0.0 and out["accuracy_no_image"] == 0.0  # "c" (prior 0.5) beats "d" (0.05 * 3)
     assert out["accuracy_pmi"] == 1.0
+
+
+def test_decoder_pmi_retrieval_removes_the_caption_prior(tmp_path: Path) -> None:
+    ctx = _context(tmp_path, picture_at=0)
+    captions, features = ["a", "d", "e"], torch.tensor([[4.0, 0.0], [7.0, 0.0], [8.0, 0.0]])  # picture j shows word j
+    pmi = decoder_pmi_scores(ctx, captions, features)  # (captions, images)
+    seqs = caption_token_ids(ctx.tokenizer, captions, ctx.max_len)
+    raw, _ = score_sequences(ctx.model, seqs[1:2] * 3, pad_id=0, batch_size=8, device=ctx.device,
+                             vision_features=features)  # fmt: skip
+    assert int(raw.argmax()) == 1  # caption "d" is most likely under its own picture ...
+    conditional, _ = score_sequences(ctx.model, seqs, pad_id=0, batch_size=8, device=ctx.device,
+                                     vision_features=features[1:2].repeat(3, 1))  # fmt: skip
+    assert int(conditional.argmax()) == 0  # ... but under picture "d" the prior's "a" outscores it
+    assert pmi.argmax(dim=0).tolist() == [0, 1, 2]  # PMI ranks each picture's own caption first
+    assert recall_at_k(pmi.T, [1])["R@1"] == 1.0 and recall_at_k(pmi, [1])["R@1"] == 1.0
 
 
 def test_grounding_token_log_probs_add_up_to_the_sequence_scores(tmp_path: Path) -> None:

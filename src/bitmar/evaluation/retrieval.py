@@ -4,6 +4,10 @@ The gallery is `evaluation.retrieval_gallery_size` items of the caption VALIDATI
 trains without), chosen with a fixed seed and with pairwise distinct captions. Each image's DINOv2 feature gives the
 vision latent z_v, each caption (BOS + tokens + EOS) the text latent z_t; similarity is cos(z_t, z_v), the quantity the
 contrastive loss trains. Ties count against the model (the true item ranks below every item scoring the same).
+
+Extra rows ("decoder PMI"): the same gallery ranked by the captioning decoder instead, s(c, i) = log p(c | i) - log p(c)
+(every caption scored under every picture, N^2 sequences, and once without a picture), as generative retrieval does;
+the prior term removes each caption's own likelihood from the image->text ranking and does not change text->image.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from bitmar.evaluation.context import EvalContext, TaskSkipped, caption_token_ids, pad_sequences
+from bitmar.evaluation.context import EvalContext, TaskSkipped, caption_token_ids, pad_sequences, score_sequences
 
 RECALL_KS = (1, 5, 10)
 
@@ -52,6 +56,18 @@ def latents(ctx: EvalContext, captions: list[str], features: Tensor) -> tuple[Te
     return torch.cat(text), torch.cat(vision)
 
 
+@torch.no_grad()
+def decoder_pmi_scores(ctx: EvalContext, captions: list[str], features: Tensor) -> Tensor:
+    """(N captions, N images) log p(c_t | i_j) - log p(c_t) under the decoder (module docstring)."""
+    seqs = caption_token_ids(ctx.tokenizer, captions, ctx.max_len)
+    n = len(seqs)
+    kwargs = {"pad_id": ctx.tokenizer.pad_token_id, "batch_size": ctx.ecfg.batch_size, "device": ctx.device}
+    pairs = [seq for seq in seqs for _ in range(n)]  # caption-major: row t * n + j is caption t under image j
+    conditional, _ = score_sequences(ctx.model, pairs, vision_features=features.repeat(n, 1), **kwargs)
+    prior, _ = score_sequences(ctx.model, seqs, **kwargs)
+    return conditional.view(n, n) - prior[:, None]
+
+
 def evaluate_retrieval(ctx: EvalContext) -> dict[str, Any]:
     if not ctx.has_vision:
         raise TaskSkipped("model.use_vision=false: the model has no vision latent to retrieve images with")
@@ -61,22 +77,33 @@ def evaluate_retrieval(ctx: EvalContext) -> dict[str, Any]:
     n = int(positions.size)
     if n < 2:
         raise TaskSkipped(f"the validation split has {n} distinct caption(s); retrieval needs at least 2")
-    text, vision = latents(ctx, split.captions(positions), ctx.tensor(split.features(positions)))
+    captions, features = split.captions(positions), ctx.tensor(split.features(positions))
+    text, vision = latents(ctx, captions, features)
     sim = F.normalize(text, dim=-1) @ F.normalize(vision, dim=-1).T  # (N texts, N images)
     ks = [k for k in RECALL_KS if k <= n]
     image_to_text = recall_at_k(sim.T, ks)
     text_to_image = recall_at_k(sim, ks)
+    pmi = decoder_pmi_scores(ctx, captions, features)  # (N texts, N images)
+    image_to_text_pmi, text_to_image_pmi = recall_at_k(pmi.T, ks), recall_at_k(pmi, ks)
     chance = {f"R@{k}": k / n for k in ks}
     headline = []
     for direction, values in (("image→text", image_to_text), ("text→image", text_to_image)):
         for k in ks:
             headline.append({"metric": f"{direction} R@{k}", "value": values[f"R@{k}"], "reference": chance[f"R@{k}"]})
+    for direction, values in (("image→text", image_to_text_pmi), ("text→image", text_to_image_pmi)):
+        for k in ks:
+            headline.append(
+                {"metric": f"{direction} R@{k}, decoder PMI (extra)", "value": values[f"R@{k}"],
+                 "reference": chance[f"R@{k}"]}
+            )  # fmt: skip
     return {
         "metrics": {
             "gallery_size": n,
             "gallery_size_requested": requested,
             "image_to_text": image_to_text,
             "text_to_image": text_to_image,
+            "image_to_text_decoder_pmi": image_to_text_pmi,
+            "text_to_image_decoder_pmi": text_to_image_pmi,
             "chance": chance,
             "mean_matched_cosine": float(sim.diagonal().mean()),
             "mean_unmatched_cosine": float((sim.sum() - sim.diagonal().sum()) / (n * n - n)),
@@ -85,5 +112,6 @@ def evaluate_retrieval(ctx: EvalContext) -> dict[str, Any]:
         "notes": [
             f"gallery: {n} validation pairs with distinct captions; reference column = chance k/N",
             "no with-memory column: retrieval ranks by cosine(z_t, z_v), which no memory readout enters",
+            "decoder PMI (extra): ranked by log p(c | i) - log p(c) of the captioning decoder (generative retrieval)",
         ],
     }
