@@ -220,8 +220,13 @@ def test_export_follows_hf_conventions(export: dict[str, Any]) -> None:
     with torch.no_grad():
         out = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, labels=ids, output_hidden_states=True)
         hidden = base(input_ids=ids, attention_mask=mask, pixel_values=pixels, output_hidden_states=True)
-        # The base model is the causal LM without its head; hidden states: embeddings + one per decoder block.
-        assert torch.equal(reference.lm_logits(hidden.last_hidden_state), out.logits)
+        # The base model is the causal LM without its head (and without the vision copy path, which adds to the
+        # logits); hidden states: embeddings + one per decoder block.
+        head = reference.lm_logits(hidden.last_hidden_state)
+        if reference.vision_pointer is not None:
+            vision_tokens, _ = reference.encode_vision(model.image_features(pixels))
+            head = head + reference.vision_copy_log_probs(hidden.last_hidden_state, vision_tokens)
+        assert torch.equal(head, out.logits)
         assert len(out.hidden_states) == len(reference.decoder.blocks) + 1 == len(hidden.hidden_states)
         assert all(h.shape == (2, ids.shape[1], config.hidden_size) for h in out.hidden_states)
         assert torch.equal(out.hidden_states[-1], hidden.last_hidden_state)
