@@ -235,7 +235,7 @@ class BitMar(nn.Module):
         which had to learn to route them through its own attention, gained 0.08 nats from them; the pointer gives
         that evidence a direct route. Causal: position t reads only h_t and the picture."""
         if self.vision_pointer is None or self.vision_copy_gate is None:
-            raise RuntimeError("this model has no vision copy path (model.vision_copy is false or model.use_vision)")
+            raise RuntimeError("this model has no vision copy path (model.vision_copy or model.use_vision is false)")
         scores = self.vision_pointer(hidden) @ vision_tokens.to(hidden.dtype).mT / math.sqrt(hidden.shape[-1])
         pointer = torch.softmax(scores.float(), dim=-1)  # (B, T, N)
         words = torch.log_softmax(self.lm_logits(vision_tokens).float(), dim=-1)  # (B, N, V)

@@ -39,6 +39,8 @@ class ModelConfig:
     fusion_layers: int = 1  # cross-attention layers (text tokens attend to vision tokens)
     # Vision copy path: each decoder position points at the vision tokens (learned attention) and adds the gated log of
     # the pointed tokens' word distributions (read through the tied LM head) to its logits (BitMar.vision_copy_log_probs).
+    # False here so that checkpoints and exports made before it existed (no pointer weights) load as they were; both
+    # shipped configs turn it on.
     vision_copy: bool = False
     memory_size: int = 512  # K: episodic memory slots
     episode_dim: int = 768  # latent width written into memory
