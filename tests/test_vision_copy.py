@@ -8,7 +8,7 @@ import pytest
 import torch
 from tiny_model import TINY_MODEL
 
-from bitmar.config import load_config
+from bitmar.config import config_from_dict, config_to_dict, load_config
 from bitmar.model import BitMar
 from bitmar.training.diagnostics import component_of
 from bitmar.training.losses import lm_loss
@@ -106,3 +106,7 @@ def test_switch_and_bookkeeping() -> None:
     assert component_of("vision_pointer.weight") == component_of("vision_copy_gate.bias") == "decoder"
     assert load_config("configs/bitmar_tiny.yaml").model.vision_copy  # both shipped configs turn it on
     assert load_config("configs/bitmar_config.yaml").model.vision_copy
+    # A config saved before the switch existed (a checkpoint's) has no key: it builds the model it was, without copy.
+    saved = config_to_dict(load_config("configs/bitmar_tiny.yaml"))
+    del saved["model"]["vision_copy"]
+    assert not config_from_dict(saved).model.vision_copy
