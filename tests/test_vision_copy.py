@@ -89,6 +89,16 @@ def test_greedy_generation_uses_the_copy_like_forward() -> None:
     assert torch.equal(logits[:, :-1].argmax(-1), generated)  # greedy = argmax of the teacher-forced logits
 
 
+def test_generation_reads_the_pictures_words_once_not_at_every_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _model()
+    calls = []
+    original = model.vision_word_log_probs
+    monkeypatch.setattr(model, "vision_word_log_probs", lambda tokens: calls.append(1) or original(tokens))
+    _, vision = _inputs()
+    model.generate(vision_features=vision, max_new_tokens=6, bos_token_id=1, use_cache=True)
+    assert len(calls) == 1  # an (N x V) product per picture, not per token
+
+
 def test_the_copy_trains_the_pointer_the_gate_and_the_vision_encoder() -> None:
     model = _model().train()
     ids, vision = _inputs()

@@ -224,7 +224,14 @@ class BitMar(nn.Module):
         picked = slots.gather(1, target.clamp(0, slots.shape[1] - 1)[..., None].expand(-1, -1, slots.shape[-1]))
         return picked * valid[..., None].to(picked.dtype)  # (B, T, V)
 
-    def vision_copy_log_probs(self, hidden: Tensor, vision_tokens: Tensor) -> Tensor:
+    def vision_word_log_probs(self, vision_tokens: Tensor) -> Tensor:
+        """What each vision token names through the tied LM head: (B, N, C) -> log p_j(w), (B, N, V) float32. It depends
+        on the picture only, so generation computes it once, not at every step."""
+        return torch.log_softmax(self.lm_logits(vision_tokens).float(), dim=-1)
+
+    def vision_copy_log_probs(
+        self, hidden: Tensor, vision_tokens: Tensor, word_log_probs: Tensor | None = None
+    ) -> Tensor:
         """Vision copy path: decoder states (B, T, C) and vision tokens (B, N, C) -> (B, T, V) to ADD to the logits.
 
         Each vision token names words through the tied LM head (the visual-words term trains exactly this reading:
@@ -233,12 +240,13 @@ class BitMar(nn.Module):
         a gated product of experts with a pointer over the picture's words, as in pointer-generator networks. Why:
         the tokens knew a picture's colours (about 0.5 nats above chance at the best token) while the decoder,
         which had to learn to route them through its own attention, gained 0.08 nats from them; the pointer gives
-        that evidence a direct route. Causal: position t reads only h_t and the picture."""
+        that evidence a direct route. Causal: position t reads only h_t and the picture. word_log_probs: the
+        tokens' `vision_word_log_probs`, when already computed."""
         if self.vision_pointer is None or self.vision_copy_gate is None:
             raise RuntimeError("this model has no vision copy path (model.vision_copy or model.use_vision is false)")
         scores = self.vision_pointer(hidden) @ vision_tokens.to(hidden.dtype).mT / math.sqrt(hidden.shape[-1])
         pointer = torch.softmax(scores.float(), dim=-1)  # (B, T, N)
-        words = torch.log_softmax(self.lm_logits(vision_tokens).float(), dim=-1)  # (B, N, V)
+        words = self.vision_word_log_probs(vision_tokens) if word_log_probs is None else word_log_probs  # (B, N, V)
         # log sum_j a_tj p_j(w) as one batched matmul, (B, T, V) wide like the logits (never B x T x N x V):
         # shifted by each word's largest log p_j(w), so every term is at most 1.
         top = words.amax(dim=1, keepdim=True)  # (B, 1, V)

@@ -129,6 +129,8 @@ def generate_tokens(
             key = model.text_memory_key(input_ids, attention_mask)
         memory_readout, _ = model.read_memory(memory_state, key=key)
     prefix = model.decoder_prefix(vision_tokens, memory_readout)  # (B, P, C) | None
+    copies_vision = vision_tokens is not None and model.vision_pointer is not None
+    vision_words = model.vision_word_log_probs(vision_tokens) if copies_vision else None  # (B, N, V), once
     num_prefix = 0 if prefix is None else prefix.shape[1]
 
     ids, mask = left_align(input_ids, attention_mask)
@@ -143,8 +145,8 @@ def generate_tokens(
     text_index = mask.sum(dim=1, keepdim=True) - 1  # (B, 1) text index of each row's last token
     for step in range(max_new_tokens):
         logits = model.lm_logits(hidden[:, -1])  # (B, V)
-        if vision_tokens is not None and model.vision_pointer is not None:
-            logits = logits.float() + model.vision_copy_log_probs(hidden[:, -1:], vision_tokens)[:, 0]
+        if copies_vision:
+            logits = logits.float() + model.vision_copy_log_probs(hidden[:, -1:], vision_tokens, vision_words)[:, 0]
         if memory_readout is not None:
             copy = model.copy_log_probs(memory_readout, text_index + step)  # (B, 1, V) | None
             if copy is not None:
