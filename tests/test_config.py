@@ -152,6 +152,8 @@ def test_lossless_conversions_are_accepted() -> None:
         (["evaluation.recall_sizes=[1,0]"], r"evaluation.recall_sizes\[1\] must be > 0 or -1"),
         (["data.text_sources=[childes,chldes]"], r"data.text_sources\[1\]='chldes'.*did you mean 'childes'"),
         (["training.weight_decay=-1"], r"training.weight_decay must be >= 0"),
+        (["evaluation.retrieval_decoder_weight=-1"], r"evaluation.retrieval_decoder_weight must be a finite number"),
+        (["evaluation.retrieval_decoder_weight=nan"], r"evaluation.retrieval_decoder_weight: expected a finite number"),
         (
             ["training.phase1_text.enabled=false", "training.phase2_alignment.epochs=0"]
             + ["training.phase3_memory.epochs=0"],

@@ -29,8 +29,20 @@ from bitmar.data.sample import (
     question_answers,
     world_scenes,
 )
-from bitmar.evaluation.context import EvalContext, caption_token_ids, score_sequences, token_log_probs
-from bitmar.evaluation.retrieval import decoder_pmi_scores, recall_at_k
+from bitmar.evaluation.context import (
+    CaptionSplit,
+    EvalContext,
+    caption_token_ids,
+    score_sequences,
+    token_log_probs,
+)
+from bitmar.evaluation.retrieval import (
+    combined_scores,
+    decoder_pmi_scores,
+    evaluate_retrieval,
+    latents,
+    recall_at_k,
+)
 from bitmar.evaluation.scoring import evaluate_vqa, evaluate_winoground
 from bitmar.model import BitMar
 from bitmar.training.hard_negatives import WordSwapper, swap_token_classes
@@ -217,6 +229,65 @@ def test_decoder_pmi_retrieval_removes_the_caption_prior(tmp_path: Path) -> None
     assert int(conditional.argmax()) == 0  # ... but under picture "d" the prior's "a" outscores it
     assert pmi.argmax(dim=0).tolist() == [0, 1, 2]  # PMI ranks each picture's own caption first
     assert recall_at_k(pmi.T, [1])["R@1"] == 1.0 and recall_at_k(pmi, [1])["R@1"] == 1.0
+
+
+def test_combined_retrieval_score_corrects_each_experts_own_mistakes() -> None:
+    # (captions, images). The contrastive logits put caption 1 first for image 0; the decoder's PMI puts caption 1
+    # first for image 2; each is confident where it is right, so the sum ranks every picture's own caption first.
+    contrastive = torch.tensor([[3.0, 0.0, 0.0], [3.5, 3.0, 0.0], [0.0, 0.0, 3.0]])
+    pmi = torch.tensor([[4.0, 0.0, 0.0], [0.0, 4.0, 1.5], [0.0, 0.0, 1.0]])
+    assert recall_at_k(contrastive.T, [1])["R@1"] == pytest.approx(2 / 3)
+    assert recall_at_k(pmi.T, [1])["R@1"] == pytest.approx(2 / 3)
+    assert recall_at_k(combined_scores(contrastive, pmi, 1.0).T, [1])["R@1"] == 1.0
+    assert torch.equal(combined_scores(contrastive, pmi, 0.5), contrastive + 0.5 * pmi)
+    # weight 0 is the contrastive score alone, even where the decoder cannot produce a caption at all (-inf)
+    impossible = torch.full_like(pmi, -math.inf)
+    assert torch.equal(combined_scores(contrastive, impossible, 0.0), contrastive)
+
+
+class _Gallery:
+    """A caption store of (caption, picture) pairs: the interface CaptionSplit reads."""
+
+    def __init__(self, captions: list[str], shown: list[int]) -> None:
+        self.texts, self.shown = captions, shown
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def caption(self, i: int) -> str:
+        return self.texts[i]
+
+    def feature_batch(self, rows: np.ndarray) -> np.ndarray:
+        return np.array([[self.shown[int(i)], 0.0] for i in rows], dtype=np.float32)
+
+
+@pytest.mark.parametrize("weight", [0.0, 1.0, 2.5])
+def test_retrieval_headline_ranks_by_the_configured_sum_and_reports_each_expert(tmp_path: Path, weight: float) -> None:
+    ctx = _context(tmp_path, picture_at=0)
+    ctx.cfg.evaluation.retrieval_decoder_weight = weight
+    # "a d" and "a e" share their first word, so their text latents (that word's one-hot) tie: the contrastive
+    # expert alone cannot tell them apart, and its ties count against it
+    store = _Gallery(["a", "d", "a d", "a e"], shown=[4, 7, 7, 8])
+    ctx.caption_split = CaptionSplit(store, np.arange(4))
+    out = evaluate_retrieval(ctx)
+    m = out["metrics"]
+    captions = [store.caption(int(i)) for i in ctx.caption_split.subset(4)]
+    features = torch.tensor(ctx.caption_split.features(ctx.caption_split.subset(4)))
+    t, v = latents(ctx, captions, features)
+    sim = torch.nn.functional.normalize(t, dim=-1) @ torch.nn.functional.normalize(v, dim=-1).T
+    pmi = decoder_pmi_scores(ctx, captions, features)
+    expected = combined_scores(sim / ctx.cfg.training.contrastive_temperature, pmi, weight)
+    assert m["image_to_text"] == recall_at_k(expected.T, [1])
+    assert m["text_to_image"] == recall_at_k(expected, [1])
+    assert m["image_to_text_contrastive"] == recall_at_k(sim.T, [1]) and m["image_to_text_contrastive"]["R@1"] < 1
+    assert m["image_to_text_decoder_pmi"] == recall_at_k(pmi.T, [1])
+    if weight == 0:
+        assert m["image_to_text"] == m["image_to_text_contrastive"]
+    rows = {h["metric"]: h["value"] for h in out["headline"]}
+    assert rows["image→text R@1"] == m["image_to_text"]["R@1"]
+    assert rows["image→text R@1, contrastive cos (extra)"] == m["image_to_text_contrastive"]["R@1"]
+    assert rows["text→image R@1, decoder PMI (extra)"] == m["text_to_image_decoder_pmi"]["R@1"]
+    assert m["decoder_weight"] == weight and any(f"{weight:g} x decoder PMI" in n for n in out["notes"])
 
 
 def test_grounding_token_log_probs_add_up_to_the_sequence_scores(tmp_path: Path) -> None:

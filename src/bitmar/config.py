@@ -189,6 +189,10 @@ class EvaluationConfig:
     tasks: list[str] = field(default_factory=lambda: list(EVALUATION_TASKS))  # names: EVALUATION_TASKS
     run_after_training: bool = True
     retrieval_gallery_size: int = 100
+    # Retrieval score = cos(z_t, z_v) / training.contrastive_temperature (the contrastive logit) + this weight x the
+    # decoder's log p(c | i) - log p(c): two PMI estimates in nats, summed (a product of the two experts, as BLIP adds
+    # its matching head's score to the contrastive similarity). 0 = the contrastive score alone.
+    retrieval_decoder_weight: float = 1.0
     caption_samples: int = 100
     caption_max_new_tokens: int = 32
     recall_sizes: list[int] = field(default_factory=lambda: [1, 16, 128, -1])  # -1: memory_size
@@ -443,6 +447,11 @@ def validate_config(cfg: BitMarConfig) -> None:
     }.items():
         if value <= 0:
             raise ConfigError(f"{key} must be > 0, got {value}")
+    if not math.isfinite(e.retrieval_decoder_weight) or e.retrieval_decoder_weight < 0:
+        raise ConfigError(
+            f"evaluation.retrieval_decoder_weight must be a finite number >= 0 (0 = rank by the contrastive score "
+            f"alone), got {e.retrieval_decoder_weight}"
+        )
     if e.memory_support_episodes < -1:
         raise ConfigError(
             f"evaluation.memory_support_episodes must be -1 (= model.memory_size), 0 (off) or > 0, "

@@ -1,13 +1,20 @@
-"""Image-text retrieval over a held-out gallery: Recall@k in both directions from latent cosine similarity.
+"""Image-text retrieval over a held-out gallery: Recall@k in both directions.
 
 The gallery is `evaluation.retrieval_gallery_size` items of the caption VALIDATION split (the split `build_data`
-trains without), chosen with a fixed seed and with pairwise distinct captions. Each image's DINOv2 feature gives the
-vision latent z_v, each caption (BOS + tokens + EOS) the text latent z_t; similarity is cos(z_t, z_v), the quantity the
-contrastive loss trains. Ties count against the model (the true item ranks below every item scoring the same).
+trains without), chosen with a fixed seed and with pairwise distinct captions. Ties count against the model (the true
+item ranks below every item scoring the same).
 
-Extra rows ("decoder PMI"): the same gallery ranked by the captioning decoder instead, s(c, i) = log p(c | i) - log p(c)
-(every caption scored under every picture, N^2 sequences, and once without a picture), as generative retrieval does;
-the prior term removes each caption's own likelihood from the image->text ranking and does not change text->image.
+BitMar has two retrieval experts, and the headline rows rank by their sum (`combined_scores`):
+- contrastive: cos(z_t, z_v) / training.contrastive_temperature, the logit the contrastive loss trains (each caption's
+  text latent z_t, each picture's vision latent z_v);
+- decoder PMI: log p(c | i) - log p(c) of the captioning decoder (every caption scored under every picture, N^2
+  sequences, and once without a picture), as generative retrieval does; the prior term removes each caption's own
+  likelihood from the image->text ranking and does not change text->image.
+Both estimate the pointwise mutual information of caption and picture in nats; the headline adds them with weight
+`evaluation.retrieval_decoder_weight` (default 1: equal weights, a product of the two experts, as BLIP adds its
+matching head's score to the contrastive similarity). Each expert alone is reported as an extra row: they make
+different mistakes (the text latent is close to a bag of words; the decoder's ranking varies with the seed), so the
+sum beats either (docs/evaluation-and-ablations.md).
 """
 
 from __future__ import annotations
@@ -68,6 +75,13 @@ def decoder_pmi_scores(ctx: EvalContext, captions: list[str], features: Tensor) 
     return conditional.view(n, n) - prior[:, None]
 
 
+def combined_scores(contrastive_logits: Tensor, decoder_pmi: Tensor, decoder_weight: float) -> Tensor:
+    """(N captions, N images) headline score: contrastive logit + decoder_weight x decoder PMI (module docstring)."""
+    if decoder_weight == 0:  # 0 * a -inf PMI (a caption the decoder cannot produce) would be NaN
+        return contrastive_logits
+    return contrastive_logits + decoder_weight * decoder_pmi
+
+
 def evaluate_retrieval(ctx: EvalContext) -> dict[str, Any]:
     if not ctx.has_vision:
         raise TaskSkipped("model.use_vision=false: the model has no vision latent to retrieve images with")
@@ -80,38 +94,39 @@ def evaluate_retrieval(ctx: EvalContext) -> dict[str, Any]:
     captions, features = split.captions(positions), ctx.tensor(split.features(positions))
     text, vision = latents(ctx, captions, features)
     sim = F.normalize(text, dim=-1) @ F.normalize(vision, dim=-1).T  # (N texts, N images)
-    ks = [k for k in RECALL_KS if k <= n]
-    image_to_text = recall_at_k(sim.T, ks)
-    text_to_image = recall_at_k(sim, ks)
     pmi = decoder_pmi_scores(ctx, captions, features)  # (N texts, N images)
-    image_to_text_pmi, text_to_image_pmi = recall_at_k(pmi.T, ks), recall_at_k(pmi, ks)
+    weight = float(ctx.ecfg.retrieval_decoder_weight)
+    score = combined_scores(sim / ctx.cfg.training.contrastive_temperature, pmi, weight)
+    ks = [k for k in RECALL_KS if k <= n]
+    experts = {  # metrics key -> (score, headline suffix)
+        "": (score, ""),
+        "_contrastive": (sim, ", contrastive cos (extra)"),
+        "_decoder_pmi": (pmi, ", decoder PMI (extra)"),
+    }
     chance = {f"R@{k}": k / n for k in ks}
+    metrics: dict[str, Any] = {"gallery_size": n, "gallery_size_requested": requested, "decoder_weight": weight}
     headline = []
-    for direction, values in (("image→text", image_to_text), ("text→image", text_to_image)):
-        for k in ks:
-            headline.append({"metric": f"{direction} R@{k}", "value": values[f"R@{k}"], "reference": chance[f"R@{k}"]})
-    for direction, values in (("image→text", image_to_text_pmi), ("text→image", text_to_image_pmi)):
-        for k in ks:
-            headline.append(
-                {"metric": f"{direction} R@{k}, decoder PMI (extra)", "value": values[f"R@{k}"],
-                 "reference": chance[f"R@{k}"]}
-            )  # fmt: skip
+    for key, (scores, suffix) in experts.items():
+        directions = (("image_to_text", "image→text", scores.T), ("text_to_image", "text→image", scores))
+        for direction, name, scores_qg in directions:
+            values = recall_at_k(scores_qg, ks)
+            metrics[direction + key] = values
+            headline.extend(
+                {"metric": f"{name} R@{k}{suffix}", "value": values[f"R@{k}"], "reference": chance[f"R@{k}"]}
+                for k in ks
+            )
+    metrics.update(
+        chance=chance,
+        mean_matched_cosine=float(sim.diagonal().mean()),
+        mean_unmatched_cosine=float((sim.sum() - sim.diagonal().sum()) / (n * n - n)),
+    )
     return {
-        "metrics": {
-            "gallery_size": n,
-            "gallery_size_requested": requested,
-            "image_to_text": image_to_text,
-            "text_to_image": text_to_image,
-            "image_to_text_decoder_pmi": image_to_text_pmi,
-            "text_to_image_decoder_pmi": text_to_image_pmi,
-            "chance": chance,
-            "mean_matched_cosine": float(sim.diagonal().mean()),
-            "mean_unmatched_cosine": float((sim.sum() - sim.diagonal().sum()) / (n * n - n)),
-        },
+        "metrics": metrics,
         "headline": headline,
         "notes": [
             f"gallery: {n} validation pairs with distinct captions; reference column = chance k/N",
-            "no with-memory column: retrieval ranks by cosine(z_t, z_v), which no memory readout enters",
-            "decoder PMI (extra): ranked by log p(c | i) - log p(c) of the captioning decoder (generative retrieval)",
+            f"score: cos(z_t, z_v) / temperature + {weight:g} x decoder PMI (evaluation.retrieval_decoder_weight); "
+            "each expert alone in the (extra) rows",
+            "no with-memory column: neither score reads the memory",
         ],
     }

@@ -38,7 +38,8 @@ class ModelConfig:
     vision_quantization: bool = True  # False: full-precision twin of the vision encoder (ablation)
     fusion_layers: int = 1  # cross-attention layers (text tokens attend to vision tokens)
     # Vision copy path: each decoder position points at the vision tokens (learned attention) and adds the gated log of
-    # the pointed tokens' word distributions (read through the tied LM head) to its logits (BitMar.vision_copy_log_probs).
+    # the pointed tokens' word distributions (read through the tied LM head) to its logits
+    # (BitMar.vision_copy_log_probs).
     # False here so that checkpoints and exports made before it existed (no pointer weights) load as they were; both
     # shipped configs turn it on.
     vision_copy: bool = False
