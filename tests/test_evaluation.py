@@ -129,6 +129,12 @@ def test_retrieval_ranks_are_pessimistic_on_ties() -> None:
     assert recall["R@1"] == pytest.approx(1 / 3) and recall["R@2"] == 1.0 and recall["median_rank"] == 2.0
 
 
+def test_a_nan_score_never_counts_as_a_hit() -> None:
+    # NaN compares false with everything: unguarded, a NaN on the true item would rank it first
+    scores = torch.tensor([[float("nan"), 5.0], [float("nan"), 1.0]])
+    assert ranks_of_diagonal(scores).tolist() == [1, 0]  # query 0 misses; query 1's NaN rival ranks below it
+
+
 def test_winoground_scores_follow_thrush_et_al() -> None:
     s = torch.tensor(
         [

@@ -261,33 +261,55 @@ class _Gallery:
         return np.array([[self.shown[int(i)], 0.0] for i in rows], dtype=np.float32)
 
 
-@pytest.mark.parametrize("weight", [0.0, 1.0, 2.5])
-def test_retrieval_headline_ranks_by_the_configured_sum_and_reports_each_expert(tmp_path: Path, weight: float) -> None:
+# (captions, images) for the task-level test: cosines with unit-norm caption rows (the vision latents are the identity,
+# so cos = these rows), and decoder PMIs. Contrastive alone misses picture 0 (caption 1 scores 0.8 > 0.6) by
+# 0.2 / tau = 2.9 logits, where the decoder prefers the right caption by 4 nats; the decoder alone misses picture 2
+# (caption 1's 2 nats > 0), where the contrastive score prefers the right caption by 1.0 / tau = 14.3 logits. So the
+# sum ranks all three first for decoder weights between 2.9 / 4 and 14.3 / 2, and no expert alone does.
+EXPERT_COSINES = torch.tensor([[0.6, 0.0, 0.8], [0.8, 0.6, 0.0], [0.0, 0.0, 1.0]])
+EXPERT_PMI = torch.tensor([[4.0, 0.0, 0.0], [0.0, 4.0, 2.0], [0.0, 0.0, 0.0]])
+
+
+@pytest.mark.parametrize(("weight", "expected_r1"), [(0.0, 2 / 3), (0.1, 2 / 3), (1.0, 1.0), (2.5, 1.0), (10.0, 2 / 3)])
+def test_retrieval_headline_is_the_weighted_sum_of_the_experts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, weight: float, expected_r1: float
+) -> None:
+    import bitmar.evaluation.retrieval as retrieval
+
     ctx = _context(tmp_path, picture_at=0)
     ctx.cfg.evaluation.retrieval_decoder_weight = weight
-    # "a d" and "a e" share their first word, so their text latents (that word's one-hot) tie: the contrastive
-    # expert alone cannot tell them apart, and its ties count against it
-    store = _Gallery(["a", "d", "a d", "a e"], shown=[4, 7, 7, 8])
-    ctx.caption_split = CaptionSplit(store, np.arange(4))
+    ctx.cfg.training.contrastive_temperature = 0.07
+    ctx.caption_split = CaptionSplit(_Gallery(["a", "d", "e"], shown=[4, 7, 8]), np.arange(3))
+    monkeypatch.setattr(retrieval, "latents", lambda ctx, captions, features: (EXPERT_COSINES, torch.eye(3)))
+    monkeypatch.setattr(retrieval, "decoder_pmi_scores", lambda ctx, captions, features: EXPERT_PMI)
     out = evaluate_retrieval(ctx)
     m = out["metrics"]
-    captions = [store.caption(int(i)) for i in ctx.caption_split.subset(4)]
-    features = torch.tensor(ctx.caption_split.features(ctx.caption_split.subset(4)))
-    t, v = latents(ctx, captions, features)
-    sim = torch.nn.functional.normalize(t, dim=-1) @ torch.nn.functional.normalize(v, dim=-1).T
-    pmi = decoder_pmi_scores(ctx, captions, features)
-    expected = combined_scores(sim / ctx.cfg.training.contrastive_temperature, pmi, weight)
-    assert m["image_to_text"] == recall_at_k(expected.T, [1])
-    assert m["text_to_image"] == recall_at_k(expected, [1])
-    assert m["image_to_text_contrastive"] == recall_at_k(sim.T, [1]) and m["image_to_text_contrastive"]["R@1"] < 1
-    assert m["image_to_text_decoder_pmi"] == recall_at_k(pmi.T, [1])
-    if weight == 0:
-        assert m["image_to_text"] == m["image_to_text_contrastive"]
+    assert m["image_to_text"]["R@1"] == pytest.approx(expected_r1)
+    assert m["image_to_text_contrastive"]["R@1"] == pytest.approx(2 / 3)
+    assert m["image_to_text_decoder_pmi"]["R@1"] == pytest.approx(2 / 3)
     rows = {h["metric"]: h["value"] for h in out["headline"]}
     assert rows["image→text R@1"] == m["image_to_text"]["R@1"]
     assert rows["image→text R@1, contrastive cos (extra)"] == m["image_to_text_contrastive"]["R@1"]
-    assert rows["text→image R@1, decoder PMI (extra)"] == m["text_to_image_decoder_pmi"]["R@1"]
+    assert rows["image→text R@1, decoder PMI (extra)"] == m["image_to_text_decoder_pmi"]["R@1"]
     assert m["decoder_weight"] == weight and any(f"{weight:g} x decoder PMI" in n for n in out["notes"])
+
+
+def test_retrieval_scores_the_gallerys_own_captions_and_pictures(tmp_path: Path) -> None:
+    """The task feeds the gallery to the real latents and decoder: its rows equal the experts recomputed here."""
+    ctx = _context(tmp_path, picture_at=0)
+    store = _Gallery(["a", "d", "a d", "a e"], shown=[4, 7, 7, 8])
+    ctx.caption_split = CaptionSplit(store, np.arange(4))
+    m = evaluate_retrieval(ctx)["metrics"]
+    positions = ctx.caption_split.subset(4)
+    captions = ctx.caption_split.captions(positions)
+    features = torch.tensor(ctx.caption_split.features(positions))
+    t, v = latents(ctx, captions, features)
+    sim = torch.nn.functional.normalize(t, dim=-1) @ torch.nn.functional.normalize(v, dim=-1).T
+    pmi = decoder_pmi_scores(ctx, captions, features)
+    expected = combined_scores(sim / ctx.cfg.training.contrastive_temperature, pmi, 1.0)
+    assert m["image_to_text"] == recall_at_k(expected.T, [1]) and m["text_to_image"] == recall_at_k(expected, [1])
+    assert m["image_to_text_contrastive"] == recall_at_k(sim.T, [1])
+    assert m["text_to_image_decoder_pmi"] == recall_at_k(pmi, [1])
 
 
 def test_grounding_token_log_probs_add_up_to_the_sequence_scores(tmp_path: Path) -> None:

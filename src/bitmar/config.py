@@ -190,8 +190,8 @@ class EvaluationConfig:
     run_after_training: bool = True
     retrieval_gallery_size: int = 100
     # Retrieval score = cos(z_t, z_v) / training.contrastive_temperature (the contrastive logit) + this weight x the
-    # decoder's log p(c | i) - log p(c): two PMI estimates in nats, summed (a product of the two experts, as BLIP adds
-    # its matching head's score to the contrastive similarity). 0 = the contrastive score alone.
+    # decoder's log p(c | i) - log p(c): two log-scale scores summed (a product of the two experts up to
+    # normalisation, as BLIP adds its matching head's score to the contrastive similarity). 0 = contrastive alone.
     retrieval_decoder_weight: float = 1.0
     caption_samples: int = 100
     caption_max_new_tokens: int = 32

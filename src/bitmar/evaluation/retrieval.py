@@ -10,11 +10,13 @@ BitMar has two retrieval experts, and the headline rows rank by their sum (`comb
 - decoder PMI: log p(c | i) - log p(c) of the captioning decoder (every caption scored under every picture, N^2
   sequences, and once without a picture), as generative retrieval does; the prior term removes each caption's own
   likelihood from the image->text ranking and does not change text->image.
-Both estimate the pointwise mutual information of caption and picture in nats; the headline adds them with weight
-`evaluation.retrieval_decoder_weight` (default 1: equal weights, a product of the two experts, as BLIP adds its
-matching head's score to the contrastive similarity). Each expert alone is reported as an extra row: they make
-different mistakes (the text latent is close to a bag of words; the decoder's ranking varies with the seed), so the
-sum beats either (docs/evaluation-and-ablations.md).
+Both are log-scale scores of how much caption and picture go together (each estimates their pointwise mutual
+information up to a shift per query: InfoNCE's logit only up to it, and with tau = 0.07 it spans +-14); the headline
+adds them with weight `evaluation.retrieval_decoder_weight` (default 1, fixed before measuring and not tuned; a
+product of the two experts up to normalisation, as BLIP adds its matching head's score to the contrastive
+similarity). tau is the run's own `training.contrastive_temperature`. Each expert alone is reported as an extra row:
+they make different mistakes (the text latent is close to a bag of words; the decoder's ranking varies with the
+seed), so on the sample world the sum beats either (docs/evaluation-and-ablations.md).
 """
 
 from __future__ import annotations
@@ -32,9 +34,13 @@ RECALL_KS = (1, 5, 10)
 
 
 def ranks_of_diagonal(scores: Tensor) -> Tensor:
-    """scores (Q, G) with the correct item of query q at column q -> its 0-based rank (Q,), ties pessimistic."""
+    """scores (Q, G) with the correct item of query q at column q -> its 0-based rank (Q,), ties pessimistic.
+
+    A NaN score counts as the lowest possible (-inf): NaN compares false with everything, so a NaN on the true item
+    would otherwise rank it first."""
     if scores.dim() != 2 or scores.shape[0] > scores.shape[1]:
         raise ValueError(f"scores must be (Q, G) with Q <= G, got {tuple(scores.shape)}")
+    scores = scores.masked_fill(scores.isnan(), float("-inf"))
     q = torch.arange(scores.shape[0])
     true = scores[q, q][:, None]  # (Q, 1)
     others = torch.ones_like(scores, dtype=torch.bool)
